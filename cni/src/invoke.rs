@@ -1,0 +1,472 @@
+//! Running CNI plugins: one binary with a timeout, and a whole conflist the way libcni
+//! chains it (prevResult forwarding on ADD, reverse order on DEL, CHECK, GC, STATUS).
+
+use crate::conf::NetConfList;
+use crate::env::Command as CniCommand;
+use crate::error::CniError;
+use crate::result::{CniResult, ResultError};
+use serde_json::{json, Map, Value};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The most a plugin may print on stdout before its output is called malformed.
+const MAX_PLUGIN_OUTPUT: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("CNI plugin {plugin:?} not found in {dirs}")]
+    NotFound { plugin: String, dirs: String },
+    #[error("cannot run CNI plugin {path}: {source}")]
+    Spawn {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CNI plugin {plugin:?} ({command}) did not finish within {secs} s and was killed")]
+    Timeout {
+        plugin: String,
+        command: &'static str,
+        secs: u64,
+    },
+    #[error("CNI plugin {plugin:?} ({command}) failed: {error}")]
+    Plugin {
+        plugin: String,
+        command: &'static str,
+        error: CniError,
+    },
+    #[error("CNI plugin {plugin:?} ({command}) failed with {status} and no error JSON: {output}")]
+    Crashed {
+        plugin: String,
+        command: &'static str,
+        status: String,
+        output: String,
+    },
+    #[error("CNI plugin {plugin:?} returned an invalid result: {source}")]
+    BadResult {
+        plugin: String,
+        #[source]
+        source: ResultError,
+    },
+}
+
+impl InvokeError {
+    /// The CNI error to hand on: a plugin's own code is kept, the rest are I/O failures.
+    pub fn to_cni_error(&self, context: &str) -> CniError {
+        let code = match self {
+            InvokeError::Plugin { error, .. } => error.code,
+            InvokeError::NotFound { .. } => crate::ErrorCode::InvalidNetworkConfig as u32,
+            _ => crate::ErrorCode::Io as u32,
+        };
+        CniError {
+            cni_version: crate::version::CURRENT.to_string(),
+            code,
+            msg: format!("{context}: {self}"),
+            details: String::new(),
+        }
+    }
+}
+
+/// What the runtime told us about the container, passed on to every plugin.
+#[derive(Debug, Clone, Default)]
+pub struct Target<'a> {
+    pub container_id: &'a str,
+    pub netns: &'a str,
+    pub ifname: &'a str,
+    /// CNI_ARGS as a string.
+    pub args: &'a str,
+}
+
+/// Finds and runs plugin binaries from a list of directories.
+#[derive(Debug, Clone)]
+pub struct Invoker {
+    pub bin_dirs: Vec<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl Invoker {
+    pub fn find(&self, plugin: &str) -> Result<PathBuf, InvokeError> {
+        self.bin_dirs
+            .iter()
+            .map(|d| d.join(plugin))
+            .find(|p| p.is_file())
+            .ok_or_else(|| InvokeError::NotFound {
+                plugin: plugin.to_string(),
+                dirs: self.path_var(),
+            })
+    }
+
+    fn path_var(&self) -> String {
+        self.bin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Runs one plugin; returns its stdout when it exits 0.
+    pub fn exec(
+        &self,
+        plugin: &str,
+        command: CniCommand,
+        target: &Target,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>, InvokeError> {
+        let path = self.find(plugin)?;
+        let mut cmd = Command::new(&path);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CNI_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("CNI_COMMAND", command.as_str())
+            .env("CNI_CONTAINERID", target.container_id)
+            .env("CNI_NETNS", target.netns)
+            .env("CNI_IFNAME", target.ifname)
+            .env("CNI_ARGS", target.args)
+            .env("CNI_PATH", self.path_var())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group, so a timeout kills whatever the plugin started too.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| InvokeError::Spawn {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        let mut child_stdin = child.stdin.take().expect("piped");
+        let input = stdin.to_vec();
+        std::thread::spawn(move || {
+            // A plugin may exit without reading its stdin; a broken pipe is its business.
+            let _ = child_stdin.write_all(&input);
+        });
+        let mut child_stderr = child.stderr.take().expect("piped");
+        let stderr_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = (&mut child_stderr).take(64 << 10).read_to_end(&mut buf);
+            buf
+        });
+        let mut child_stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = (&mut child_stdout)
+                .take(MAX_PLUGIN_OUTPUT)
+                .read_to_end(&mut out);
+            drop(child_stdout);
+            let status = child.wait();
+            let _ = tx.send((out, status));
+        });
+        let (out, status) = match rx.recv_timeout(self.timeout) {
+            Ok(v) => v,
+            Err(_) => {
+                // SAFETY: kill(2) on the plugin's own process group; no memory involved.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                let _ = rx.recv();
+                return Err(InvokeError::Timeout {
+                    plugin: plugin.to_string(),
+                    command: command.as_str(),
+                    secs: self.timeout.as_secs(),
+                });
+            }
+        };
+        let status = status.map_err(|source| InvokeError::Spawn {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if status.success() {
+            return Ok(out);
+        }
+        if let Ok(error) = serde_json::from_slice::<CniError>(&out) {
+            return Err(InvokeError::Plugin {
+                plugin: plugin.to_string(),
+                command: command.as_str(),
+                error,
+            });
+        }
+        let stderr = stderr_reader.join().unwrap_or_default();
+        let mut output = String::from_utf8_lossy(&out).trim().to_string();
+        let err = String::from_utf8_lossy(&stderr);
+        if !err.trim().is_empty() {
+            output.push_str(" stderr: ");
+            output.push_str(err.trim());
+        }
+        output.truncate(2000);
+        Err(InvokeError::Crashed {
+            plugin: plugin.to_string(),
+            command: command.as_str(),
+            status: status.to_string(),
+            output,
+        })
+    }
+
+    /// ADD through the whole list; returns the last plugin's result (in the list's
+    /// version).
+    pub fn add_list(
+        &self,
+        list: &NetConfList,
+        target: &Target,
+        runtime_config: &Map<String, Value>,
+    ) -> Result<Value, InvokeError> {
+        let mut prev: Option<Value> = None;
+        for i in 0..list.plugins.len() {
+            let plugin = list.plugin_type(i);
+            let stdin = list.plugin_stdin(i, runtime_config, prev.as_ref());
+            let out = self.exec(
+                plugin,
+                CniCommand::Add,
+                target,
+                stdin.to_string().as_bytes(),
+            )?;
+            let value: Value =
+                serde_json::from_slice(&out).map_err(|e| InvokeError::BadResult {
+                    plugin: plugin.to_string(),
+                    source: ResultError::Field {
+                        field: "(document)".into(),
+                        reason: e.to_string(),
+                    },
+                })?;
+            CniResult::from_value(&value).map_err(|source| InvokeError::BadResult {
+                plugin: plugin.to_string(),
+                source,
+            })?;
+            prev = Some(value);
+        }
+        Ok(prev.unwrap_or_else(|| json!({"cniVersion": list.cni_version})))
+    }
+
+    /// DEL through the list in reverse. Every plugin is asked even when one fails; all
+    /// failures are returned.
+    pub fn del_list(
+        &self,
+        list: &NetConfList,
+        target: &Target,
+        runtime_config: &Map<String, Value>,
+        cached: Option<&Value>,
+    ) -> Vec<InvokeError> {
+        let prev = cached.filter(|_| list.version().del_gets_prev_result());
+        let mut errors = Vec::new();
+        for i in (0..list.plugins.len()).rev() {
+            let stdin = list.plugin_stdin(i, runtime_config, prev);
+            if let Err(e) = self.exec(
+                list.plugin_type(i),
+                CniCommand::Del,
+                target,
+                stdin.to_string().as_bytes(),
+            ) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// CHECK through the list with the cached result; skipped for versions before
+    /// 0.4.0 and for lists with disableCheck.
+    pub fn check_list(
+        &self,
+        list: &NetConfList,
+        target: &Target,
+        runtime_config: &Map<String, Value>,
+        cached: &Value,
+    ) -> Result<(), InvokeError> {
+        if list.disable_check || !list.version().supports_check() {
+            return Ok(());
+        }
+        for i in 0..list.plugins.len() {
+            let stdin = list.plugin_stdin(i, runtime_config, Some(cached));
+            self.exec(
+                list.plugin_type(i),
+                CniCommand::Check,
+                target,
+                stdin.to_string().as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// GC with the attachments still valid, as (container ID, ifname) pairs; skipped
+    /// for versions before 1.1.0 and for lists with disableGC.
+    pub fn gc_list(&self, list: &NetConfList, valid: &[(String, String)]) -> Vec<InvokeError> {
+        if list.disable_gc || !list.version().supports_status_gc() {
+            return Vec::new();
+        }
+        let attachments: Vec<Value> = valid
+            .iter()
+            .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+            .collect();
+        let mut errors = Vec::new();
+        for i in 0..list.plugins.len() {
+            let mut stdin = list.plugin_stdin(i, &Map::new(), None);
+            stdin["cni.dev/valid-attachments"] = Value::Array(attachments.clone());
+            if let Err(e) = self.exec(
+                list.plugin_type(i),
+                CniCommand::Gc,
+                &Target::default(),
+                stdin.to_string().as_bytes(),
+            ) {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// STATUS: for 1.1.0 lists each plugin is asked; for older ones it is enough
+    /// that every plugin binary is present.
+    pub fn status_list(&self, list: &NetConfList) -> Result<(), InvokeError> {
+        for i in 0..list.plugins.len() {
+            let plugin = list.plugin_type(i);
+            if list.version().supports_status_gc() {
+                let stdin = list.plugin_stdin(i, &Map::new(), None);
+                self.exec(
+                    plugin,
+                    CniCommand::Status,
+                    &Target::default(),
+                    stdin.to_string().as_bytes(),
+                )?;
+            } else {
+                self.find(plugin)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &std::path::Path, name: &str, body: &str) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn invoker(dir: &std::path::Path, timeout_ms: u64) -> Invoker {
+        Invoker {
+            bin_dirs: vec![PathBuf::from("/nonexistent"), dir.to_path_buf()],
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    #[test]
+    fn chains_prev_result_and_env() {
+        let d = tempfile::tempdir().unwrap();
+        // First plugin echoes a result; second proves it saw prevResult and the env.
+        script(
+            d.path(),
+            "one",
+            r#"cat >/dev/null; echo '{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.2/24"}]}'"#,
+        );
+        script(
+            d.path(),
+            "two",
+            r#"in=$(cat); case "$in" in *prevResult*10.0.0.2*) ;; *) echo '{"code":7,"msg":"no prev"}'; exit 1;; esac
+               echo "{\"cniVersion\":\"1.0.0\",\"interfaces\":[{\"name\":\"$CNI_IFNAME\",\"sandbox\":\"$CNI_NETNS\"}]}""#,
+        );
+        let list = NetConfList::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"one"},{"type":"two"}]}"#,
+            None,
+        )
+        .unwrap();
+        let t = Target {
+            container_id: "c1",
+            netns: "/run/netns/p",
+            ifname: "net1",
+            args: "",
+        };
+        let r = invoker(d.path(), 5000)
+            .add_list(&list, &t, &Map::new())
+            .unwrap();
+        assert_eq!(r["interfaces"][0]["name"], "net1");
+        assert_eq!(r["interfaces"][0]["sandbox"], "/run/netns/p");
+    }
+
+    #[test]
+    fn plugin_error_json_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        script(
+            d.path(),
+            "bad",
+            r#"echo '{"cniVersion":"1.0.0","code":7,"msg":"bridge name too long"}'; exit 1"#,
+        );
+        let e = invoker(d.path(), 5000)
+            .exec("bad", CniCommand::Add, &Target::default(), b"{}")
+            .unwrap_err();
+        let c = e.to_cni_error("network a");
+        assert_eq!(c.code, 7);
+        assert!(c.msg.contains("bridge name too long"), "{c}");
+    }
+
+    #[test]
+    fn crash_without_json_reports_stderr() {
+        let d = tempfile::tempdir().unwrap();
+        script(d.path(), "crash", "echo boom >&2; exit 3");
+        let e = invoker(d.path(), 5000)
+            .exec("crash", CniCommand::Add, &Target::default(), b"{}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boom") && e.contains("exit status: 3"), "{e}");
+    }
+
+    #[test]
+    fn timeout_kills_the_process_group() {
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("child.pid");
+        script(
+            d.path(),
+            "slow",
+            &format!("sleep 30 & echo $! > {}; wait", marker.display()),
+        );
+        let start = std::time::Instant::now();
+        let e = invoker(d.path(), 300)
+            .exec("slow", CniCommand::Add, &Target::default(), b"{}")
+            .unwrap_err();
+        assert!(matches!(e, InvokeError::Timeout { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild was killed with the group (it may linger as a zombie briefly).
+        std::thread::sleep(Duration::from_millis(100));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "sleep still running: {stat}"
+        );
+    }
+
+    #[test]
+    fn missing_plugin_names_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let e = invoker(d.path(), 100).find("nope").unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("/nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn del_asks_every_plugin_in_reverse() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        for name in ["a", "b", "c"] {
+            script(
+                d.path(),
+                name,
+                &format!("cat >/dev/null; echo {name} >> {}; [ {name} = b ] && {{ echo '{{\"code\":5,\"msg\":\"b\"}}'; exit 1; }}; exit 0", log.display()),
+            );
+        }
+        let list = NetConfList::parse(
+            br#"{"cniVersion":"0.4.0","name":"n","plugins":[{"type":"a"},{"type":"b"},{"type":"c"}]}"#,
+            None,
+        )
+        .unwrap();
+        let errs = invoker(d.path(), 5000).del_list(&list, &Target::default(), &Map::new(), None);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "c\nb\na\n");
+    }
+}
