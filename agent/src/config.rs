@@ -1,0 +1,148 @@
+//! The agent's configuration file (TOML). Unknown keys are rejected: a typo must not
+//! silently fall back to a default.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The unix socket the shim talks to. Default `/run/trellis/cni.sock`.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Attachment records live here, so DEL works after a restart. Default
+    /// `/var/lib/trellis`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where delegate plugin binaries are looked up, in order. Default
+    /// `["/opt/cni/bin", "/usr/lib/cni"]`.
+    #[serde(default = "default_bin_dirs")]
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// The cluster default network: a CNI conf or conflist file. Required.
+    pub default_network: PathBuf,
+    /// How long one delegate plugin call may take. Default 60.
+    #[serde(default = "default_timeout")]
+    pub delegate_timeout_secs: u64,
+    /// Where NetworkAttachmentDefinitions and pod annotations come from.
+    pub networks: NetworksConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NetworksConfig {
+    /// NAD files (YAML or JSON, the CRD's shape) in a directory; pod annotations from
+    /// the container runtime (`io.kubernetes.cri.pod-annotations`).
+    Files { dir: PathBuf },
+    /// The Kubernetes API.
+    Kubernetes {
+        /// A kubeconfig file; without it the in-cluster service account is used.
+        #[serde(default)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (pods are watched for this node only). Default: the
+        /// `NODE_NAME` environment variable.
+        #[serde(default)]
+        node_name: Option<String>,
+    },
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/trellis")
+}
+fn default_bin_dirs() -> Vec<PathBuf> {
+    vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()]
+}
+fn default_timeout() -> u64 {
+    60
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let err = |message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let c: AgentConfig = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        if c.cni_bin_dirs.is_empty() {
+            return Err(err("cni_bin_dirs is empty".into()));
+        }
+        if c.delegate_timeout_secs == 0 {
+            return Err(err("delegate_timeout_secs must be at least 1".into()));
+        }
+        Ok(c)
+    }
+
+    pub fn delegate_timeout(&self) -> Duration {
+        Duration::from_secs(self.delegate_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::parse(
+            "default_network = \"/etc/trellis/default.conflist\"\n[networks]\nsource = \"files\"\ndir = \"/etc/trellis/networks\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/trellis/cni.sock"));
+        assert_eq!(c.delegate_timeout_secs, 60);
+        assert_eq!(
+            c.networks,
+            NetworksConfig::Files {
+                dir: "/etc/trellis/networks".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = AgentConfig::parse(
+            "default_network = \"/x\"\nstate_dri = \"/y\"\n[networks]\nsource = \"files\"\ndir = \"/d\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("state_dri"), "{e}");
+        let e = AgentConfig::parse(
+            "default_network = \"/x\"\n[networks]\nsource = \"files\"\ndirr = \"/d\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dirr"), "{e}");
+        let e = AgentConfig::parse(
+            "default_network = \"/x\"\n[networks]\nsource = \"etcd\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("etcd"), "{e}");
+    }
+}

@@ -1,0 +1,661 @@
+//! The agent's side of every CNI call: resolve the pod's networks, run each attachment's
+//! delegate, record what was done, undo it on failure, and answer in the runtime's
+//! cniVersion.
+
+use crate::config::AgentConfig;
+use crate::nad::NadError;
+use crate::network_status;
+use crate::records::{Attachment, Record, RecordError, RecordStore};
+use crate::selection::{
+    self, NetworkSelection, DEFAULT_NETWORK_ANNOTATION, NETWORKS_ANNOTATION,
+    NETWORK_STATUS_ANNOTATION,
+};
+use crate::source::{NetworkSource, PodRef, SourceError};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+use trellis_cni::invoke::{InvokeError, Invoker, Target};
+use trellis_cni::wire::{Request, Response, MAX_STDIN};
+use trellis_cni::{CniEnv, CniError, CniResult, Command, ErrorCode, NetConfList, Version};
+
+/// The runtimeConfig key under which containerd passes the pod's annotations.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
+
+pub struct Handler {
+    default_network: std::path::PathBuf,
+    invoker: Invoker,
+    source: Arc<dyn NetworkSource>,
+    records: RecordStore,
+    locks: ContainerLocks,
+}
+
+/// One network to attach, fully resolved before anything is changed.
+struct Planned {
+    network: String,
+    ifname: String,
+    cluster_default: bool,
+    conf: NetConfList,
+    runtime_config: Map<String, Value>,
+    default_route: Vec<std::net::IpAddr>,
+}
+
+/// The parts of the shim's own conf the agent uses.
+struct ShimConf {
+    cni_version: String,
+    runtime_config: Map<String, Value>,
+    raw: Map<String, Value>,
+}
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::InvalidNetworkConfig, msg)
+}
+
+fn from_record_err(e: RecordError) -> CniError {
+    CniError::new(ErrorCode::Io, e.to_string())
+}
+
+fn from_source_err(e: SourceError) -> CniError {
+    match e {
+        SourceError::Unavailable { .. } => CniError::new(ErrorCode::TryAgainLater, e.to_string()),
+        _ => invalid(e.to_string()),
+    }
+}
+
+fn from_nad_err(e: NadError) -> CniError {
+    CniError::new(e.code(), e.to_string())
+}
+
+impl Handler {
+    pub fn new(
+        config: &AgentConfig,
+        source: Arc<dyn NetworkSource>,
+    ) -> Result<Handler, RecordError> {
+        Ok(Handler {
+            default_network: config.default_network.clone(),
+            invoker: Invoker {
+                bin_dirs: config.cni_bin_dirs.clone(),
+                timeout: config.delegate_timeout(),
+            },
+            source,
+            records: RecordStore::open(&config.state_dir)?,
+            locks: ContainerLocks::default(),
+        })
+    }
+
+    pub fn records(&self) -> &RecordStore {
+        &self.records
+    }
+
+    /// Answers one shim request; never panics on bad input.
+    pub fn handle(&self, req: &Request) -> Response {
+        let requested = serde_json::from_str::<Value>(&req.stdin)
+            .ok()
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        match self.dispatch(req) {
+            Ok(v) => Response {
+                ok: true,
+                stdout: v.map(|v| v.to_string()).unwrap_or_default(),
+            },
+            Err(e) => {
+                let cmd = req
+                    .env
+                    .get("CNI_COMMAND")
+                    .map(String::as_str)
+                    .unwrap_or("?");
+                let id = req
+                    .env
+                    .get("CNI_CONTAINERID")
+                    .map(String::as_str)
+                    .unwrap_or("");
+                tracing::warn!(command = cmd, container = id, code = e.code, "{e}");
+                Response {
+                    ok: false,
+                    stdout: e.with_version(&requested).to_json(),
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, req: &Request) -> Result<Option<Value>, CniError> {
+        if req.stdin.len() > MAX_STDIN {
+            return Err(CniError::new(
+                ErrorCode::Decode,
+                format!("network configuration is larger than {MAX_STDIN} bytes"),
+            ));
+        }
+        let env = CniEnv::from_vars(&req.env)?;
+        if env.command == Command::Version {
+            return Ok(Some(trellis_cni::version::version_info(None)));
+        }
+        let conf = parse_shim_conf(&req.stdin)?;
+        let started = std::time::Instant::now();
+        let out = match env.command {
+            Command::Add => self.add(&env, &conf).map(Some),
+            Command::Del => self.del(&env).map(|_| None),
+            Command::Check => self.check(&env, &conf).map(|_| None),
+            Command::Gc => self.gc(&conf).map(|_| None),
+            Command::Status => self.status().map(|_| None),
+            Command::Version => unreachable!("answered above"),
+        };
+        tracing::info!(
+            command = env.command.as_str(),
+            container = %env.container_id,
+            ok = out.is_ok(),
+            micros = started.elapsed().as_micros() as u64,
+            "cni request"
+        );
+        out
+    }
+
+    fn load_default_network(&self) -> Result<NetConfList, CniError> {
+        let bytes = std::fs::read(&self.default_network).map_err(|e| {
+            invalid(format!(
+                "cannot read the default network config {}: {e}",
+                self.default_network.display()
+            ))
+        })?;
+        NetConfList::parse(&bytes, None).map_err(|e| {
+            CniError::new(
+                e.code(),
+                format!(
+                    "default network config {}: {e}",
+                    self.default_network.display()
+                ),
+            )
+        })
+    }
+
+    /// Resolves every network of the pod; changes nothing.
+    fn plan(
+        &self,
+        env: &CniEnv,
+        pod: Option<&PodRef>,
+        annotations: &BTreeMap<String, String>,
+        runtime_config: &Map<String, Value>,
+    ) -> Result<Vec<Planned>, CniError> {
+        let pod_ns = pod.map(|p| p.namespace.as_str()).unwrap_or("default");
+        let mut default_rc = runtime_config.clone();
+        default_rc.remove(POD_ANNOTATIONS_CAPABILITY);
+        let (network, conf) = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
+            Some(a) => {
+                let sel = selection::parse_default_network(a, pod_ns)
+                    .map_err(|e| invalid(e.to_string()))?;
+                let nad = self
+                    .source
+                    .get_nad(&sel.namespace, &sel.name)
+                    .map_err(from_source_err)?;
+                (nad.qualified_name(), nad.conf_list().map_err(from_nad_err)?)
+            }
+            None => {
+                let conf = self.load_default_network()?;
+                (conf.name.clone(), conf)
+            }
+        };
+        let mut plan = vec![Planned {
+            network,
+            ifname: env.ifname.clone(),
+            cluster_default: true,
+            conf,
+            runtime_config: default_rc,
+            default_route: Vec::new(),
+        }];
+        let selections = match annotations.get(NETWORKS_ANNOTATION) {
+            Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
+                .map_err(|e| invalid(e.to_string()))?,
+            None => Vec::new(),
+        };
+        for sel in selections {
+            plan.push(self.plan_selection(sel)?);
+        }
+        Ok(plan)
+    }
+
+    fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
+        let nad = self
+            .source
+            .get_nad(&sel.namespace, &sel.name)
+            .map_err(from_source_err)?;
+        let mut conf = nad.conf_list().map_err(from_nad_err)?;
+        let runtime_config = sel.runtime_config();
+        for cap in runtime_config.keys() {
+            if !conf.has_capability(cap) {
+                return Err(invalid(format!(
+                    "network {} ({}): the selection sets {cap:?} but no plugin in the NetworkAttachmentDefinition's config declares the {cap:?} capability",
+                    sel.qualified_name(),
+                    sel.interface
+                )));
+            }
+        }
+        if let Some(args) = &sel.cni_args {
+            // As Multus does: cni-args reach each plugin as args.cni.
+            for p in &mut conf.plugins {
+                let slot = p.entry("args").or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(m) = slot {
+                    m.insert("cni".into(), Value::Object(args.clone()));
+                }
+            }
+        }
+        Ok(Planned {
+            network: sel.qualified_name(),
+            ifname: sel.interface,
+            cluster_default: false,
+            conf,
+            runtime_config,
+            default_route: sel.default_route,
+        })
+    }
+
+    fn add(&self, env: &CniEnv, shim: &ShimConf) -> Result<Value, CniError> {
+        let _lock = self.locks.lock(&env.container_id);
+        if self
+            .records
+            .load(&env.container_id)
+            .map_err(from_record_err)?
+            .is_some()
+        {
+            return Err(invalid(format!(
+                "container {} already has attachments; DEL it before another ADD",
+                env.container_id
+            )));
+        }
+        let pod = pod_ref(env);
+        let runtime_annotations = runtime_annotations(&shim.runtime_config)?;
+        let annotations = match &pod {
+            Some(p) => self
+                .source
+                .pod_annotations(p, runtime_annotations.as_ref())
+                .map_err(from_source_err)?,
+            None => BTreeMap::new(),
+        };
+        let plan = self.plan(env, pod.as_ref(), &annotations, &shim.runtime_config)?;
+        let mut record = Record {
+            container_id: env.container_id.clone(),
+            netns: env.netns.clone(),
+            ifname: env.ifname.clone(),
+            pod_namespace: pod
+                .as_ref()
+                .map(|p| p.namespace.clone())
+                .unwrap_or_default(),
+            pod_name: pod.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+            pod_uid: pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default(),
+            cni_args: env.args.to_string(),
+            attachments: Vec::new(),
+            network_status: None,
+        };
+        for p in plan {
+            record.attachments.push(Attachment {
+                network: p.network.clone(),
+                ifname: p.ifname.clone(),
+                cluster_default: p.cluster_default,
+                conf: p.conf.to_value(),
+                runtime_config: p.runtime_config.clone(),
+                result: None,
+                default_route: p.default_route.clone(),
+            });
+            // Recorded before the delegate runs, so a crash mid-ADD is still undone by DEL.
+            if let Err(e) = self.records.save(&record) {
+                return Err(self.roll_back(record, from_record_err(e)));
+            }
+            let target = Target {
+                container_id: &env.container_id,
+                netns: &env.netns,
+                ifname: &p.ifname,
+                args: &record.cni_args,
+            };
+            match self.invoker.add_list(&p.conf, &target, &p.runtime_config) {
+                Ok(result) => {
+                    record.attachments.last_mut().expect("just pushed").result = Some(result)
+                }
+                Err(e) => {
+                    let err = e.to_cni_error(&format!("network {} ({})", p.network, p.ifname));
+                    return Err(self.roll_back(record, err));
+                }
+            }
+        }
+        if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
+            return Err(self.roll_back(record, invalid(e.to_string())));
+        }
+        let merged = match merged_result(&record.attachments, &shim.cni_version) {
+            Ok(m) => m,
+            Err(e) => return Err(self.roll_back(record, e)),
+        };
+        let status = network_status::build(&record.attachments);
+        record.network_status = Some(status.clone());
+        if let Err(e) = self.records.save(&record) {
+            return Err(self.roll_back(record, from_record_err(e)));
+        }
+        if let Some(p) = &pod {
+            // The pod already has its networks; a status that cannot be written is
+            // logged, not a reason to tear them down.
+            if let Err(e) = self.source.publish_network_status(p, &status.to_string()) {
+                tracing::warn!(pod = %p, "cannot write {NETWORK_STATUS_ANNOTATION}: {e}");
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Undoes a partial ADD; the error says what failed and, if undoing failed too,
+    /// what is left for the runtime's DEL.
+    fn roll_back(&self, record: Record, err: CniError) -> CniError {
+        let netns = record.netns.clone();
+        let failures = self.tear_down(record, &netns);
+        if failures.is_empty() {
+            err
+        } else {
+            let details = failures.join("; ");
+            tracing::error!("rollback incomplete: {details}");
+            err.with_details(format!("rollback incomplete (DEL will retry): {details}"))
+        }
+    }
+
+    /// DELs every attachment in reverse, whatever fails; keeps the record of what could
+    /// not be removed so a later DEL retries exactly that.
+    fn tear_down(&self, mut record: Record, netns: &str) -> Vec<String> {
+        let mut failures = Vec::new();
+        let mut kept = Vec::new();
+        while let Some(a) = record.attachments.pop() {
+            let conf = match NetConfList::from_value(a.conf.clone(), None) {
+                Ok(c) => c,
+                Err(e) => {
+                    failures.push(format!(
+                        "network {} ({}): recorded config unreadable: {e}",
+                        a.network, a.ifname
+                    ));
+                    continue;
+                }
+            };
+            let target = Target {
+                container_id: &record.container_id,
+                netns,
+                ifname: &a.ifname,
+                args: &record.cni_args,
+            };
+            let errs: Vec<InvokeError> =
+                self.invoker
+                    .del_list(&conf, &target, &a.runtime_config, a.result.as_ref());
+            if !errs.is_empty() {
+                failures.extend(
+                    errs.iter()
+                        .map(|e| format!("network {} ({}): {e}", a.network, a.ifname)),
+                );
+                kept.push(a);
+            }
+        }
+        kept.reverse();
+        record.attachments = kept;
+        let saved = if record.attachments.is_empty() {
+            self.records.remove(&record.container_id)
+        } else {
+            self.records.save(&record)
+        };
+        if let Err(e) = saved {
+            failures.push(e.to_string());
+        }
+        failures
+    }
+
+    fn del(&self, env: &CniEnv) -> Result<(), CniError> {
+        let _lock = self.locks.lock(&env.container_id);
+        let Some(record) = self
+            .records
+            .load(&env.container_id)
+            .map_err(from_record_err)?
+        else {
+            // Nothing attached (or already deleted): DEL is idempotent.
+            return Ok(());
+        };
+        let failures = self.tear_down(record, &env.netns);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                ErrorCode::Io,
+                format!("DEL incomplete: {}", failures.join("; ")),
+            ))
+        }
+    }
+
+    fn check(&self, env: &CniEnv, shim: &ShimConf) -> Result<(), CniError> {
+        let v = Version::parse(&shim.cni_version)
+            .map_err(|e| CniError::new(ErrorCode::IncompatibleVersion, e))?;
+        if !v.supports_check() {
+            return Err(CniError::new(
+                ErrorCode::IncompatibleVersion,
+                format!(
+                    "CHECK needs cniVersion 0.4.0 or later, got {}",
+                    shim.cni_version
+                ),
+            ));
+        }
+        let _lock = self.locks.lock(&env.container_id);
+        let record = self
+            .records
+            .load(&env.container_id)
+            .map_err(from_record_err)?
+            .ok_or_else(|| {
+                CniError::new(
+                    ErrorCode::UnknownContainer,
+                    format!("container {} has no attachments", env.container_id),
+                )
+            })?;
+        for a in &record.attachments {
+            let ctx = format!("network {} ({})", a.network, a.ifname);
+            let conf = NetConfList::from_value(a.conf.clone(), None)
+                .map_err(|e| invalid(format!("{ctx}: recorded config unreadable: {e}")))?;
+            let cached = a.result.as_ref().ok_or_else(|| {
+                CniError::new(ErrorCode::Io, format!("{ctx}: ADD did not finish"))
+            })?;
+            let target = Target {
+                container_id: &record.container_id,
+                netns: &env.netns,
+                ifname: &a.ifname,
+                args: &record.cni_args,
+            };
+            self.invoker
+                .check_list(&conf, &target, &a.runtime_config, cached)
+                .map_err(|e| e.to_cni_error(&ctx))?;
+        }
+        Ok(())
+    }
+
+    fn gc(&self, shim: &ShimConf) -> Result<(), CniError> {
+        let valid = valid_attachments(&shim.raw)?;
+        let (records, corrupt) = self.records.list().map_err(from_record_err)?;
+        let mut failures: Vec<String> = corrupt.iter().map(ToString::to_string).collect();
+        let mut confs: BTreeMap<String, NetConfList> = BTreeMap::new();
+        if let Ok(c) = self.load_default_network() {
+            confs.insert(c.to_value().to_string(), c);
+        }
+        let mut live = Vec::new();
+        for r in records {
+            for a in &r.attachments {
+                if let Ok(c) = NetConfList::from_value(a.conf.clone(), None) {
+                    confs.insert(a.conf.to_string(), c);
+                }
+            }
+            if valid.contains(&(r.container_id.clone(), r.ifname.clone())) {
+                live.push(r);
+                continue;
+            }
+            let _lock = self.locks.lock(&r.container_id);
+            tracing::info!(container = %r.container_id, "GC: removing stale attachments");
+            failures.extend(self.tear_down(r, ""));
+        }
+        for conf in confs.values() {
+            let keep: Vec<(String, String)> = live
+                .iter()
+                .flat_map(|r| {
+                    r.attachments
+                        .iter()
+                        .filter(|a| {
+                            a.conf.get("name").and_then(Value::as_str) == Some(conf.name.as_str())
+                        })
+                        .map(|a| (r.container_id.clone(), a.ifname.clone()))
+                })
+                .collect();
+            failures.extend(
+                self.invoker
+                    .gc_list(conf, &keep)
+                    .iter()
+                    .map(|e| format!("network {}: {e}", conf.name)),
+            );
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                ErrorCode::Io,
+                format!("GC incomplete: {}", failures.join("; ")),
+            ))
+        }
+    }
+
+    fn status(&self) -> Result<(), CniError> {
+        let unavailable = |m: String| CniError::new(ErrorCode::PluginNotAvailable, m);
+        self.source
+            .ready()
+            .map_err(|e| unavailable(format!("network source not ready: {e}")))?;
+        let conf = self
+            .load_default_network()
+            .map_err(|e| unavailable(e.msg))?;
+        self.invoker
+            .status_list(&conf)
+            .map_err(|e| unavailable(format!("default network {}: {e}", conf.name)))
+    }
+}
+
+fn parse_shim_conf(stdin: &str) -> Result<ShimConf, CniError> {
+    let v: Value = serde_json::from_str(stdin).map_err(|e| {
+        CniError::new(
+            ErrorCode::Decode,
+            format!("network configuration is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(raw) = v else {
+        return Err(CniError::new(
+            ErrorCode::Decode,
+            "network configuration is not a JSON object",
+        ));
+    };
+    let cni_version = match raw.get("cniVersion") {
+        Some(Value::String(s)) => {
+            Version::parse_supported(s)
+                .map_err(|e| CniError::new(ErrorCode::IncompatibleVersion, e))?;
+            s.clone()
+        }
+        _ => return Err(invalid("network configuration has no cniVersion")),
+    };
+    let runtime_config = match raw.get("runtimeConfig") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(invalid("runtimeConfig must be an object")),
+    };
+    Ok(ShimConf {
+        cni_version,
+        runtime_config,
+        raw,
+    })
+}
+
+/// containerd passes `null` for a pod without annotations.
+fn runtime_annotations(
+    rc: &Map<String, Value>,
+) -> Result<Option<BTreeMap<String, String>>, CniError> {
+    match rc.get(POD_ANNOTATIONS_CAPABILITY) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| invalid(format!("runtimeConfig {POD_ANNOTATIONS_CAPABILITY:?}: {e}"))),
+    }
+}
+
+fn pod_ref(env: &CniEnv) -> Option<PodRef> {
+    let ns = env.args.get("K8S_POD_NAMESPACE")?;
+    let name = env.args.get("K8S_POD_NAME")?;
+    Some(PodRef {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        uid: env.args.get("K8S_POD_UID").unwrap_or_default().to_string(),
+    })
+}
+
+fn valid_attachments(raw: &Map<String, Value>) -> Result<Vec<(String, String)>, CniError> {
+    let list = match raw.get(VALID_ATTACHMENTS_KEY) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(l)) => l,
+        Some(_) => return Err(invalid(format!("{VALID_ATTACHMENTS_KEY} must be a list"))),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let get = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_string);
+            match (get("containerID"), get("ifname")) {
+                (Some(c), Some(i)) => Ok((c, i)),
+                _ => Err(invalid(format!(
+                    "{VALID_ATTACHMENTS_KEY}[{i}] needs string containerID and ifname"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// The cluster network's result with every attachment's interfaces and IPs added.
+fn merged_result(attachments: &[Attachment], version: &str) -> Result<Value, CniError> {
+    let mut merged: Option<CniResult> = None;
+    for a in attachments {
+        let Some(raw) = &a.result else { continue };
+        let r = CniResult::from_value(raw)
+            .map_err(|e| CniError::new(ErrorCode::Decode, format!("network {}: {e}", a.network)))?;
+        match &mut merged {
+            None => merged = Some(r),
+            Some(m) => m.merge_attachment(&r),
+        }
+    }
+    let merged = merged.unwrap_or_default();
+    merged
+        .to_value(version)
+        .map_err(|e| CniError::new(ErrorCode::IncompatibleVersion, e.to_string()))
+}
+
+/// Serialises calls for one container (the runtime may retry DEL while ADD runs).
+#[derive(Default)]
+struct ContainerLocks {
+    busy: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+struct ContainerGuard<'a> {
+    locks: &'a ContainerLocks,
+    id: String,
+}
+
+impl ContainerLocks {
+    fn lock(&self, id: &str) -> ContainerGuard<'_> {
+        let mut busy = self.busy.lock().expect("container locks");
+        while busy.contains(id) {
+            busy = self.freed.wait(busy).expect("container locks");
+        }
+        busy.insert(id.to_string());
+        ContainerGuard {
+            locks: self,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for ContainerGuard<'_> {
+    fn drop(&mut self) {
+        self.locks
+            .busy
+            .lock()
+            .expect("container locks")
+            .remove(&self.id);
+        self.locks.freed.notify_all();
+    }
+}

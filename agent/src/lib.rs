@@ -1,0 +1,13 @@
+//! The trellis node agent: answers the `trellis-cni` shim, resolves each pod's networks
+//! and runs their attachments.
+
+pub mod config;
+pub mod handler;
+pub mod nad;
+pub mod netns;
+pub mod network_status;
+pub mod records;
+pub mod routes;
+pub mod selection;
+pub mod server;
+pub mod source;

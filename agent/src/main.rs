@@ -1,0 +1,138 @@
+//! `trellis`: the node agent and its CLI.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use trellis_agent::config::{AgentConfig, NetworksConfig};
+use trellis_agent::handler::Handler;
+use trellis_agent::records::RecordStore;
+use trellis_agent::source::{files::FileSource, NetworkSource};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Multi-network Kubernetes node dataplane agent"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and exit.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the pods' attachments from the agent's records.
+    Attachments {
+        #[arg(long, default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Cmd::Agent { config } => run_agent(&config),
+        Cmd::CheckConfig { config } => {
+            AgentConfig::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Attachments { state_dir, json } => list_attachments(&state_dir, json),
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run_agent(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = AgentConfig::load(path)?;
+    let source: Arc<dyn NetworkSource> = match &config.networks {
+        NetworksConfig::Files { dir } => Arc::new(FileSource::new(dir)),
+        NetworksConfig::Kubernetes { .. } => {
+            anyhow::bail!("networks.source = \"kubernetes\" is not built into this agent yet")
+        }
+    };
+    let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);
+    let listener = trellis_agent::server::bind(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), "trellis agent ready");
+    trellis_agent::server::serve(listener, handler);
+    Ok(())
+}
+
+fn list_attachments(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let store = RecordStore::open(state_dir)?;
+    let (records, corrupt) = store.list()?;
+    for e in corrupt {
+        eprintln!("warning: {e}");
+    }
+    if json {
+        let v: Vec<_> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "namespace": r.pod_namespace, "pod": r.pod_name, "container": r.container_id,
+                    "netns": r.netns, "network-status": r.network_status,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<22} {:<8} {:<18} {:<18}",
+        "POD", "NETWORK", "IFACE", "IPS", "MAC"
+    );
+    for r in &records {
+        let pod = format!("{}/{}", r.pod_namespace, r.pod_name);
+        for s in r
+            .network_status
+            .as_ref()
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let ips: Vec<&str> = s["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_str())
+                .collect();
+            println!(
+                "{:<28} {:<22} {:<8} {:<18} {:<18}",
+                pod,
+                s["name"].as_str().unwrap_or(""),
+                s["interface"].as_str().unwrap_or(""),
+                ips.join(","),
+                s["mac"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

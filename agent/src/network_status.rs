@@ -1,0 +1,113 @@
+//! The `k8s.v1.cni.cncf.io/network-status` value (NPWG spec v1.3, section 4.1.2),
+//! built from the attachments' results.
+
+use crate::records::Attachment;
+use serde_json::{json, Value};
+use trellis_cni::CniResult;
+
+/// One entry per attachment that finished ADD, in attachment order.
+pub fn build(attachments: &[Attachment]) -> Value {
+    let route_override = attachments.iter().any(|a| !a.default_route.is_empty());
+    let entries: Vec<Value> = attachments
+        .iter()
+        .filter_map(|a| {
+            let result = CniResult::from_value(a.result.as_ref()?).ok()?;
+            Some(entry(a, &result, route_override))
+        })
+        .collect();
+    Value::Array(entries)
+}
+
+fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
+    let iface = result
+        .interfaces
+        .iter()
+        .position(|i| i.name == a.ifname && i.sandbox.as_deref().is_some_and(|s| !s.is_empty()));
+    let ips: Vec<String> = result
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none() || ip.interface == iface)
+        .map(|ip| ip.address.split('/').next().unwrap_or_default().to_string())
+        .collect();
+    let mut e = json!({
+        "name": a.network,
+        "interface": a.ifname,
+        "ips": ips,
+    });
+    if let Some(mac) = iface.and_then(|i| result.interfaces[i].mac.clone()) {
+        e["mac"] = json!(mac);
+    }
+    let is_default = if route_override {
+        !a.default_route.is_empty()
+    } else {
+        a.cluster_default
+    };
+    if is_default {
+        e["default"] = json!(true);
+    }
+    e["dns"] = serde_json::to_value(&result.dns).expect("dns serialises");
+    if let Some(info) = iface.and_then(|i| device_info(&result.interfaces[i])) {
+        e["device-info"] = info;
+    }
+    e
+}
+
+/// NPWG device-info for interfaces that carry a device (CNI 1.1 pciID/socketPath).
+fn device_info(i: &trellis_cni::result::Interface) -> Option<Value> {
+    if let Some(pci) = &i.pci_id {
+        return Some(json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": pci}}));
+    }
+    i.socket_path
+        .as_ref()
+        .map(|p| json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "server", "path": p}}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att(network: &str, ifname: &str, default: bool, result: Value) -> Attachment {
+        Attachment {
+            network: network.into(),
+            ifname: ifname.into(),
+            cluster_default: default,
+            conf: json!({}),
+            runtime_config: Default::default(),
+            result: Some(result),
+            default_route: vec![],
+        }
+    }
+
+    #[test]
+    fn status_names_each_interface() {
+        let a = att(
+            "cluster",
+            "eth0",
+            true,
+            json!({"cniVersion":"1.0.0",
+                   "interfaces":[{"name":"cni0","mac":"00:00:00:00:00:01"},{"name":"eth0","mac":"02:00:00:00:00:02","sandbox":"/n"}],
+                   "ips":[{"address":"10.0.0.2/24","interface":1}],"dns":{"nameservers":["10.0.0.10"]}}),
+        );
+        let b = att(
+            "pods/data",
+            "net1",
+            false,
+            json!({"cniVersion":"0.4.0","interfaces":[{"name":"net1","sandbox":"/n","pciID":"0000:00:01.1"}],
+                   "ips":[{"version":"4","address":"192.168.1.2/24","interface":0}]}),
+        );
+        let s = build(&[a.clone(), b.clone()]);
+        assert_eq!(s[0]["name"], "cluster");
+        assert_eq!(s[0]["ips"], json!(["10.0.0.2"]));
+        assert_eq!(s[0]["mac"], "02:00:00:00:00:02");
+        assert_eq!(s[0]["default"], true);
+        assert_eq!(s[0]["dns"]["nameservers"][0], "10.0.0.10");
+        assert_eq!(s[1]["interface"], "net1");
+        assert!(s[1].get("default").is_none());
+        assert_eq!(s[1]["device-info"]["pci"]["pci-address"], "0000:00:01.1");
+        let mut b2 = b;
+        b2.default_route = vec!["192.168.1.1".parse().unwrap()];
+        let s = build(&[a, b2]);
+        assert!(s[0].get("default").is_none());
+        assert_eq!(s[1]["default"], true);
+    }
+}

@@ -1,0 +1,53 @@
+//! Where networks and pod annotations come from: the Kubernetes API or, without
+//! Kubernetes, NAD files plus the annotations the container runtime passes.
+
+pub mod files;
+
+use crate::nad::NetworkAttachmentDefinition;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("NetworkAttachmentDefinition {name} not found{hint}")]
+    NadNotFound { name: String, hint: String },
+    #[error("pod {0} not found")]
+    PodNotFound(String),
+    #[error("{what}: {message}")]
+    Unavailable { what: String, message: String },
+}
+
+pub trait NetworkSource: Send + Sync {
+    fn get_nad(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<NetworkAttachmentDefinition, SourceError>;
+
+    /// The pod's annotations. `from_runtime` is what the container runtime passed in
+    /// `runtimeConfig["io.kubernetes.cri.pod-annotations"]`, if anything.
+    fn pod_annotations(
+        &self,
+        pod: &PodRef,
+        from_runtime: Option<&BTreeMap<String, String>>,
+    ) -> Result<BTreeMap<String, String>, SourceError>;
+
+    /// Records `k8s.v1.cni.cncf.io/network-status` on the pod, where there is a pod
+    /// object to record it on.
+    fn publish_network_status(&self, pod: &PodRef, status: &str) -> Result<(), SourceError>;
+
+    /// Whether the source can answer (for STATUS).
+    fn ready(&self) -> Result<(), SourceError>;
+}
