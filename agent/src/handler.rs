@@ -312,8 +312,13 @@ impl Handler {
                 Ok(result) => {
                     record.attachments.last_mut().expect("just pushed").result = Some(result)
                 }
-                Err(e) => {
+                Err((done, e)) => {
                     let err = e.to_cni_error(&format!("network {} ({})", p.network, p.ifname));
+                    if done == 0 {
+                        // Its first plugin failed and cleaned up after itself: nothing
+                        // of this attachment exists.
+                        record.attachments.pop();
+                    }
                     return Err(self.roll_back(record, err));
                 }
             }

@@ -205,35 +205,38 @@ impl Invoker {
     }
 
     /// ADD through the whole list; returns the last plugin's result (in the list's
-    /// version).
+    /// version), or the error with how many plugins need a DEL (a plugin that fails ADD
+    /// cleans up after itself; the ones before it do not).
     pub fn add_list(
         &self,
         list: &NetConfList,
         target: &Target,
         runtime_config: &Map<String, Value>,
-    ) -> Result<Value, InvokeError> {
+    ) -> Result<Value, (usize, InvokeError)> {
         let mut prev: Option<Value> = None;
         for i in 0..list.plugins.len() {
             let plugin = list.plugin_type(i);
             let stdin = list.plugin_stdin(i, runtime_config, prev.as_ref());
-            let out = self.exec(
-                plugin,
-                CniCommand::Add,
-                target,
-                stdin.to_string().as_bytes(),
-            )?;
-            let value: Value =
-                serde_json::from_slice(&out).map_err(|e| InvokeError::BadResult {
-                    plugin: plugin.to_string(),
-                    source: ResultError::Field {
-                        field: "(document)".into(),
-                        reason: e.to_string(),
+            let out = self
+                .exec(plugin, CniCommand::Add, target, stdin.to_string().as_bytes())
+                .map_err(|e| (i, e))?;
+            // Exit 0 with a bad result: the plugin did its work, so it needs a DEL too.
+            let bad = |source| {
+                (
+                    i + 1,
+                    InvokeError::BadResult {
+                        plugin: plugin.to_string(),
+                        source,
                     },
-                })?;
-            CniResult::from_value(&value).map_err(|source| InvokeError::BadResult {
-                plugin: plugin.to_string(),
-                source,
+                )
+            };
+            let value: Value = serde_json::from_slice(&out).map_err(|e| {
+                bad(ResultError::Field {
+                    field: "(document)".into(),
+                    reason: e.to_string(),
+                })
             })?;
+            CniResult::from_value(&value).map_err(bad)?;
             prev = Some(value);
         }
         Ok(prev.unwrap_or_else(|| json!({"cniVersion": list.cni_version})))

@@ -1,0 +1,33 @@
+//! Test rigs built from real parts (see ../shared/RIGS.md): network namespaces made
+//! and removed by the rig, the trellis agent as a process, the shim as the runtime
+//! would run it. Used by the integration tests, the demo and the benchmarks.
+
+pub mod agent;
+pub mod bins;
+pub mod netns;
+pub mod node;
+
+/// Whether the rig can run here (root is needed for namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips a privileged test loudly when not root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIPPED: this test needs root (network namespaces)");
+            return;
+        }
+    };
+}
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}{n}", std::process::id() % 0xfffff)
+}
