@@ -119,7 +119,7 @@ fn parse_comma_form(
                 return Err(err(format!("entry {} is empty in {text:?}", i + 1)));
             }
             let (path, interface) = match item.split_once('@') {
-                Some((_, ifn)) if ifn.is_empty() => {
+                Some((_, "")) => {
                     return Err(err(format!(
                         "entry {item:?} has an empty interface name after '@'"
                     )))

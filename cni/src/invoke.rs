@@ -36,7 +36,7 @@ pub enum InvokeError {
     Plugin {
         plugin: String,
         command: &'static str,
-        error: CniError,
+        error: Box<CniError>,
     },
     #[error("CNI plugin {plugin:?} ({command}) failed with {status} and no error JSON: {output}")]
     Crashed {
@@ -185,7 +185,7 @@ impl Invoker {
             return Err(InvokeError::Plugin {
                 plugin: plugin.to_string(),
                 command: command.as_str(),
-                error,
+                error: Box::new(error),
             });
         }
         let stderr = stderr_reader.join().unwrap_or_default();

@@ -127,7 +127,7 @@ impl CniResult {
             _ => Dns::default(),
         };
         if parsed < Version(0, 3, 0) {
-            return Ok(Self::from_legacy(obj, version, dns)?);
+            return Self::from_legacy(obj, version, dns);
         }
         let list = |name: &str| -> Vec<Value> {
             obj.get(name)

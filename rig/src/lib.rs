@@ -3,6 +3,9 @@
 //! would run it. Used by the integration tests, the demo and the benchmarks.
 
 pub mod agent;
+pub mod containerd;
+pub mod cri;
+pub mod pause;
 pub mod bins;
 pub mod netns;
 pub mod node;

@@ -5,19 +5,36 @@ use std::process::{Command, Output};
 
 pub struct Netns {
     pub name: String,
+    path: PathBuf,
+    /// Made by the rig (removed on drop), or someone else's (a pod's, left alone).
+    owned: bool,
 }
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = crate::unique(prefix);
         run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns {
+            path: PathBuf::from(format!("/run/netns/{name}")),
+            name,
+            owned: true,
+        };
         ns.sh("ip link set lo up");
         ns
     }
 
+    /// A namespace made by someone else (for example a pod's, made by containerd).
+    pub fn at(path: impl Into<PathBuf>) -> Netns {
+        let path = path.into();
+        Netns {
+            name: path.display().to_string(),
+            path,
+            owned: false,
+        }
+    }
+
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+        self.path.clone()
     }
 
     /// A command run inside the namespace (nsenter keeps /sys and bpffs as they are).
@@ -70,6 +87,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }

@@ -1,0 +1,145 @@
+//! The demo node: containerd with the CRI plugin and trellis-cni as its only CNI config,
+//! the trellis agent, and pods asking for extra networks by annotation. It prints what
+//! each pod got, pings across every network, and tears everything down.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use trellis_rig::containerd::Containerd;
+use trellis_rig::netns::Netns;
+use trellis_rig::node::TestNode;
+
+fn main() {
+    if !trellis_rig::is_root() {
+        eprintln!("trellis-demo needs root (network namespaces, containerd)");
+        std::process::exit(1);
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(demo());
+}
+
+async fn demo() {
+    println!("== trellis demo node ==");
+    let mut node = TestNode::new();
+    println!("node netns {} (the 'host'), state in {}", node.host.name, node.dir.path().display());
+    node.add_nad("demo", "data", &node.macvlan_conf("10.90.1.0/24"));
+    let br = trellis_rig::unique("trs");
+    node.add_nad("demo", "storage", &node.bridge_conf("storage", &br, "10.90.2.0/24"));
+    node.add_nad(
+        "demo",
+        "fixed",
+        &serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":node.master,"mode":"bridge",
+                             "capabilities":{"ips":true,"mac":true},"ipam":{"type":"static"}}),
+    );
+    println!("networks: cluster (bridge, 10.77.0.0/24), demo/data (macvlan, 10.90.1.0/24), demo/storage (bridge, 10.90.2.0/24), demo/fixed (macvlan, static IPs)");
+    node.start_agent();
+    let ctrd = Containerd::start(&node.host, &node.path("containerd"), &node.socket());
+    let mut cri = ctrd.cri().await;
+    let logs = ctrd.log_dir();
+
+    let pods = [
+        ("pod-a", "data, storage@st0"),
+        (
+            "pod-b",
+            r#"[{"name":"data"},{"name":"storage","interface":"st0"},{"name":"fixed","ips":["10.90.3.20/24"],"mac":"02:00:5e:00:03:14"}]"#,
+        ),
+        ("pod-c", r#"[{"name":"data","namespace":"demo"},{"name":"fixed","ips":["10.90.3.30/24"]}]"#),
+    ];
+    let mut ids = Vec::new();
+    for (name, networks) in pods {
+        println!("\n-- RunPodSandbox demo/{name}  k8s.v1.cni.cncf.io/networks: {networks}");
+        let ann = HashMap::from([("k8s.v1.cni.cncf.io/networks".to_string(), networks.to_string())]);
+        let id = match cri.run_pod("demo", name, ann, &logs).await {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!("RunPodSandbox failed: {}\nagent log:\n{}", e.message(), node.agent_log());
+                std::process::exit(1);
+            }
+        };
+        let rec = record(&node, &id);
+        let ns = Netns::at(rec["netns"].as_str().unwrap_or_default());
+        println!("network-status:");
+        for s in rec["network_status"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<14} {:<6} {:<16} {}{}",
+                s["name"].as_str().unwrap_or(""),
+                s["interface"].as_str().unwrap_or(""),
+                s["ips"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+                s["mac"].as_str().unwrap_or(""),
+                if s["default"] == true { "  (default)" } else { "" }
+            );
+        }
+        println!("in the pod (ip -br addr):");
+        for l in ns.sh("ip -br addr").lines() {
+            println!("  {l}");
+        }
+        ids.push((name, id, ns));
+    }
+
+    println!("\n-- traffic: ping over every network two pods share");
+    let mut failures = 0;
+    for (from, from_id, from_ns) in &ids {
+        let from_nets = networks_of(&record(&node, from_id));
+        for (to, to_id, _) in &ids {
+            if from == to {
+                continue;
+            }
+            for (network, (ifname, dst)) in networks_of(&record(&node, to_id)) {
+                if !from_nets.contains_key(&network) {
+                    continue;
+                }
+                let ok = from_ns.ping(&dst);
+                failures += usize::from(!ok);
+                println!(
+                    "  {from} -> {to}  {network:<13} {ifname:<5} {dst:<12} {}",
+                    if ok { "ok" } else { "FAILED" }
+                );
+            }
+        }
+    }
+
+    println!("\n-- trellis attachments");
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["attachments", "--state-dir"])
+        .arg(node.state_dir())
+        .output()
+        .expect("trellis attachments");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    println!("\n-- StopPodSandbox + RemovePodSandbox");
+    for (name, id, _) in &ids {
+        cri.stop_pod(id).await.expect("stop");
+        cri.remove_pod(id).await.expect("remove");
+        println!("  {name} removed");
+    }
+    println!(
+        "left behind: {} records, {} IP reservations",
+        node.records().len(),
+        node.reservations().len()
+    );
+    drop(ctrd);
+    if failures > 0 || !node.records().is_empty() || !node.reservations().is_empty() {
+        eprintln!("demo FAILED");
+        std::process::exit(1);
+    }
+    println!("demo ok");
+}
+
+/// network name -> (interface, first IP) from a record's network-status.
+fn networks_of(rec: &Value) -> std::collections::BTreeMap<String, (String, String)> {
+    rec["network_status"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            Some((
+                s["name"].as_str()?.to_string(),
+                (s["interface"].as_str()?.to_string(), s["ips"][0].as_str()?.to_string()),
+            ))
+        })
+        .collect()
+}
+
+fn record(node: &TestNode, id: &str) -> Value {
+    let p = node.state_dir().join(format!("containers/{id}.json"));
+    serde_json::from_slice(&std::fs::read(p).expect("record")).expect("record JSON")
+}

@@ -1,0 +1,194 @@
+//! Real containerd (CRI plugin) inside a test netns, with `trellis-cni` as the node's
+//! only CNI config; everything under one temp dir and removed on drop, including the
+//! runc containers, mounts and libcni's cached results.
+
+use crate::cri::Cri;
+use crate::netns::Netns;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// The name of the node's conflist (libcni caches results under it).
+    pub cni_name: String,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd in `netns`, its CNI config pointing at the agent's socket.
+    pub fn start(netns: &Netns, dir: &Path, agent_socket: &Path) -> Containerd {
+        let dir = dir.to_path_buf();
+        for d in ["root", "state", "runc", "cni-bin", "cni-conf", "logs", "image"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(crate::bins::shim(), dir.join("cni-bin/trellis-cni")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/cni/loopback", dir.join("cni-bin/loopback")).unwrap();
+        let cni_name = crate::unique("trellis-e2e-");
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": cni_name,
+            "plugins": [{
+                "type": "trellis-cni",
+                "socket": agent_socket,
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true, "portMappings": true},
+            }],
+        });
+        std::fs::write(dir.join("cni-conf/10-trellis.conflist"), conflist.to_string()).unwrap();
+        let socket = dir.join("containerd.sock");
+        let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[{cri}]
+  sandbox_image = "{image}"
+  netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
+  [{cri}.cni]
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
+    max_conf_num = 1
+  [{cri}.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [{cri}.containerd.runtimes.runc.options]
+      Root = "{runc}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+            image = crate::pause::PAUSE_IMAGE,
+            bin = dir.join("cni-bin").display(),
+            conf = dir.join("cni-conf").display(),
+            runc = dir.join("runc").display(),
+        );
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = netns
+            .command("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let mut c = Containerd {
+            dir,
+            socket,
+            cni_name,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
+            if let Ok(Some(s)) = c.child.try_wait() {
+                panic!("containerd exited with {s}: {}", c.log());
+            }
+            assert!(Instant::now() < deadline, "containerd socket never appeared: {}", c.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tar = crate::pause::build_image_tar(&c.dir.join("image"));
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(&c.socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(&tar)
+            .output()
+            .expect("ctr");
+        assert!(
+            out.status.success(),
+            "ctr images import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    pub async fn cri(&self) -> Cri {
+        Cri::connect(self.socket.clone()).await.expect("CRI connect")
+    }
+
+    pub fn log_dir(&self) -> String {
+        self.dir.join("logs").display().to_string()
+    }
+
+    /// Stops and removes every pod sandbox still there (on a thread of its own, so it
+    /// works from inside or outside an async runtime).
+    fn remove_all_pods(&self) {
+        let socket = self.socket.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut cri = tokio::time::timeout(Duration::from_secs(5), Cri::connect(socket))
+                    .await
+                    .ok()?
+                    .ok()?;
+                for id in cri.list_pods().await.ok()? {
+                    let _ = cri.stop_pod(&id).await;
+                    let _ = cri.remove_pod(&id).await;
+                }
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.remove_all_pods();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Whatever survived: runc containers under our root, shims serving our socket.
+        let runc_root = self.dir.join("runc/k8s.io");
+        if let Ok(out) = Command::new("runc").arg("--root").arg(&runc_root).args(["list", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
+        let needle = self.socket.display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: kill(2) on a pid that is one of our containerd shims.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        unmount_under(&self.dir);
+        for f in std::fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten() {
+            if f.file_name().to_string_lossy().starts_with(&self.cni_name) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+}
+
+/// Lazily unmounts every mount below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let prefix = dir.display().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", p]).output();
+    }
+}

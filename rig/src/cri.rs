@@ -1,0 +1,102 @@
+//! A CRI client (the kubelet's side of the runtime API) over containerd's unix socket.
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tonic::transport::{Channel, Endpoint};
+
+pub struct Cri {
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    pub async fn connect(socket: PathBuf) -> Result<Cri, tonic::transport::Error> {
+        let channel = Endpoint::try_from("http://[::1]:0")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?)) }
+            }))
+            .await?;
+        Ok(Cri {
+            client: RuntimeServiceClient::new(channel),
+        })
+    }
+
+    /// RunPodSandbox for pod `namespace/name` with the given annotations.
+    pub async fn run_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        annotations: HashMap<String, String>,
+        log_dir: &str,
+    ) -> Result<String, tonic::Status> {
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{namespace}-{name}"),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: log_dir.into(),
+            annotations,
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Pod as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await?;
+        Ok(r.into_inner().pod_sandbox_id)
+    }
+
+    pub async fn pod_ip(&mut self, id: &str) -> Result<String, tonic::Status> {
+        let r = self
+            .client
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: false,
+            })
+            .await?
+            .into_inner();
+        Ok(r.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default())
+    }
+
+    pub async fn stop_pod(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.client
+            .stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id.into() })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove_pod(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.client
+            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_pods(&mut self) -> Result<Vec<String>, tonic::Status> {
+        let r = self
+            .client
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await?;
+        Ok(r.into_inner().items.into_iter().map(|p| p.id).collect())
+    }
+}

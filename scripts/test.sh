@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Setup, then the whole test suite: format, lints, unit tests, privileged integration
+# tests (network namespaces, reference CNI plugins, real containerd). Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "$(id -u)" != 0 ]; then
+  echo "test: the integration tests need root (network namespaces, containerd)" >&2
+  exit 1
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The rigs run the built binaries (agent and shim) as a runtime would.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked -- --test-threads=2
