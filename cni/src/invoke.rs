@@ -218,7 +218,12 @@ impl Invoker {
             let plugin = list.plugin_type(i);
             let stdin = list.plugin_stdin(i, runtime_config, prev.as_ref());
             let out = self
-                .exec(plugin, CniCommand::Add, target, stdin.to_string().as_bytes())
+                .exec(
+                    plugin,
+                    CniCommand::Add,
+                    target,
+                    stdin.to_string().as_bytes(),
+                )
                 .map_err(|e| (i, e))?;
             // Exit 0 with a bad result: the plugin did its work, so it needs a DEL too.
             let bad = |source| {

@@ -24,7 +24,10 @@ impl AgentProcess {
             .arg(crate::bins::trellis())
             .args(["agent", "--config"])
             .arg(config)
-            .env("TRELLIS_LOG", std::env::var("TRELLIS_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "TRELLIS_LOG",
+                std::env::var("TRELLIS_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf)
@@ -38,9 +41,16 @@ impl AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = a.child.try_wait() {
-                panic!("agent exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "agent exited with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "agent socket {} never appeared", socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "agent socket {} never appeared",
+                socket.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         a

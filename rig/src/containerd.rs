@@ -20,7 +20,9 @@ impl Containerd {
     /// Starts containerd in `netns`, its CNI config pointing at the agent's socket.
     pub fn start(netns: &Netns, dir: &Path, agent_socket: &Path) -> Containerd {
         let dir = dir.to_path_buf();
-        for d in ["root", "state", "runc", "cni-bin", "cni-conf", "logs", "image"] {
+        for d in [
+            "root", "state", "runc", "cni-bin", "cni-conf", "logs", "image",
+        ] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         std::os::unix::fs::symlink(crate::bins::shim(), dir.join("cni-bin/trellis-cni")).unwrap();
@@ -35,7 +37,11 @@ impl Containerd {
                 "capabilities": {"io.kubernetes.cri.pod-annotations": true, "portMappings": true},
             }],
         });
-        std::fs::write(dir.join("cni-conf/10-trellis.conflist"), conflist.to_string()).unwrap();
+        std::fs::write(
+            dir.join("cni-conf/10-trellis.conflist"),
+            conflist.to_string(),
+        )
+        .unwrap();
         let socket = dir.join("containerd.sock");
         let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
         let config = format!(
@@ -90,7 +96,11 @@ state = "{state}"
             if let Ok(Some(s)) = c.child.try_wait() {
                 panic!("containerd exited with {s}: {}", c.log());
             }
-            assert!(Instant::now() < deadline, "containerd socket never appeared: {}", c.log());
+            assert!(
+                Instant::now() < deadline,
+                "containerd socket never appeared: {}",
+                c.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let tar = crate::pause::build_image_tar(&c.dir.join("image"));
@@ -114,7 +124,9 @@ state = "{state}"
     }
 
     pub async fn cri(&self) -> Cri {
-        Cri::connect(self.socket.clone()).await.expect("CRI connect")
+        Cri::connect(self.socket.clone())
+            .await
+            .expect("CRI connect")
     }
 
     pub fn log_dir(&self) -> String {
@@ -126,7 +138,10 @@ state = "{state}"
     fn remove_all_pods(&self) {
         let socket = self.socket.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut cri = tokio::time::timeout(Duration::from_secs(5), Cri::connect(socket))
                     .await
@@ -150,7 +165,12 @@ impl Drop for Containerd {
         let _ = self.child.wait();
         // Whatever survived: runc containers under our root, shims serving our socket.
         let runc_root = self.dir.join("runc/k8s.io");
-        if let Ok(out) = Command::new("runc").arg("--root").arg(&runc_root).args(["list", "-q"]).output() {
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
                 let _ = Command::new("runc")
                     .arg("--root")
@@ -170,7 +190,11 @@ impl Drop for Containerd {
             }
         }
         unmount_under(&self.dir);
-        for f in std::fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten() {
+        for f in std::fs::read_dir("/var/lib/cni/results")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if f.file_name().to_string_lossy().starts_with(&self.cni_name) {
                 let _ = std::fs::remove_file(f.path());
             }

@@ -16,7 +16,9 @@ impl Cri {
         let channel = Endpoint::try_from("http://[::1]:0")?
             .connect_with_connector(tower::service_fn(move |_| {
                 let s = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+                }
             }))
             .await?;
         Ok(Cri {
@@ -75,19 +77,26 @@ impl Cri {
             })
             .await?
             .into_inner();
-        Ok(r.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default())
+        Ok(r.status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default())
     }
 
     pub async fn stop_pod(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.client
-            .stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id.into() })
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
             .await?;
         Ok(())
     }
 
     pub async fn remove_pod(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.client
-            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            })
             .await?;
         Ok(())
     }

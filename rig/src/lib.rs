@@ -3,12 +3,12 @@
 //! would run it. Used by the integration tests, the demo and the benchmarks.
 
 pub mod agent;
+pub mod bins;
 pub mod containerd;
 pub mod cri;
-pub mod pause;
-pub mod bins;
 pub mod netns;
 pub mod node;
+pub mod pause;
 
 /// Whether the rig can run here (root is needed for namespaces).
 pub fn is_root() -> bool {

@@ -40,7 +40,8 @@ impl Netns {
     /// A command run inside the namespace (nsenter keeps /sys and bpffs as they are).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg(program);
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(program);
         c
     }
 
@@ -58,7 +59,10 @@ impl Netns {
     }
 
     pub fn try_sh(&self, line: &str) -> Output {
-        self.command("sh").args(["-c", line]).output().expect("nsenter")
+        self.command("sh")
+            .args(["-c", line])
+            .output()
+            .expect("nsenter")
     }
 
     /// Interface names in the namespace (without lo).
@@ -81,7 +85,9 @@ impl Netns {
     }
 
     pub fn ping(&self, addr: &str) -> bool {
-        self.try_sh(&format!("ping -c 2 -i 0.2 -W 2 {addr}")).status.success()
+        self.try_sh(&format!("ping -c 2 -i 0.2 -W 2 {addr}"))
+            .status
+            .success()
     }
 }
 
@@ -90,7 +96,9 @@ impl Drop for Netns {
         if !self.owned {
             return;
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

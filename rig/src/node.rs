@@ -39,17 +39,26 @@ impl ShimOutcome {
     }
 
     pub fn expect_err(self, what: &str) -> (u64, String) {
-        assert!(!self.ok, "{what} should have failed but returned {}", self.stdout);
+        assert!(
+            !self.ok,
+            "{what} should have failed but returned {}",
+            self.stdout
+        );
         (
             self.json["code"].as_u64().unwrap_or(0),
-            self.json["msg"].as_str().unwrap_or_default().to_string() + " " + self.json["details"].as_str().unwrap_or_default(),
+            self.json["msg"].as_str().unwrap_or_default().to_string()
+                + " "
+                + self.json["details"].as_str().unwrap_or_default(),
         )
     }
 }
 
 impl TestNode {
     pub fn new() -> TestNode {
-        let dir = tempfile::Builder::new().prefix("trellis-rig").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-rig")
+            .tempdir()
+            .expect("tempdir");
         for d in ["nads", "state", "bin", "ipam"] {
             std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
         }
@@ -105,7 +114,11 @@ impl TestNode {
     }
 
     pub fn write_default_network(&self, conf: &Value) {
-        std::fs::write(self.path("default.conflist"), serde_json::to_vec_pretty(conf).unwrap()).unwrap();
+        std::fs::write(
+            self.path("default.conflist"),
+            serde_json::to_vec_pretty(conf).unwrap(),
+        )
+        .unwrap();
     }
 
     pub fn config_toml(&self) -> String {
@@ -124,7 +137,12 @@ impl TestNode {
     pub fn start_agent(&mut self) {
         let cfg = self.path("agent.toml");
         std::fs::write(&cfg, self.config_toml()).unwrap();
-        self.agent = Some(AgentProcess::start(&self.host, &cfg, &self.socket(), &self.path("agent.log")));
+        self.agent = Some(AgentProcess::start(
+            &self.host,
+            &cfg,
+            &self.socket(),
+            &self.path("agent.log"),
+        ));
     }
 
     pub fn stop_agent(&mut self) {
@@ -169,7 +187,14 @@ impl TestNode {
     }
 
     /// Runs the real shim with CNI env for a pod `ns/name`.
-    pub fn shim(&self, command: &str, container: &str, netns: &str, pod: (&str, &str), stdin: &Value) -> ShimOutcome {
+    pub fn shim(
+        &self,
+        command: &str,
+        container: &str,
+        netns: &str,
+        pod: (&str, &str),
+        stdin: &Value,
+    ) -> ShimOutcome {
         let mut env: BTreeMap<&str, String> = BTreeMap::new();
         env.insert("CNI_COMMAND", command.into());
         env.insert("CNI_CONTAINERID", container.into());
@@ -188,8 +213,11 @@ impl TestNode {
 
     pub fn shim_raw(&self, env: &BTreeMap<&str, String>, stdin: &[u8]) -> ShimOutcome {
         let mut cmd = Command::new(crate::bins::shim());
-        cmd.env_clear().envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn shim");
         let mut si = child.stdin.take().unwrap();
         let input = stdin.to_vec();
@@ -210,7 +238,11 @@ impl TestNode {
     pub fn reservations(&self) -> Vec<String> {
         let mut out = Vec::new();
         for net in std::fs::read_dir(self.path("ipam")).unwrap().flatten() {
-            for f in std::fs::read_dir(net.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(net.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let n = f.file_name().to_string_lossy().into_owned();
                 if !n.starts_with("last_reserved_ip") && n != "lock" {
                     out.push(format!("{}/{n}", net.file_name().to_string_lossy()));
@@ -247,7 +279,11 @@ impl Default for TestNode {
 
 fn list(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -29,7 +29,11 @@ fn sh(cmd: &mut Command) -> String {
 
 fn sha256(path: &Path) -> (String, u64) {
     let out = sh(Command::new("sha256sum").arg(path));
-    let hex = out.split_whitespace().next().expect("sha256sum output").to_string();
+    let hex = out
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string();
     (hex, std::fs::metadata(path).expect("blob").len())
 }
 
@@ -53,7 +57,13 @@ pub fn build_image_tar(work: &Path) -> PathBuf {
         .arg(work.join("pause.c")));
     let layer = work.join("layer.tar");
     sh(Command::new("tar")
-        .args(["--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
+        .args([
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-C",
+        ])
         .arg(&rootfs)
         .args(["-cf"])
         .arg(&layer)
@@ -86,7 +96,11 @@ pub fn build_image_tar(work: &Path) -> PathBuf {
         }],
     });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let tar = work.join("pause-image.tar");
     sh(Command::new("tar")
         .arg("-C")

@@ -10,7 +10,8 @@ use trellis_rig::require_root;
 
 fn record(node: &TestNode, sandbox: &str) -> serde_json::Value {
     let p = node.state_dir().join(format!("containers/{sandbox}.json"));
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
 }
 
 fn networks(value: &str) -> HashMap<String, String> {
@@ -23,7 +24,11 @@ async fn pods_get_every_network_and_leave_nothing_behind() {
     let mut node = TestNode::new();
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.79.1.0/24"));
     let br = trellis_rig::unique("trx");
-    node.add_nad("pods", "br-b", &node.bridge_conf("br-b", &br, "10.79.2.0/24"));
+    node.add_nad(
+        "pods",
+        "br-b",
+        &node.bridge_conf("br-b", &br, "10.79.2.0/24"),
+    );
     node.start_agent();
     let ctrd = Containerd::start(&node.host, &node.path("containerd"), &node.socket());
     let mut cri = ctrd.cri().await;
@@ -54,7 +59,10 @@ async fn pods_get_every_network_and_leave_nothing_behind() {
     assert_eq!(links_b, ["data0", "eth0", "net2"]);
     for (from_if, to_if) in [("eth0", "eth0"), ("net1", "net2"), ("data0", "data0")] {
         let dst = ns_b.addrs(to_if)[0].split('/').next().unwrap().to_string();
-        assert!(ns_a.ping(&dst), "pod-a {from_if} cannot reach pod-b {to_if} at {dst}");
+        assert!(
+            ns_a.ping(&dst),
+            "pod-a {from_if} cannot reach pod-b {to_if} at {dst}"
+        );
     }
     let status = &record(&node, &a)["network_status"];
     assert_eq!(status.as_array().unwrap().len(), 3, "{status}");
@@ -64,8 +72,16 @@ async fn pods_get_every_network_and_leave_nothing_behind() {
         cri.stop_pod(id).await.unwrap();
         cri.remove_pod(id).await.unwrap();
     }
-    assert!(node.records().is_empty(), "records left: {:?}", node.records());
-    assert!(node.reservations().is_empty(), "IPs left: {:?}", node.reservations());
+    assert!(
+        node.records().is_empty(),
+        "records left: {:?}",
+        node.records()
+    );
+    assert!(
+        node.reservations().is_empty(),
+        "IPs left: {:?}",
+        node.reservations()
+    );
     assert!(
         node.host_links().iter().all(|l| !l.starts_with("veth")),
         "host links left: {:?}",
@@ -94,14 +110,26 @@ async fn bad_annotations_fail_run_pod_sandbox_with_the_reason() {
             .run_pod("pods", &format!("bad-{i}"), networks(annotation), &logs)
             .await
             .expect_err("RunPodSandbox should fail");
-        assert!(err.message().contains(want), "{annotation}: {}", err.message());
+        assert!(
+            err.message().contains(want),
+            "{annotation}: {}",
+            err.message()
+        );
     }
     // containerd removes a sandbox whose network setup failed (our cleanup DEL worked);
     // nothing of ours may be left either.
     let left = cri.list_pods().await.unwrap();
     assert!(left.is_empty(), "sandboxes left: {left:?}");
-    assert!(node.records().is_empty(), "records left: {:?}", node.records());
-    assert!(node.reservations().is_empty(), "IPs left: {:?}", node.reservations());
+    assert!(
+        node.records().is_empty(),
+        "records left: {:?}",
+        node.records()
+    );
+    assert!(
+        node.reservations().is_empty(),
+        "IPs left: {:?}",
+        node.reservations()
+    );
     assert!(
         node.host_links().iter().all(|l| !l.starts_with("veth")),
         "host links left: {:?}",

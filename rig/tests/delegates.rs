@@ -11,7 +11,11 @@ fn node_with_networks() -> TestNode {
     let mut node = TestNode::new();
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
     let br = trellis_rig::unique("trx");
-    node.add_nad("pods", "br-b", &node.bridge_conf("br-b", &br, "10.78.2.0/24"));
+    node.add_nad(
+        "pods",
+        "br-b",
+        &node.bridge_conf("br-b", &br, "10.78.2.0/24"),
+    );
     node.add_nad(
         "pods",
         "static-c",
@@ -30,7 +34,13 @@ fn pod_gets_default_plus_two_networks_and_del_cleans_up() {
     let p2 = Netns::new("trp");
     let ann = networks_annotation("mv-a, pods/br-b@data0");
     let r1 = node
-        .shim("ADD", "c1", &p1.path().to_string_lossy(), ("pods", "a"), &node.shim_conf(Some(&ann)))
+        .shim(
+            "ADD",
+            "c1",
+            &p1.path().to_string_lossy(),
+            ("pods", "a"),
+            &node.shim_conf(Some(&ann)),
+        )
         .expect_ok("ADD pod a");
     // Merged result, in the runtime's cniVersion, names every pod interface.
     assert_eq!(r1["cniVersion"], "1.0.0");
@@ -52,15 +62,24 @@ fn pod_gets_default_plus_two_networks_and_del_cleans_up() {
         r#"[{"name":"mv-a"},{"name":"br-b","interface":"data0"},
             {"name":"static-c","ips":["10.78.3.7/24"],"mac":"02:00:00:00:03:07"}]"#,
     );
-    node.shim("ADD", "c2", &p2.path().to_string_lossy(), ("pods", "b"), &node.shim_conf(Some(&ann2)))
-        .expect_ok("ADD pod b");
+    node.shim(
+        "ADD",
+        "c2",
+        &p2.path().to_string_lossy(),
+        ("pods", "b"),
+        &node.shim_conf(Some(&ann2)),
+    )
+    .expect_ok("ADD pod b");
     assert_eq!(p2.addrs("net3"), ["10.78.3.7/24"]);
     assert!(p2.sh("ip -o link show net3").contains("02:00:00:00:03:07"));
 
     // Traffic across each network.
     for ifname in ["eth0", "net1", "data0"] {
         let dst = p2.addrs(ifname)[0].split('/').next().unwrap().to_string();
-        assert!(p1.ping(&dst), "pod a cannot reach pod b over {ifname} ({dst})");
+        assert!(
+            p1.ping(&dst),
+            "pod a cannot reach pod b over {ifname} ({dst})"
+        );
     }
     // The record carries the network-status.
     let st = node.state_dir().join("containers/c1.json");
@@ -72,19 +91,44 @@ fn pod_gets_default_plus_two_networks_and_del_cleans_up() {
     assert_eq!(status[2]["interface"], "data0");
 
     // CHECK passes while everything is in place.
-    node.shim("CHECK", "c1", &p1.path().to_string_lossy(), ("pods", "a"), &node.shim_conf(Some(&ann)))
-        .expect_ok("CHECK");
+    node.shim(
+        "CHECK",
+        "c1",
+        &p1.path().to_string_lossy(),
+        ("pods", "a"),
+        &node.shim_conf(Some(&ann)),
+    )
+    .expect_ok("CHECK");
 
     for (c, p, pod) in [("c1", &p1, "a"), ("c2", &p2, "b")] {
-        node.shim("DEL", c, &p.path().to_string_lossy(), ("pods", pod), &node.shim_conf(None))
-            .expect_ok("DEL");
+        node.shim(
+            "DEL",
+            c,
+            &p.path().to_string_lossy(),
+            ("pods", pod),
+            &node.shim_conf(None),
+        )
+        .expect_ok("DEL");
         // containerd's second DEL comes with an empty netns.
-        node.shim("DEL", c, "", ("pods", pod), &node.shim_conf(None)).expect_ok("second DEL");
+        node.shim("DEL", c, "", ("pods", pod), &node.shim_conf(None))
+            .expect_ok("second DEL");
         assert!(p.links().is_empty(), "links left in pod: {:?}", p.links());
     }
-    assert!(node.reservations().is_empty(), "IPs left: {:?}", node.reservations());
-    assert!(node.records().is_empty(), "records left: {:?}", node.records());
-    assert!(node.host_links().iter().all(|l| !l.starts_with("veth")), "{:?}", node.host_links());
+    assert!(
+        node.reservations().is_empty(),
+        "IPs left: {:?}",
+        node.reservations()
+    );
+    assert!(
+        node.records().is_empty(),
+        "records left: {:?}",
+        node.records()
+    );
+    assert!(
+        node.host_links().iter().all(|l| !l.starts_with("veth")),
+        "{:?}",
+        node.host_links()
+    );
 }
 
 #[test]
@@ -100,14 +144,35 @@ fn failure_on_second_attachment_undoes_the_first() {
     let p = Netns::new("trp");
     let ann = networks_annotation("mv-a,broken");
     let (code, msg) = node
-        .shim("ADD", "c3", &p.path().to_string_lossy(), ("pods", "x"), &node.shim_conf(Some(&ann)))
+        .shim(
+            "ADD",
+            "c3",
+            &p.path().to_string_lossy(),
+            ("pods", "x"),
+            &node.shim_conf(Some(&ann)),
+        )
         .expect_err("ADD with a broken second network");
-    assert!(msg.contains("pods/broken") && msg.contains("net2"), "{code}: {msg}");
+    assert!(
+        msg.contains("pods/broken") && msg.contains("net2"),
+        "{code}: {msg}"
+    );
     eprintln!("error as the runtime sees it: {code}: {msg}");
     assert!(p.links().is_empty(), "links left: {:?}", p.links());
-    assert!(node.reservations().is_empty(), "IPs left: {:?}", node.reservations());
-    assert!(node.records().is_empty(), "records left: {:?}", node.records());
-    assert!(node.host_links().iter().all(|l| !l.starts_with("veth")), "{:?}", node.host_links());
+    assert!(
+        node.reservations().is_empty(),
+        "IPs left: {:?}",
+        node.reservations()
+    );
+    assert!(
+        node.records().is_empty(),
+        "records left: {:?}",
+        node.records()
+    );
+    assert!(
+        node.host_links().iter().all(|l| !l.starts_with("veth")),
+        "{:?}",
+        node.host_links()
+    );
 }
 
 #[test]
@@ -116,8 +181,14 @@ fn del_works_after_agent_restart() {
     let mut node = node_with_networks();
     let p = Netns::new("trp");
     let ns = p.path().to_string_lossy().into_owned();
-    node.shim("ADD", "c4", &ns, ("pods", "r"), &node.shim_conf(Some(&networks_annotation("mv-a"))))
-        .expect_ok("ADD");
+    node.shim(
+        "ADD",
+        "c4",
+        &ns,
+        ("pods", "r"),
+        &node.shim_conf(Some(&networks_annotation("mv-a"))),
+    )
+    .expect_ok("ADD");
     node.stop_agent();
     let (code, msg) = node
         .shim("DEL", "c4", &ns, ("pods", "r"), &node.shim_conf(None))
@@ -125,7 +196,8 @@ fn del_works_after_agent_restart() {
     assert_eq!(code, 11, "{msg}");
     assert!(msg.contains(&node.socket().display().to_string()), "{msg}");
     node.start_agent();
-    node.shim("DEL", "c4", &ns, ("pods", "r"), &node.shim_conf(None)).expect_ok("DEL after restart");
+    node.shim("DEL", "c4", &ns, ("pods", "r"), &node.shim_conf(None))
+        .expect_ok("DEL after restart");
     assert!(p.links().is_empty());
     assert!(node.reservations().is_empty(), "{:?}", node.reservations());
 }
@@ -137,21 +209,42 @@ fn gc_removes_attachments_not_in_the_valid_list() {
     let p1 = Netns::new("trp");
     let p2 = Netns::new("trp");
     let ann = networks_annotation("mv-a");
-    node.shim("ADD", "keep", &p1.path().to_string_lossy(), ("pods", "k"), &node.shim_conf(Some(&ann)))
-        .expect_ok("ADD keep");
-    node.shim("ADD", "stale", &p2.path().to_string_lossy(), ("pods", "s"), &node.shim_conf(Some(&ann)))
-        .expect_ok("ADD stale");
+    node.shim(
+        "ADD",
+        "keep",
+        &p1.path().to_string_lossy(),
+        ("pods", "k"),
+        &node.shim_conf(Some(&ann)),
+    )
+    .expect_ok("ADD keep");
+    node.shim(
+        "ADD",
+        "stale",
+        &p2.path().to_string_lossy(),
+        ("pods", "s"),
+        &node.shim_conf(Some(&ann)),
+    )
+    .expect_ok("ADD stale");
     assert_eq!(node.reservations().len(), 4);
     let mut gc = node.shim_conf(None);
     gc["cniVersion"] = json!("1.1.0");
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
-    let env: BTreeMap<&str, String> = BTreeMap::from([("CNI_COMMAND", "GC".to_string()), ("CNI_PATH", "/usr/lib/cni".into())]);
+    let env: BTreeMap<&str, String> = BTreeMap::from([
+        ("CNI_COMMAND", "GC".to_string()),
+        ("CNI_PATH", "/usr/lib/cni".into()),
+    ]);
     let out = node.shim_raw(&env, gc.to_string().as_bytes());
     assert!(out.ok, "GC: {}", out.stdout);
     assert_eq!(node.records(), ["keep.json"]);
     assert_eq!(node.reservations().len(), 2, "{:?}", node.reservations());
-    node.shim("DEL", "keep", &p1.path().to_string_lossy(), ("pods", "k"), &node.shim_conf(None))
-        .expect_ok("DEL keep");
+    node.shim(
+        "DEL",
+        "keep",
+        &p1.path().to_string_lossy(),
+        ("pods", "k"),
+        &node.shim_conf(None),
+    )
+    .expect_ok("DEL keep");
     assert!(node.reservations().is_empty());
 }
 
@@ -162,17 +255,28 @@ fn status_and_version() {
     let mut conf = node.shim_conf(None);
     conf["cniVersion"] = json!("1.1.0");
     let status = |n: &TestNode| {
-        n.shim_raw(&BTreeMap::from([("CNI_COMMAND", "STATUS".to_string())]), conf.to_string().as_bytes())
+        n.shim_raw(
+            &BTreeMap::from([("CNI_COMMAND", "STATUS".to_string())]),
+            conf.to_string().as_bytes(),
+        )
     };
     assert!(status(&node).ok, "{}", status(&node).stdout);
     // A default network whose plugin is missing: not ready, code 50.
-    node.write_default_network(&json!({"cniVersion":"1.0.0","name":"cluster","plugins":[{"type":"nosuchplugin"}]}));
+    node.write_default_network(
+        &json!({"cniVersion":"1.0.0","name":"cluster","plugins":[{"type":"nosuchplugin"}]}),
+    );
     let out = status(&node);
     assert!(!out.ok);
     assert_eq!(out.json["code"], 50, "{}", out.stdout);
     assert!(out.stdout.contains("nosuchplugin"), "{}", out.stdout);
     // VERSION is answered by the shim itself, agent or not.
-    let v = node.shim_raw(&BTreeMap::from([("CNI_COMMAND", "VERSION".to_string())]), br#"{"cniVersion":"1.0.0"}"#);
+    let v = node.shim_raw(
+        &BTreeMap::from([("CNI_COMMAND", "VERSION".to_string())]),
+        br#"{"cniVersion":"1.0.0"}"#,
+    );
     assert!(v.ok);
-    assert!(v.json["supportedVersions"].as_array().unwrap().contains(&json!("1.1.0")));
+    assert!(v.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.1.0")));
 }

@@ -46,13 +46,20 @@ fn run() -> Result<wire::Response, CniError> {
             "network configuration on stdin is not UTF-8",
         )
     })?;
+    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     let conf: Option<serde_json::Value> = serde_json::from_str(&stdin).ok();
+    if conf.is_none() && command != "VERSION" {
+        // Without a conf there is no socket to ask.
+        return Err(CniError::new(
+            ErrorCode::Decode,
+            "network configuration on stdin is not valid JSON",
+        ));
+    }
     let requested = conf
         .as_ref()
         .and_then(|c| c.get("cniVersion"))
         .and_then(|v| v.as_str())
         .map(str::to_string);
-    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     if command == "VERSION" {
         return Ok(wire::Response {
             ok: true,

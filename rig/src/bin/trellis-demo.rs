@@ -20,10 +20,18 @@ fn main() {
 async fn demo() {
     println!("== trellis demo node ==");
     let mut node = TestNode::new();
-    println!("node netns {} (the 'host'), state in {}", node.host.name, node.dir.path().display());
+    println!(
+        "node netns {} (the 'host'), state in {}",
+        node.host.name,
+        node.dir.path().display()
+    );
     node.add_nad("demo", "data", &node.macvlan_conf("10.90.1.0/24"));
     let br = trellis_rig::unique("trs");
-    node.add_nad("demo", "storage", &node.bridge_conf("storage", &br, "10.90.2.0/24"));
+    node.add_nad(
+        "demo",
+        "storage",
+        &node.bridge_conf("storage", &br, "10.90.2.0/24"),
+    );
     node.add_nad(
         "demo",
         "fixed",
@@ -42,16 +50,26 @@ async fn demo() {
             "pod-b",
             r#"[{"name":"data"},{"name":"storage","interface":"st0"},{"name":"fixed","ips":["10.90.3.20/24"],"mac":"02:00:5e:00:03:14"}]"#,
         ),
-        ("pod-c", r#"[{"name":"data","namespace":"demo"},{"name":"fixed","ips":["10.90.3.30/24"]}]"#),
+        (
+            "pod-c",
+            r#"[{"name":"data","namespace":"demo"},{"name":"fixed","ips":["10.90.3.30/24"]}]"#,
+        ),
     ];
     let mut ids = Vec::new();
     for (name, networks) in pods {
         println!("\n-- RunPodSandbox demo/{name}  k8s.v1.cni.cncf.io/networks: {networks}");
-        let ann = HashMap::from([("k8s.v1.cni.cncf.io/networks".to_string(), networks.to_string())]);
+        let ann = HashMap::from([(
+            "k8s.v1.cni.cncf.io/networks".to_string(),
+            networks.to_string(),
+        )]);
         let id = match cri.run_pod("demo", name, ann, &logs).await {
             Ok(id) => id,
             Err(e) => {
-                eprintln!("RunPodSandbox failed: {}\nagent log:\n{}", e.message(), node.agent_log());
+                eprintln!(
+                    "RunPodSandbox failed: {}\nagent log:\n{}",
+                    e.message(),
+                    node.agent_log()
+                );
                 std::process::exit(1);
             }
         };
@@ -63,9 +81,19 @@ async fn demo() {
                 "  {:<14} {:<6} {:<16} {}{}",
                 s["name"].as_str().unwrap_or(""),
                 s["interface"].as_str().unwrap_or(""),
-                s["ips"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+                s["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 s["mac"].as_str().unwrap_or(""),
-                if s["default"] == true { "  (default)" } else { "" }
+                if s["default"] == true {
+                    "  (default)"
+                } else {
+                    ""
+                }
             );
         }
         println!("in the pod (ip -br addr):");
@@ -133,7 +161,10 @@ fn networks_of(rec: &Value) -> std::collections::BTreeMap<String, (String, Strin
         .filter_map(|s| {
             Some((
                 s["name"].as_str()?.to_string(),
-                (s["interface"].as_str()?.to_string(), s["ips"][0].as_str()?.to_string()),
+                (
+                    s["interface"].as_str()?.to_string(),
+                    s["ips"][0].as_str()?.to_string(),
+                ),
             ))
         })
         .collect()
