@@ -7,7 +7,7 @@ use std::sync::Arc;
 use trellis_agent::config::{AgentConfig, NetworksConfig};
 use trellis_agent::handler::Handler;
 use trellis_agent::records::RecordStore;
-use trellis_agent::source::{files::FileSource, NetworkSource};
+use trellis_agent::source::{files::FileSource, kube::KubeSource, NetworkSource};
 
 #[derive(Parser)]
 #[command(
@@ -75,8 +75,16 @@ fn run_agent(path: &std::path::Path) -> anyhow::Result<()> {
     let config = AgentConfig::load(path)?;
     let source: Arc<dyn NetworkSource> = match &config.networks {
         NetworksConfig::Files { dir } => Arc::new(FileSource::new(dir)),
-        NetworksConfig::Kubernetes { .. } => {
-            anyhow::bail!("networks.source = \"kubernetes\" is not built into this agent yet")
+        NetworksConfig::Kubernetes {
+            kubeconfig,
+            node_name,
+        } => {
+            let node = match node_name {
+                Some(n) => n.clone(),
+                None => std::env::var("NODE_NAME")
+                    .context("networks.node_name is not set and neither is NODE_NAME")?,
+            };
+            Arc::new(KubeSource::start(kubeconfig.as_deref(), &node)?)
         }
     };
     let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bins;
 pub mod containerd;
 pub mod cri;
+pub mod fake_apiserver;
 pub mod netns;
 pub mod node;
 pub mod pause;

@@ -22,6 +22,8 @@ pub struct TestNode {
     /// The default network's bridge.
     pub bridge: String,
     pub delegate_timeout_secs: u64,
+    /// The agent's `[networks]` table; NAD files in the temp dir unless set.
+    pub networks_toml: Option<String>,
 }
 
 /// What the shim printed and whether it exited 0.
@@ -75,6 +77,7 @@ impl TestNode {
             master,
             bridge,
             delegate_timeout_secs: 10,
+            networks_toml: None,
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -123,14 +126,17 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n\n[networks]\nsource = \"files\"\ndir = {:?}\n",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n\n[networks]\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
             REFERENCE_PLUGINS,
             self.path("default.conflist"),
             self.delegate_timeout_secs,
-            self.path("nads"),
+            self.networks_toml.clone().unwrap_or_else(|| format!(
+                "source = \"files\"\ndir = {:?}\n",
+                self.path("nads")
+            )),
         )
     }
 

@@ -2,6 +2,7 @@
 //! Kubernetes, NAD files plus the annotations the container runtime passes.
 
 pub mod files;
+pub mod kube;
 
 use crate::nad::NetworkAttachmentDefinition;
 use std::collections::BTreeMap;

@@ -1,0 +1,221 @@
+//! The Kubernetes API as the network source: pods of this node and all
+//! NetworkAttachmentDefinitions cached by watches (a miss falls back to a GET, for
+//! objects newer than the cache), and network-status patched onto the pod.
+
+use super::{NetworkSource, PodRef, SourceError};
+use crate::nad::NetworkAttachmentDefinition;
+use crate::selection::NETWORK_STATUS_ANNOTATION;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::ApiResource;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a cache miss may wait on the API server.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn nad_resource() -> ApiResource {
+    ApiResource {
+        group: "k8s.cni.cncf.io".into(),
+        version: "v1".into(),
+        api_version: "k8s.cni.cncf.io/v1".into(),
+        kind: "NetworkAttachmentDefinition".into(),
+        plural: "network-attachment-definitions".into(),
+    }
+}
+
+pub struct KubeSource {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    pods: Store<Pod>,
+    nads: Store<DynamicObject>,
+    nad_ar: ApiResource,
+    synced: Arc<AtomicBool>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> SourceError {
+    SourceError::Unavailable {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl KubeSource {
+    /// Connects (kubeconfig file, else in-cluster) and starts the watches.
+    pub fn start(kubeconfig: Option<&Path>, node_name: &str) -> Result<KubeSource, SourceError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("trellis-kube")
+            .enable_all()
+            .build()
+            .map_err(|e| unavailable("kubernetes client runtime", e))?;
+        let client = rt.block_on(async {
+            let config = match kubeconfig {
+                Some(p) => {
+                    let kc = kube::config::Kubeconfig::read_from(p)
+                        .map_err(|e| unavailable(&format!("kubeconfig {}", p.display()), e))?;
+                    kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                        .await
+                        .map_err(|e| unavailable(&format!("kubeconfig {}", p.display()), e))?
+                }
+                None => kube::Config::infer()
+                    .await
+                    .map_err(|e| unavailable("kubernetes config", e))?,
+            };
+            Client::try_from(config).map_err(|e| unavailable("kubernetes client", e))
+        })?;
+        let nad_ar = nad_resource();
+        let synced = Arc::new(AtomicBool::new(false));
+
+        let _guard = rt.enter();
+        let pod_writer = reflector::store::Writer::<Pod>::new(());
+        let pods = pod_writer.as_reader();
+        let pod_watch = watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+        )
+        .default_backoff()
+        // Only metadata and the node matter here; managed fields are most of a pod.
+        .modify(|p: &mut Pod| p.managed_fields_mut().clear());
+        rt.spawn(
+            reflector::reflector(pod_writer, pod_watch).for_each(|e| async move {
+                if let Err(e) = e {
+                    tracing::warn!("pod watch: {e}");
+                }
+            }),
+        );
+        let nad_writer = reflector::store::Writer::<DynamicObject>::new(nad_ar.clone());
+        let nads = nad_writer.as_reader();
+        let nad_watch = watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &nad_ar),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|n: &mut DynamicObject| n.managed_fields_mut().clear());
+        rt.spawn(
+            reflector::reflector(nad_writer, nad_watch).for_each(|e| async move {
+                if let Err(e) = e {
+                    tracing::warn!("NetworkAttachmentDefinition watch: {e}");
+                }
+            }),
+        );
+        let (p, n, s) = (pods.clone(), nads.clone(), synced.clone());
+        rt.spawn(async move {
+            if p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() {
+                s.store(true, Ordering::Release);
+                tracing::info!("kubernetes caches synced");
+            }
+        });
+        drop(_guard);
+        Ok(KubeSource {
+            rt,
+            client,
+            pods,
+            nads,
+            nad_ar,
+            synced,
+        })
+    }
+
+    fn with_timeout<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, SourceError> {
+        self.rt.block_on(async {
+            match tokio::time::timeout(API_TIMEOUT, f).await {
+                Ok(r) => r.map_err(|e| unavailable(what, e)),
+                Err(_) => Err(unavailable(
+                    what,
+                    format!("no answer within {} s", API_TIMEOUT.as_secs()),
+                )),
+            }
+        })
+    }
+}
+
+fn to_nad(obj: &DynamicObject) -> Result<NetworkAttachmentDefinition, SourceError> {
+    let v = serde_json::to_value(obj).map_err(|e| unavailable("NetworkAttachmentDefinition", e))?;
+    serde_json::from_value(v).map_err(|e| {
+        unavailable(
+            &format!(
+                "NetworkAttachmentDefinition {}/{}",
+                obj.namespace().unwrap_or_default(),
+                obj.name_any()
+            ),
+            e,
+        )
+    })
+}
+
+impl NetworkSource for KubeSource {
+    fn get_nad(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<NetworkAttachmentDefinition, SourceError> {
+        let key = ObjectRef::<DynamicObject>::new_with(name, self.nad_ar.clone()).within(namespace);
+        if let Some(obj) = self.nads.get(&key) {
+            return to_nad(&obj);
+        }
+        let api =
+            Api::<DynamicObject>::namespaced_with(self.client.clone(), namespace, &self.nad_ar);
+        match self.with_timeout("NetworkAttachmentDefinition lookup", api.get_opt(name))? {
+            Some(obj) => to_nad(&obj),
+            None => Err(SourceError::NadNotFound {
+                name: format!("{namespace}/{name}"),
+                hint: " in the Kubernetes API".into(),
+            }),
+        }
+    }
+
+    fn pod_annotations(
+        &self,
+        pod: &PodRef,
+        _from_runtime: Option<&BTreeMap<String, String>>,
+    ) -> Result<BTreeMap<String, String>, SourceError> {
+        let key = ObjectRef::<Pod>::new(&pod.name).within(&pod.namespace);
+        let found = match self.pods.get(&key) {
+            Some(p) => Some((*p).clone()),
+            None => {
+                let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
+                self.with_timeout("pod lookup", api.get_opt(&pod.name))?
+            }
+        };
+        let p = found.ok_or_else(|| SourceError::PodNotFound(pod.to_string()))?;
+        // A pod re-created under the same name is another pod.
+        if !pod.uid.is_empty() && p.meta().uid.as_deref().is_some_and(|u| u != pod.uid) {
+            return Err(SourceError::PodNotFound(format!(
+                "{pod} with uid {}",
+                pod.uid
+            )));
+        }
+        Ok(p.annotations().clone())
+    }
+
+    fn publish_network_status(&self, pod: &PodRef, status: &str) -> Result<(), SourceError> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {NETWORK_STATUS_ANNOTATION: status}}});
+        self.with_timeout(
+            "network-status patch",
+            api.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .map(|_| ())
+    }
+
+    fn ready(&self) -> Result<(), SourceError> {
+        if self.synced.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(unavailable("kubernetes caches", "not synced yet"))
+        }
+    }
+}
