@@ -308,7 +308,15 @@ impl Handler {
                 ifname: &p.ifname,
                 args: &record.cni_args,
             };
-            match self.invoker.add_list(&p.conf, &target, &p.runtime_config) {
+            let started = std::time::Instant::now();
+            let added = self.invoker.add_list(&p.conf, &target, &p.runtime_config);
+            tracing::debug!(
+                network = %p.network,
+                ifname = %p.ifname,
+                micros = started.elapsed().as_micros() as u64,
+                "delegate ADD"
+            );
+            match added {
                 Ok(result) => {
                     record.attachments.last_mut().expect("just pushed").result = Some(result)
                 }
@@ -412,8 +420,12 @@ impl Handler {
             .load(&env.container_id)
             .map_err(from_record_err)?
         else {
-            // Nothing attached (or already deleted): DEL is idempotent.
-            return Ok(());
+            // Nothing attached (or already deleted): DEL is idempotent. A record file
+            // with no snapshot in it (the agent died creating it) goes too.
+            return self
+                .records
+                .remove(&env.container_id)
+                .map_err(from_record_err);
         };
         let failures = self.tear_down(record, &env.netns);
         if failures.is_empty() {

@@ -258,6 +258,16 @@ impl TestNode {
         out
     }
 
+    /// A container's attachment record as the agent keeps it: the newest complete
+    /// JSON snapshot line of its journal file.
+    pub fn record(&self, container: &str) -> Value {
+        read_record(
+            &self
+                .state_dir()
+                .join(format!("containers/{container}.json")),
+        )
+    }
+
     /// Attachment records in the agent's state dir.
     pub fn records(&self) -> Vec<String> {
         list(&self.state_dir().join("containers"))
@@ -281,6 +291,15 @@ impl Default for TestNode {
     fn default() -> Self {
         Self::new()
     }
+}
+
+pub fn read_record(path: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("record {}: {e}", path.display()));
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("record {} has no complete snapshot: {text}", path.display()))
 }
 
 fn list(dir: &Path) -> Vec<String> {

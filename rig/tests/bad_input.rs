@@ -188,10 +188,7 @@ fn default_route_moves_to_the_selected_network() {
         routes.starts_with("default via 10.81.1.1 dev net1 "),
         "{routes}"
     );
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(node.state_dir().join("containers/dr.json")).unwrap(),
-    )
-    .unwrap();
+    let rec = node.record("dr");
     assert_eq!(rec["network_status"][1]["default"], true);
     assert!(rec["network_status"][0].get("default").is_none());
     node.shim("DEL", "dr", &ns, ("pods", "p"), &node.shim_conf(None))

@@ -9,9 +9,7 @@ use trellis_rig::node::TestNode;
 use trellis_rig::require_root;
 
 fn record(node: &TestNode, sandbox: &str) -> serde_json::Value {
-    let p = node.state_dir().join(format!("containers/{sandbox}.json"));
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    node.record(sandbox)
 }
 
 fn networks(value: &str) -> HashMap<String, String> {

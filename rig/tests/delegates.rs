@@ -82,8 +82,7 @@ fn pod_gets_default_plus_two_networks_and_del_cleans_up() {
         );
     }
     // The record carries the network-status.
-    let st = node.state_dir().join("containers/c1.json");
-    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(st).unwrap()).unwrap();
+    let rec = node.record("c1");
     let status = &rec["network_status"];
     assert_eq!(status[0]["name"], "cluster");
     assert_eq!(status[0]["default"], true);

@@ -171,6 +171,5 @@ fn networks_of(rec: &Value) -> std::collections::BTreeMap<String, (String, Strin
 }
 
 fn record(node: &TestNode, id: &str) -> Value {
-    let p = node.state_dir().join(format!("containers/{id}.json"));
-    serde_json::from_slice(&std::fs::read(p).expect("record")).expect("record JSON")
+    node.record(id)
 }
