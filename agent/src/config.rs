@@ -38,6 +38,52 @@ pub struct AgentConfig {
     pub delegate_timeout_secs: u64,
     /// Where NetworkAttachmentDefinitions and pod annotations come from.
     pub networks: NetworksConfig,
+    /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
+    #[serde(default)]
+    pub devices: Option<DevicesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// The pool config, in sriov-network-device-plugin's config.json format.
+    pub config: PathBuf,
+    /// Where sysfs is. Default `/sys`.
+    #[serde(default = "default_sysfs")]
+    pub sysfs_root: PathBuf,
+    /// resourcePrefix for pools without one. Default `intel.com`, as sriov-dp.
+    #[serde(default = "default_prefix")]
+    pub resource_prefix: String,
+    /// kubelet's device-plugins dir. Default `/var/lib/kubelet/device-plugins`.
+    #[serde(default = "default_plugin_dir")]
+    pub plugin_dir: PathBuf,
+    /// How often devices are re-discovered (health, VFs coming and going). Default 500.
+    #[serde(default = "default_poll")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_sysfs() -> PathBuf {
+    PathBuf::from("/sys")
+}
+fn default_prefix() -> String {
+    trellis_device_plugin::config::DEFAULT_PREFIX.to_string()
+}
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from(trellis_device_plugin::manager::DEFAULT_PLUGIN_DIR)
+}
+fn default_poll() -> u64 {
+    500
+}
+
+impl DevicesConfig {
+    pub fn settings(&self) -> trellis_device_plugin::manager::Settings {
+        let mut s = trellis_device_plugin::manager::Settings::new(&self.config);
+        s.sysfs_root = self.sysfs_root.clone();
+        s.resource_prefix = self.resource_prefix.clone();
+        s.plugin_dir = self.plugin_dir.clone();
+        s.poll_interval = Duration::from_millis(self.poll_interval_ms);
+        s
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -88,6 +134,9 @@ impl AgentConfig {
         let c: AgentConfig = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         if c.cni_bin_dirs.is_empty() {
             return Err(err("cni_bin_dirs is empty".into()));
+        }
+        if c.devices.as_ref().is_some_and(|d| d.poll_interval_ms == 0) {
+            return Err(err("devices.poll_interval_ms must be at least 1".into()));
         }
         if c.delegate_timeout_secs == 0 {
             return Err(err("delegate_timeout_secs must be at least 1".into()));

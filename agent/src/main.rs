@@ -35,6 +35,20 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The node's network devices and vhost-user sockets, and the pool of each.
+    Devices {
+        /// Read this tree where /sys would be (fixture trees in tests).
+        #[arg(long, default_value = "/sys")]
+        sysfs_root: PathBuf,
+        /// Resource pool config (sriov-network-device-plugin's config.json format).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// resourcePrefix for entries without one.
+        #[arg(long, default_value = trellis_device_plugin::config::DEFAULT_PREFIX)]
+        resource_prefix: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the pods' attachments from the agent's records.
     Attachments {
         #[arg(long, default_value = "/var/lib/trellis")]
@@ -55,7 +69,33 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Attachments { state_dir, json } => list_attachments(&state_dir, json),
+        Cmd::Devices {
+            sysfs_root,
+            config,
+            resource_prefix,
+            json,
+        } => list_devices(&sysfs_root, config.as_deref(), &resource_prefix, json),
     }
+}
+
+fn list_devices(
+    sysfs_root: &std::path::Path,
+    config: Option<&std::path::Path>,
+    prefix: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use trellis_device_plugin::{config::DeviceConfig, pool::Inventory, report, sysfs::Sysfs};
+    let config = config.map(|p| DeviceConfig::load(p, prefix)).transpose()?;
+    let inventory = Inventory {
+        pci: Sysfs::new(sysfs_root).discover()?,
+    };
+    let rows = report::rows(&inventory, config.as_ref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report::table(&rows));
+    }
+    Ok(())
 }
 
 fn init_logging(json: bool) {
@@ -89,6 +129,13 @@ fn run_agent(path: &std::path::Path) -> anyhow::Result<()> {
             Arc::new(KubeSource::start(kubeconfig.as_deref(), &node)?)
         }
     };
+    // Device pools first: a bad pool config stops the agent before it takes CNI calls.
+    let _devices = config
+        .devices
+        .as_ref()
+        .map(|d| trellis_device_plugin::manager::start(d.settings()))
+        .transpose()
+        .context("starting the device plugin")?;
     let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);
     let listener = trellis_agent::server::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "trellis agent ready");

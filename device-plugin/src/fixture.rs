@@ -136,6 +136,11 @@ impl FixtureSysfs {
         }
     }
 
+    /// The driver stays bound, its netdevs go.
+    pub fn remove_netdevs(&self, addr: &str) {
+        let _ = std::fs::remove_dir_all(self.dev_dir(addr).join("net"));
+    }
+
     /// No driver, no netdev.
     pub fn unbind(&self, addr: &str) {
         let d = self.dev_dir(addr);

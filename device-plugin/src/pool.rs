@@ -19,10 +19,22 @@ pub enum DeviceKind {
 pub struct PoolDevice {
     /// The device ID kubelet allocates: the PCI address or the socket path.
     pub id: String,
+    /// In the JSON already, as the PCI device's own.
+    #[serde(skip)]
     pub numa_node: Option<u32>,
     /// `Err(why)` when unhealthy.
+    #[serde(serialize_with = "health_json")]
     pub health: Result<(), String>,
+    #[serde(flatten)]
     pub kind: DeviceKind,
+}
+
+/// `"ok"`, or the reason it is not.
+fn health_json<S: serde::Serializer>(h: &Result<(), String>, s: S) -> Result<S::Ok, S::Error> {
+    match h {
+        Ok(()) => s.serialize_str("ok"),
+        Err(e) => s.serialize_str(&format!("unhealthy: {e}")),
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -37,7 +37,9 @@ pub struct VfOf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PciNetDevice {
     pub address: PciAddress,
+    #[serde(serialize_with = "hex4")]
     pub vendor: u16,
+    #[serde(serialize_with = "hex4")]
     pub device: u16,
     pub driver: Option<String>,
     pub netdevs: Vec<String>,
@@ -49,6 +51,11 @@ pub struct PciNetDevice {
     pub sriov: Option<SriovState>,
     /// Set on VFs.
     pub vf_of: Option<VfOf>,
+}
+
+/// PCI IDs as lspci and the selectors write them: "8086".
+fn hex4<S: serde::Serializer>(v: &u16, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:04x}"))
 }
 
 impl PciNetDevice {
@@ -201,10 +208,28 @@ impl Sysfs {
     }
 }
 
+/// `net/` of the device, or of its virtio child (virtio-net puts its netdev under
+/// `virtioN/net/`).
+fn net_dir(path: &Path) -> PathBuf {
+    let direct = path.join("net");
+    if direct.is_dir() {
+        return direct;
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        .map(|e| e.path().join("net"))
+        .filter(|p| p.is_dir())
+        .unwrap_or(direct)
+}
+
 fn read_device(address: PciAddress, path: &Path) -> Option<PciNetDevice> {
     let vendor = read_hex(&path.join("vendor"))? as u16;
     let device = read_hex(&path.join("device"))? as u16;
-    let mut netdevs: Vec<String> = std::fs::read_dir(path.join("net"))
+    let net_dir = net_dir(path);
+    let mut netdevs: Vec<String> = std::fs::read_dir(&net_dir)
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -213,7 +238,7 @@ fn read_device(address: PciAddress, path: &Path) -> Option<PciNetDevice> {
         .unwrap_or_default();
     netdevs.sort();
     let link_type = netdevs.first().and_then(|n| {
-        read_trimmed(&path.join("net").join(n).join("type"))?
+        read_trimmed(&net_dir.join(n).join("type"))?
             .parse()
             .ok()
             .map(link_type_name)

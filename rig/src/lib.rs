@@ -7,6 +7,7 @@ pub mod bins;
 pub mod containerd;
 pub mod cri;
 pub mod fake_apiserver;
+pub mod fake_kubelet;
 pub mod netns;
 pub mod node;
 pub mod pause;

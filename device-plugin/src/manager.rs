@@ -1,0 +1,499 @@
+//! Runs the pools: one gRPC server per pool on a socket in kubelet's device-plugins
+//! dir, registered with kubelet; devices re-discovered every `poll_interval` (health
+//! and VFs coming and going reach ListAndWatch within that), the config reloaded
+//! when its file changes, and everything re-registered as soon as kubelet re-creates
+//! its socket (inotify, no polling).
+
+use crate::api::deviceplugin as dp;
+use crate::config::{ConfigError, DeviceConfig, ResourceConfig, ResourceKind};
+use crate::pool::{self, Inventory, PoolDevice};
+use crate::server::{self, PoolService, PoolState};
+use crate::sysfs::{DiscoveryError, Sysfs};
+use futures_util::StreamExt;
+use inotify::{EventMask, Inotify, WatchMask};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+pub const KUBELET_SOCKET: &str = "kubelet.sock";
+pub const DEFAULT_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The pool config (sriov-network-device-plugin's config.json format).
+    pub config: PathBuf,
+    pub sysfs_root: PathBuf,
+    /// resourcePrefix for entries without one.
+    pub resource_prefix: String,
+    /// kubelet's device-plugins dir: its `kubelet.sock` and our sockets.
+    pub plugin_dir: PathBuf,
+    pub poll_interval: Duration,
+}
+
+impl Settings {
+    pub fn new(config: impl Into<PathBuf>) -> Settings {
+        Settings {
+            config: config.into(),
+            sysfs_root: "/sys".into(),
+            resource_prefix: crate::config::DEFAULT_PREFIX.into(),
+            plugin_dir: DEFAULT_PLUGIN_DIR.into(),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ManagerError {
+    let what = what.into();
+    move |source| ManagerError::Io { what, source }
+}
+
+/// What the manager has done, for the CLI, metrics and tests.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Per pool (`prefix/name`): successful registrations with kubelet.
+    pub registrations: BTreeMap<String, u64>,
+    /// Per pool: the devices served now.
+    pub devices: BTreeMap<String, Vec<PoolDevice>>,
+    pub last_error: Option<String>,
+}
+
+/// The running manager; stops (servers down, sockets removed) when dropped.
+pub struct ManagerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub status: Arc<Mutex<Status>>,
+}
+
+impl ManagerHandle {
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ManagerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Running {
+    state: watch::Sender<Arc<PoolState>>,
+    socket: PathBuf,
+    server: Option<tokio::task::JoinHandle<()>>,
+    /// The kubelet.sock (inode) this pool last registered with: a new socket is a
+    /// restarted kubelet, which needs every plugin to register again.
+    registered_with: Option<u64>,
+    /// vhost-user sockets seen before: a switch that goes away leaves its devices
+    /// listed as unhealthy rather than gone.
+    vhost_seen: BTreeMap<String, PoolDevice>,
+}
+
+struct Manager {
+    settings: Settings,
+    config: DeviceConfig,
+    pools: BTreeMap<String, Running>,
+    status: Arc<Mutex<Status>>,
+}
+
+/// `trellis-<prefix>-<name>.sock`: one socket per pool.
+fn socket_name(r: &ResourceConfig) -> String {
+    format!("trellis-{}-{}.sock", r.prefix, r.name)
+}
+
+fn discover(settings: &Settings, config: &DeviceConfig) -> Result<Inventory, DiscoveryError> {
+    let wants_pci = config
+        .resources
+        .iter()
+        .any(|r| matches!(r.kind, ResourceKind::NetDevice(_)));
+    Ok(Inventory {
+        pci: if wants_pci {
+            Sysfs::new(&settings.sysfs_root).discover()?
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+impl Manager {
+    fn set_status(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn start_server(
+        &self,
+        socket: &Path,
+        rx: watch::Receiver<Arc<PoolState>>,
+    ) -> Result<tokio::task::JoinHandle<()>, ManagerError> {
+        let incoming = crate::uds::bind(socket)
+            .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
+        let svc = dp::device_plugin_server::DevicePluginServer::new(PoolService::new(rx));
+        let name = socket.display().to_string();
+        Ok(tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::warn!(socket = %name, "device plugin server: {e}");
+            }
+        }))
+    }
+
+    /// Makes the running pools match `pools`: new ones started, gone ones stopped,
+    /// the rest given their new devices.
+    fn apply(&mut self, pools: Vec<pool::Pool>) {
+        let wanted: Vec<String> = pools.iter().map(|p| p.resource.full_name()).collect();
+        let gone: Vec<String> = self
+            .pools
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(mut r) = self.pools.remove(&k) {
+                if let Some(s) = r.server.take() {
+                    s.abort();
+                }
+                let _ = std::fs::remove_file(&r.socket);
+                tracing::info!(pool = %k, "pool removed");
+            }
+        }
+        for p in pools {
+            let key = p.resource.full_name();
+            match self.pools.get_mut(&key) {
+                Some(r) => {
+                    let mut devices = p.devices;
+                    if matches!(p.resource.kind, ResourceKind::VhostUser { .. }) {
+                        devices = keep_vanished(&mut r.vhost_seen, devices);
+                    }
+                    let state = PoolState {
+                        resource: p.resource,
+                        devices,
+                    };
+                    r.state.send_if_modified(|cur| {
+                        let changed = cur.resource != state.resource || cur.devices != state.devices;
+                        if changed {
+                            tracing::info!(pool = %key, devices = state.devices.len(),
+                                healthy = state.devices.iter().filter(|d| d.health.is_ok()).count(), "devices changed");
+                            *cur = Arc::new(state);
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let socket = self.settings.plugin_dir.join(socket_name(&p.resource));
+                    let mut vhost_seen = BTreeMap::new();
+                    let devices = keep_vanished(&mut vhost_seen, p.devices);
+                    let (tx, rx) = watch::channel(Arc::new(PoolState {
+                        resource: p.resource,
+                        devices,
+                    }));
+                    let server = match self.start_server(&socket, rx) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            tracing::error!(pool = %key, "{e}");
+                            self.set_status(|s| s.last_error = Some(e.to_string()));
+                            None
+                        }
+                    };
+                    tracing::info!(pool = %key, socket = %socket.display(), "pool started");
+                    self.pools.insert(
+                        key,
+                        Running {
+                            state: tx,
+                            socket,
+                            server,
+                            registered_with: None,
+                            vhost_seen,
+                        },
+                    );
+                }
+            }
+        }
+        let devices = self
+            .pools
+            .iter()
+            .map(|(k, r)| (k.clone(), r.state.borrow().devices.clone()))
+            .collect();
+        self.set_status(|s| s.devices = devices);
+    }
+
+    fn refresh(&mut self) {
+        match discover(&self.settings, &self.config) {
+            Ok(inv) => {
+                let pools = pool::build(&self.config, &inv);
+                self.apply(pools);
+            }
+            Err(e) => {
+                tracing::warn!("device discovery: {e}");
+                self.set_status(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    fn reload_config(&mut self) {
+        match DeviceConfig::load(&self.settings.config, &self.settings.resource_prefix) {
+            Ok(c) if c == self.config => {}
+            Ok(c) => {
+                tracing::info!(config = %self.settings.config.display(), "device config changed");
+                self.config = c;
+                self.refresh();
+            }
+            Err(e) => {
+                // A broken edit keeps the pools as they were.
+                tracing::error!("{e}; keeping the previous pools");
+                self.set_status(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Restarts servers whose socket is gone (kubelet removes them when it starts).
+    fn restore_sockets(&mut self) {
+        let keys: Vec<String> = self.pools.keys().cloned().collect();
+        for k in keys {
+            let r = &self.pools[&k];
+            if r.socket.exists() && r.server.is_some() {
+                continue;
+            }
+            let rx = r.state.subscribe();
+            let socket = r.socket.clone();
+            let server = match self.start_server(&socket, rx) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(pool = %k, "{e}");
+                    None
+                }
+            };
+            let r = self.pools.get_mut(&k).expect("present");
+            if let Some(old) = r.server.take() {
+                old.abort();
+            }
+            r.server = server;
+            r.registered_with = None;
+        }
+    }
+
+    /// Registers every pool not yet registered with the kubelet.sock there now.
+    async fn register_pending(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let kubelet = self.settings.plugin_dir.join(KUBELET_SOCKET);
+        let Ok(meta) = std::fs::metadata(&kubelet) else {
+            return;
+        };
+        let current = Some(meta.ino());
+        for (k, r) in self.pools.iter_mut() {
+            if r.registered_with == current || r.server.is_none() {
+                continue;
+            }
+            let endpoint = r
+                .socket
+                .file_name()
+                .expect("socket name")
+                .to_string_lossy()
+                .into_owned();
+            match register(&kubelet, &endpoint, k).await {
+                Ok(()) => {
+                    r.registered_with = current;
+                    tracing::info!(pool = %k, "registered with kubelet");
+                    let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                    *st.registrations.entry(k.clone()).or_default() += 1;
+                }
+                Err(e) => {
+                    r.registered_with = None;
+                    tracing::warn!(pool = %k, "cannot register with kubelet: {e}");
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for r in self.pools.values_mut() {
+            if let Some(s) = r.server.take() {
+                s.abort();
+            }
+            let _ = std::fs::remove_file(&r.socket);
+        }
+    }
+}
+
+/// Devices of `now` plus any seen before and gone since, marked unhealthy.
+fn keep_vanished(seen: &mut BTreeMap<String, PoolDevice>, now: Vec<PoolDevice>) -> Vec<PoolDevice> {
+    let mut out = now;
+    for d in &out {
+        if matches!(d.kind, pool::DeviceKind::VhostUser(_)) {
+            seen.insert(d.id.clone(), d.clone());
+        }
+    }
+    for (id, d) in seen.iter() {
+        if !out.iter().any(|x| &x.id == id) {
+            let mut gone = d.clone();
+            gone.health = Err("socket is gone".into());
+            out.push(gone);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+async fn register(kubelet: &Path, endpoint: &str, resource: &str) -> Result<(), String> {
+    let call = async {
+        let ch = crate::uds::channel(kubelet)
+            .await
+            .map_err(|e| e.to_string())?;
+        dp::registration_client::RegistrationClient::new(ch)
+            .register(dp::RegisterRequest {
+                version: server::API_VERSION.into(),
+                endpoint: endpoint.into(),
+                resource_name: resource.into(),
+                options: Some(server::options()),
+            })
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "kubelet did not answer within 5 s".to_string())?
+}
+
+/// Loads the config and discovers devices (errors here stop the agent from
+/// starting), then runs the pools on a thread of their own.
+pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
+    let config = DeviceConfig::load(&settings.config, &settings.resource_prefix)?;
+    let inventory = discover(&settings, &config)?;
+    std::fs::create_dir_all(&settings.plugin_dir).map_err(io_err(format!(
+        "cannot create {}",
+        settings.plugin_dir.display()
+    )))?;
+    let inotify = Inotify::init().map_err(io_err("inotify"))?;
+    let plugin_wd = inotify
+        .watches()
+        .add(
+            &settings.plugin_dir,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO,
+        )
+        .map_err(io_err(format!(
+            "cannot watch {}",
+            settings.plugin_dir.display()
+        )))?;
+    let config_dir = settings
+        .config
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let config_name = settings
+        .config
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let config_wd = inotify
+        .watches()
+        .add(
+            &config_dir,
+            WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE,
+        )
+        .map_err(io_err(format!("cannot watch {}", config_dir.display())))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("trellis-devices")
+        .enable_all()
+        .build()
+        .map_err(io_err("device plugin runtime"))?;
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (stop_tx, mut stop_rx) = oneshot::channel();
+    let st = status.clone();
+    let thread = std::thread::Builder::new()
+        .name("trellis-devices".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut m = Manager {
+                    settings,
+                    config,
+                    pools: BTreeMap::new(),
+                    status: st,
+                };
+                let pools = pool::build(&m.config, &inventory);
+                m.apply(pools);
+                m.register_pending().await;
+                let mut events = match inotify.into_event_stream(vec![0u8; 4096]) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!("inotify stream: {e}");
+                        return;
+                    }
+                };
+                let mut tick = tokio::time::interval(m.settings.poll_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop_rx => break,
+                        _ = tick.tick() => {
+                            m.refresh();
+                            m.restore_sockets();
+                            m.register_pending().await;
+                        }
+                        Some(ev) = events.next() => {
+                            let Ok(ev) = ev else { continue };
+                            let name = ev.name.clone().unwrap_or_default();
+                            if ev.wd == plugin_wd && name == KUBELET_SOCKET
+                                && (ev.mask.contains(EventMask::CREATE) || ev.mask.contains(EventMask::MOVED_TO))
+                            {
+                                // kubelet (re)started: every plugin registers again.
+                                let t = Instant::now();
+                                m.restore_sockets();
+                                m.register_pending().await;
+                                tracing::info!(micros = t.elapsed().as_micros() as u64, "re-registered after kubelet restart");
+                            } else if ev.wd == plugin_wd && ev.mask.contains(EventMask::DELETE) {
+                                m.restore_sockets();
+                                m.register_pending().await;
+                            }
+                            if ev.wd == config_wd && (name == config_name || name.to_string_lossy().starts_with("..data")) {
+                                m.reload_config();
+                                m.restore_sockets();
+                                m.register_pending().await;
+                            }
+                        }
+                    }
+                }
+                m.shutdown();
+            });
+        })
+        .map_err(io_err("device plugin thread"))?;
+    Ok(ManagerHandle {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+        status,
+    })
+}
