@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The CNI path benchmark: ADD/DEL latency through trellis-cni + agent against the same
-# delegates exec'd directly, interleaved in one run, and the agent's RSS over ADD/DEL
-# cycles. Release build. Run as root. Extra arguments go to trellis-bench
-# (--pods N, default 200; --cycles M, default 1000).
+# The benchmarks, release build, as root. (1) The CNI path: ADD/DEL latency through
+# trellis-cni + agent against the same delegates exec'd directly, interleaved in one
+# run, and the agent's RSS over ADD/DEL cycles; extra arguments go to it (--pods N,
+# default 200; --cycles M, default 1000). (2) Devices: discovery of 1,024 VFs, Allocate
+# latency, re-registration after a kubelet restart, health-change latency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace --bins --locked
-TRELLIS_BIN_DIR="$PWD/target/release" exec target/release/trellis-bench "$@"
+TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench "$@"
+echo
+target/release/trellis-bench-devices

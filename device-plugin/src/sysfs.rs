@@ -138,21 +138,50 @@ impl Sysfs {
             path: dir.clone(),
             source,
         })?;
-        let mut devices = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Ok(address) = name.to_string_lossy().parse::<PciAddress>() else {
-                continue;
-            };
-            let path = e.path();
-            // Class is dddddd: base class in the top byte.
-            if read_hex(&path.join("class")).is_none_or(|c| c >> 16 != 0x02) {
-                continue;
-            }
-            if let Some(d) = read_device(address, &path) {
-                devices.push((d, path));
-            }
-        }
+        let listed: Vec<(PciAddress, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let address = e.file_name().to_string_lossy().parse::<PciAddress>().ok()?;
+                // The real directory behind the bus symlink: every read below would
+                // otherwise resolve that link again.
+                let link = e.path();
+                let path = match std::fs::read_link(&link) {
+                    Ok(t) if t.is_relative() => dir.join(t),
+                    Ok(t) => t,
+                    Err(_) => link,
+                };
+                Some((address, path))
+            })
+            .collect();
+        // A thousand devices are a few thousand small reads: spread them over the cores.
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4);
+        let chunk = listed.len().div_ceil(threads).max(1);
+        let mut devices: Vec<(PciNetDevice, PathBuf)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = listed
+                .chunks(chunk)
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .filter(|(_, path)| {
+                                // Class is 0xCCSSPP: network controllers are base class 2.
+                                read_hex(&path.join("class")).is_some_and(|c| c >> 16 == 0x02)
+                            })
+                            .filter_map(|(address, path)| {
+                                Some((read_device(*address, path)?, path.clone()))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        devices.sort_by_key(|(d, _)| d.address);
         // VF index and PF name come from the PF's virtfnN links: read each PF once.
         let mut vf_of: HashMap<PciAddress, VfOf> = HashMap::new();
         for (d, path) in &devices {
