@@ -7,8 +7,9 @@ APT_PACKAGES=(
   containerd runc containernetworking-plugins  # the CRI runtime and reference CNI plugins
   protobuf-compiler                            # tonic/prost builds (CRI, kubelet APIs)
   iproute2 iputils-ping util-linux procps      # ip, ping, nsenter
-  gcc libc6-dev                                # the static pause binary for the local image
-  tar coreutils
+  gcc libc6-dev binutils                       # the static pause binary; strip for guest images
+  tar coreutils xz-utils zstd grep             # unpacking the guest kernel and its modules
+  dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23  # testpmd vhost-user switch
 )
 
 missing=()
@@ -20,6 +21,63 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# QEMU 10 (its igb NIC has SR-IOV VFs; bookworm's 7.2 lacks igb) and busybox-static
+# come from bookworm-backports, through a sources list of our own: /etc is not touched.
+BPO_DIR=/var/cache/trellis/apt-backports
+bpo_apt() {
+  apt-get -o Dir::Etc::SourceList="$BPO_DIR/sources.list" -o Dir::State::Lists="$BPO_DIR/lists" "$@"
+}
+bpo_ready=
+bpo_update() {
+  if [ -z "$bpo_ready" ]; then
+    mkdir -p "$BPO_DIR/lists/partial"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > "$BPO_DIR/sources.list"
+    bpo_apt update -qq
+    bpo_ready=1
+  fi
+}
+qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+if [ "${qemu_major:-0}" -lt 10 ] || ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed"; then
+  echo "setup: installing qemu-system-x86 and busybox-static from bookworm-backports"
+  bpo_update
+  DEBIAN_FRONTEND=noninteractive bpo_apt -t bookworm-backports install -y -qq --no-install-recommends \
+    qemu-system-x86 busybox-static >/dev/null
+fi
+
+# The guest kernel for the SR-IOV tests: backports' current 6.12 image (TCX, igb,
+# igbvf, vfio-pci), its ELF vmlinux unpacked once (booting the bzImage costs ~8 s of
+# decompression under TCG), and the modules the guest loads, uncompressed.
+GUEST_DIR=/var/cache/trellis/guest
+GUEST_MODULES=(dca i2c-algo-bit igb igbvf irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci)
+guest_ok=1
+[ -s "$GUEST_DIR/vmlinux" ] || guest_ok=
+for m in "${GUEST_MODULES[@]}"; do [ -s "$GUEST_DIR/modules/$m.ko" ] || guest_ok=; done
+if [ -z "$guest_ok" ]; then
+  bpo_update
+  kpkg=$(apt-cache -o Dir::Etc::SourceList="$BPO_DIR/sources.list" -o Dir::State::Lists="$BPO_DIR/lists" \
+    depends -t bookworm-backports linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+  echo "setup: unpacking guest kernel $kpkg into $GUEST_DIR"
+  work=$(mktemp -d)
+  (cd "$work" && bpo_apt download -qq "$kpkg" 2>/dev/null && dpkg-deb -x ./*.deb x)
+  rm -rf "$GUEST_DIR.new" && mkdir -p "$GUEST_DIR.new/modules"
+  vmlinuz=$(ls "$work"/x/boot/vmlinuz-*)
+  # The zstd stream inside the bzImage whose output is an ELF file is the kernel.
+  for off in $(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$vmlinuz" | cut -d: -f1); do
+    tail -c +$((off + 1)) "$vmlinuz" | zstd -dcq 2>/dev/null > "$GUEST_DIR.new/vmlinux" || true
+    if [ "$(head -c 4 "$GUEST_DIR.new/vmlinux" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then break; fi
+  done
+  [ "$(head -c 4 "$GUEST_DIR.new/vmlinux" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] \
+    || { echo "setup: no ELF kernel found in $vmlinuz" >&2; exit 1; }
+  for m in "${GUEST_MODULES[@]}"; do
+    ko=$(find "$work/x/lib/modules" -name "$m.ko.xz" | head -1)
+    [ -n "$ko" ] || { echo "setup: module $m not in $kpkg" >&2; exit 1; }
+    xz -dc "$ko" > "$GUEST_DIR.new/modules/$m.ko"
+  done
+  echo "$kpkg" > "$GUEST_DIR.new/kernel"
+  rm -rf "$GUEST_DIR" && mv "$GUEST_DIR.new" "$GUEST_DIR"
+  rm -rf "$work"
 fi
 
 # The Rust toolchain pinned in rust-toolchain.toml (1.95.0) must already be there: no

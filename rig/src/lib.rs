@@ -6,11 +6,13 @@ pub mod agent;
 pub mod bins;
 pub mod containerd;
 pub mod cri;
+pub mod dpdk;
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod netns;
 pub mod node;
 pub mod pause;
+pub mod qemu;
 
 /// Whether the rig can run here (root is needed for namespaces).
 pub fn is_root() -> bool {
