@@ -247,11 +247,13 @@ impl Manager {
     }
 
     fn refresh(&mut self) {
-        match discover(&self.settings, &self.config) {
-            Ok(inv) => {
-                let pools = pool::build(&self.config, &inv);
-                self.apply(pools);
-            }
+        let found = scan(&self.settings, &self.config);
+        self.take_scan(found);
+    }
+
+    fn take_scan(&mut self, found: Result<Vec<pool::Pool>, DiscoveryError>) {
+        match found {
+            Ok(pools) => self.apply(pools),
             Err(e) => {
                 tracing::warn!("device discovery: {e}");
                 self.set_status(|s| s.last_error = Some(e.to_string()));
@@ -346,6 +348,12 @@ impl Manager {
             let _ = std::fs::remove_file(&r.socket);
         }
     }
+}
+
+/// Discovery and pool building: blocking file and socket work.
+fn scan(settings: &Settings, config: &DeviceConfig) -> Result<Vec<pool::Pool>, DiscoveryError> {
+    let inv = discover(settings, config)?;
+    Ok(pool::build(config, &inv))
 }
 
 /// Devices of `now` plus any seen before and gone since, marked unhealthy.
@@ -456,11 +464,27 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                 };
                 let mut tick = tokio::time::interval(m.settings.poll_interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // Periodic scans run off the loop, so kubelet restarts are answered
+                // at once even while a thousand VFs are being read.
+                let (scan_tx, mut scan_rx) = tokio::sync::mpsc::channel(1);
+                let mut scanning = false;
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,
-                        _ = tick.tick() => {
-                            m.refresh();
+                        _ = tick.tick(), if !scanning => {
+                            scanning = true;
+                            let (s, c, tx) = (m.settings.clone(), m.config.clone(), scan_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let found = scan(&s, &c);
+                                let _ = tx.blocking_send((c, found));
+                            });
+                        }
+                        Some((config, found)) = scan_rx.recv() => {
+                            scanning = false;
+                            // A scan under a config since replaced is stale.
+                            if config == m.config {
+                                m.take_scan(found);
+                            }
                             m.restore_sockets();
                             m.register_pending().await;
                         }
