@@ -24,6 +24,8 @@ pub struct TestNode {
     pub delegate_timeout_secs: u64,
     /// The agent's `[networks]` table; NAD files in the temp dir unless set.
     pub networks_toml: Option<String>,
+    /// A `[devices]` table for the agent, if any.
+    pub devices_toml: Option<String>,
 }
 
 /// What the shim printed and whether it exited 0.
@@ -78,6 +80,7 @@ impl TestNode {
             bridge,
             delegate_timeout_secs: 10,
             networks_toml: None,
+            devices_toml: None,
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -126,7 +129,7 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n\n[networks]\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
@@ -137,6 +140,7 @@ impl TestNode {
                 "source = \"files\"\ndir = {:?}\n",
                 self.path("nads")
             )),
+            self.devices_toml.clone().unwrap_or_default(),
         )
     }
 

@@ -1,10 +1,15 @@
 //! The demo node: containerd with the CRI plugin and trellis-cni as its only CNI config,
 //! the trellis agent, and pods asking for extra networks by annotation. It prints what
-//! each pod got, pings across every network, and tears everything down.
+//! each pod got, pings across every network, shows the agent serving a vhost-user
+//! device (made by DPDK testpmd) to a test kubelet, and tears everything down.
 
 use serde_json::Value;
 use std::collections::HashMap;
+use std::time::Duration;
+use trellis_device_plugin::api::deviceplugin as dp;
 use trellis_rig::containerd::Containerd;
+use trellis_rig::dpdk::Testpmd;
+use trellis_rig::fake_kubelet::{watch_until, FakeKubelet};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::TestNode;
 
@@ -39,6 +44,27 @@ async fn demo() {
                              "capabilities":{"ips":true,"mac":true},"ipam":{"type":"static"}}),
     );
     println!("networks: cluster (bridge, 10.77.0.0/24), demo/data (macvlan, 10.90.1.0/24), demo/storage (bridge, 10.90.2.0/24), demo/fixed (macvlan, static IPs)");
+    // Devices: a DPDK vhost-user switch (testpmd) makes a socket; the agent offers it
+    // to kubelet as trellis.dev/vhost_user (SR-IOV VFs need real or emulated hardware:
+    // see rig/tests/qemu_igb.rs).
+    let vhost_dir = node.path("vhost");
+    std::fs::create_dir_all(&vhost_dir).unwrap();
+    let mut testpmd =
+        Testpmd::vhost_server(&vhost_dir.join("vhu-demo.sock"), &node.path("testpmd.log"));
+    let pools = node.path("pools.json");
+    std::fs::write(
+        &pools,
+        format!(
+            r#"{{"resourceList":[{{"resourceName":"vhost_user","resourcePrefix":"trellis.dev","deviceType":"vhostUser",
+                "mountPath":"/var/run/vhost-user","selectors":{{"socketDirs":[{vhost_dir:?}],"namePattern":"vhu-*"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let plugin_dir = node.path("device-plugins");
+    node.devices_toml = Some(format!(
+        "[devices]\nconfig = {pools:?}\nplugin_dir = {plugin_dir:?}\npoll_interval_ms = 300\n"
+    ));
+    let kubelet = FakeKubelet::start(&plugin_dir);
     node.start_agent();
     let ctrd = Containerd::start(&node.host, &node.path("containerd"), &node.socket());
     let mut cri = ctrd.cri().await;
@@ -132,6 +158,62 @@ async fn demo() {
         .output()
         .expect("trellis attachments");
     print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    println!("\n-- devices: the agent as kubelet's device plugin (a test kubelet here)");
+    let regs = kubelet.wait_registrations(1, Duration::from_secs(20)).await;
+    for r in &regs {
+        println!(
+            "  registered {} on {}",
+            r.request.resource_name, r.request.endpoint
+        );
+    }
+    let mut plugin = kubelet.plugin(&regs[0].request.endpoint).await;
+    let mut stream = plugin
+        .list_and_watch(dp::Empty {})
+        .await
+        .expect("ListAndWatch")
+        .into_inner();
+    let (list, _) = watch_until(&mut stream, Duration::from_secs(20), |l| !l.is_empty()).await;
+    for d in &list {
+        println!("  ListAndWatch: {} {}", d.id, d.health);
+    }
+    let alloc = plugin
+        .allocate(dp::AllocateRequest {
+            container_requests: vec![dp::ContainerAllocateRequest {
+                devices_ids: vec![list[0].id.clone()],
+            }],
+        })
+        .await
+        .expect("Allocate")
+        .into_inner();
+    let c = &alloc.container_responses[0];
+    for (k, v) in &c.envs {
+        println!("  Allocate -> env {k}={v}");
+    }
+    for m in &c.mounts {
+        println!(
+            "  Allocate -> mount {} at {}",
+            m.host_path, m.container_path
+        );
+    }
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["devices", "--config"])
+        .arg(&pools)
+        .output()
+        .expect("trellis devices");
+    println!("trellis devices --config {}:", pools.display());
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {l}");
+    }
+    testpmd.stop();
+    let (list, _) = watch_until(&mut stream, Duration::from_secs(20), |l| {
+        l.iter().all(|d| d.health == "Unhealthy")
+    })
+    .await;
+    println!(
+        "  testpmd stopped -> ListAndWatch: {} {}",
+        list[0].id, list[0].health
+    );
 
     println!("\n-- StopPodSandbox + RemovePodSandbox");
     for (name, id, _) in &ids {
