@@ -29,6 +29,9 @@ enum Cmd {
     Agent {
         #[arg(long)]
         config: PathBuf,
+        /// Read this tree where /sys would be, overriding devices.sysfs_root (tests).
+        #[arg(long)]
+        sysfs_root: Option<PathBuf>,
     },
     /// Check a config file and exit.
     CheckConfig {
@@ -62,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
-        Cmd::Agent { config } => run_agent(&config),
+        Cmd::Agent { config, sysfs_root } => run_agent(&config, sysfs_root),
         Cmd::CheckConfig { config } => {
             AgentConfig::load(&config)?;
             println!("{}: ok", config.display());
@@ -113,8 +116,11 @@ fn init_logging(json: bool) {
     }
 }
 
-fn run_agent(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = AgentConfig::load(path)?;
+fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = AgentConfig::load(path)?;
+    if let (Some(root), Some(d)) = (sysfs_root, config.devices.as_mut()) {
+        d.sysfs_root = root;
+    }
     let source: Arc<dyn NetworkSource> = match &config.networks {
         NetworksConfig::Files { dir } => Arc::new(FileSource::new(dir)),
         NetworksConfig::Kubernetes {

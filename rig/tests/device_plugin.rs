@@ -510,13 +510,12 @@ async fn the_agent_serves_pools_from_its_config() {
     .unwrap();
     let agent_toml = |devices_config: &Path| {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nsysfs_root = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
+            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
             d.join("cni.sock"),
             d.join("state"),
             d.join("default.conflist"),
             d.join("nads"),
             devices_config,
-            rig.fx.root(),
             rig.plugin_dir()
         )
     };
@@ -525,6 +524,8 @@ async fn the_agent_serves_pools_from_its_config() {
     let mut agent = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["agent", "--config"])
         .arg(d.join("agent.toml"))
+        .arg("--sysfs-root")
+        .arg(rig.fx.root())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -546,6 +547,8 @@ async fn the_agent_serves_pools_from_its_config() {
     let out = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["agent", "--config"])
         .arg(d.join("agent.toml"))
+        .arg("--sysfs-root")
+        .arg(rig.fx.root())
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
