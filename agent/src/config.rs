@@ -38,6 +38,13 @@ pub struct AgentConfig {
     pub delegate_timeout_secs: u64,
     /// Where NetworkAttachmentDefinitions and pod annotations come from.
     pub networks: NetworksConfig,
+    /// Where sysfs is (devices and VFs are found there). Default `/sys`.
+    #[serde(default = "default_sysfs")]
+    pub sysfs_root: PathBuf,
+    /// kubelet's PodResources socket: which devices a pod was allocated. Default
+    /// `/var/lib/kubelet/pod-resources/kubelet.sock`.
+    #[serde(default = "default_pod_resources")]
+    pub pod_resources_socket: PathBuf,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
@@ -48,9 +55,6 @@ pub struct AgentConfig {
 pub struct DevicesConfig {
     /// The pool config, in sriov-network-device-plugin's config.json format.
     pub config: PathBuf,
-    /// Where sysfs is. Default `/sys`.
-    #[serde(default = "default_sysfs")]
-    pub sysfs_root: PathBuf,
     /// resourcePrefix for pools without one. Default `intel.com`, as sriov-dp.
     #[serde(default = "default_prefix")]
     pub resource_prefix: String,
@@ -65,6 +69,9 @@ pub struct DevicesConfig {
 fn default_sysfs() -> PathBuf {
     PathBuf::from("/sys")
 }
+fn default_pod_resources() -> PathBuf {
+    PathBuf::from(trellis_device_plugin::podresources::DEFAULT_SOCKET)
+}
 fn default_prefix() -> String {
     trellis_device_plugin::config::DEFAULT_PREFIX.to_string()
 }
@@ -76,9 +83,9 @@ fn default_poll() -> u64 {
 }
 
 impl DevicesConfig {
-    pub fn settings(&self) -> trellis_device_plugin::manager::Settings {
+    pub fn settings(&self, sysfs_root: &Path) -> trellis_device_plugin::manager::Settings {
         let mut s = trellis_device_plugin::manager::Settings::new(&self.config);
-        s.sysfs_root = self.sysfs_root.clone();
+        s.sysfs_root = sysfs_root.to_path_buf();
         s.resource_prefix = self.resource_prefix.clone();
         s.plugin_dir = self.plugin_dir.clone();
         s.poll_interval = Duration::from_millis(self.poll_interval_ms);

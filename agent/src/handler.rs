@@ -24,6 +24,7 @@ pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 
 pub struct Handler {
     default_network: std::path::PathBuf,
+    pod_resources: std::path::PathBuf,
     invoker: Invoker,
     source: Arc<dyn NetworkSource>,
     records: RecordStore,
@@ -38,6 +39,10 @@ struct Planned {
     conf: NetConfList,
     runtime_config: Map<String, Value>,
     default_route: Vec<std::net::IpAddr>,
+    /// The NAD's resource pool (`k8s.v1.cni.cncf.io/resourceName`).
+    resource: Option<String>,
+    /// The device from that pool, put in the delegate's `deviceID`.
+    device: Option<String>,
 }
 
 /// The parts of the shim's own conf the agent uses.
@@ -71,12 +76,22 @@ impl Handler {
         config: &AgentConfig,
         source: Arc<dyn NetworkSource>,
     ) -> Result<Handler, RecordError> {
+        let mut invoker = Invoker {
+            bin_dirs: config.cni_bin_dirs.clone(),
+            timeout: config.delegate_timeout(),
+            in_process: None,
+        };
+        let sriov =
+            crate::sriov::SriovPlugin::new(&config.sysfs_root, &config.state_dir, invoker.clone())
+                .map_err(|source| RecordError::Io {
+                    path: config.state_dir.join("vfs"),
+                    source,
+                })?;
+        invoker.in_process = Some(Arc::new(sriov));
         Ok(Handler {
             default_network: config.default_network.clone(),
-            invoker: Invoker {
-                bin_dirs: config.cni_bin_dirs.clone(),
-                timeout: config.delegate_timeout(),
-            },
+            pod_resources: config.pod_resources_socket.clone(),
+            invoker,
             source,
             records: RecordStore::open(&config.state_dir)?,
             locks: ContainerLocks::default(),
@@ -204,6 +219,8 @@ impl Handler {
             conf,
             runtime_config: default_rc,
             default_route: Vec::new(),
+            resource: None,
+            device: None,
         }];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
@@ -213,7 +230,72 @@ impl Handler {
         for sel in selections {
             plan.push(self.plan_selection(sel)?);
         }
+        self.assign_devices(pod, &mut plan)?;
         Ok(plan)
+    }
+
+    /// Networks backed by a resource pool get the devices kubelet allocated to the pod
+    /// from that pool, one each, in annotation order; a `deviceID` already in the NAD
+    /// config wins.
+    fn assign_devices(&self, pod: Option<&PodRef>, plan: &mut [Planned]) -> Result<(), CniError> {
+        let mut by_resource: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, p) in plan.iter_mut().enumerate() {
+            let given = p.conf.plugins.iter().find_map(|pl| {
+                pl.get("deviceID")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            });
+            if let Some(d) = given {
+                p.device = Some(d);
+            } else if let Some(r) = &p.resource {
+                by_resource.entry(r.clone()).or_default().push(i);
+            }
+        }
+        if by_resource.is_empty() {
+            return Ok(());
+        }
+        let pod = pod.ok_or_else(|| {
+            invalid("networks with a resourceName need the pod's name (K8S_POD_NAMESPACE, K8S_POD_NAME in CNI_ARGS)")
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CniError::new(ErrorCode::Io, e.to_string()))?;
+        for (resource, idxs) in by_resource {
+            let ids = rt
+                .block_on(trellis_device_plugin::podresources::pod_devices(
+                    &self.pod_resources,
+                    &pod.namespace,
+                    &pod.name,
+                    &resource,
+                ))
+                .map_err(|e| CniError::new(ErrorCode::TryAgainLater, e.to_string()))?;
+            if ids.len() < idxs.len() {
+                let p = &plan[idxs[ids.len()]];
+                return Err(invalid(format!(
+                    "network {} ({}): pod {pod} was allocated {} device(s) of {resource} but asks for {} network(s) from it",
+                    p.network,
+                    p.ifname,
+                    ids.len(),
+                    idxs.len()
+                )));
+            }
+            for (i, id) in idxs.into_iter().zip(ids) {
+                let p = &mut plan[i];
+                // Into the plugin that takes devices (the first, in a conflist).
+                let first = p
+                    .conf
+                    .plugins
+                    .iter()
+                    .position(|pl| {
+                        pl.get("type").and_then(Value::as_str) == Some(crate::sriov::TYPE)
+                    })
+                    .unwrap_or(0);
+                p.conf.plugins[first].insert("deviceID".into(), Value::String(id.clone()));
+                p.device = Some(id);
+            }
+        }
+        Ok(())
     }
 
     fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
@@ -248,6 +330,12 @@ impl Handler {
             conf,
             runtime_config,
             default_route: sel.default_route,
+            resource: nad
+                .metadata
+                .annotations
+                .get(crate::nad::RESOURCE_NAME_ANNOTATION)
+                .cloned(),
+            device: None,
         })
     }
 
@@ -297,6 +385,7 @@ impl Handler {
                 runtime_config: p.runtime_config.clone(),
                 result: None,
                 default_route: p.default_route.clone(),
+                device: p.device.clone(),
             });
             // Recorded before the delegate runs, so a crash mid-ADD is still undone by DEL.
             if let Err(e) = self.records.save(&record) {

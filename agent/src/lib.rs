@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod handler;
+pub mod link;
 pub mod nad;
 pub mod netns;
 pub mod network_status;
@@ -11,3 +12,4 @@ pub mod routes;
 pub mod selection;
 pub mod server;
 pub mod source;
+pub mod sriov;

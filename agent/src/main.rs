@@ -29,7 +29,7 @@ enum Cmd {
     Agent {
         #[arg(long)]
         config: PathBuf,
-        /// Read this tree where /sys would be, overriding devices.sysfs_root (tests).
+        /// Read this tree where /sys would be, overriding sysfs_root (tests).
         #[arg(long)]
         sysfs_root: Option<PathBuf>,
     },
@@ -118,8 +118,8 @@ fn init_logging(json: bool) {
 
 fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Result<()> {
     let mut config = AgentConfig::load(path)?;
-    if let (Some(root), Some(d)) = (sysfs_root, config.devices.as_mut()) {
-        d.sysfs_root = root;
+    if let Some(root) = sysfs_root {
+        config.sysfs_root = root;
     }
     let source: Arc<dyn NetworkSource> = match &config.networks {
         NetworksConfig::Files { dir } => Arc::new(FileSource::new(dir)),
@@ -139,7 +139,7 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     let _devices = config
         .devices
         .as_ref()
-        .map(|d| trellis_device_plugin::manager::start(d.settings()))
+        .map(|d| trellis_device_plugin::manager::start(d.settings(&config.sysfs_root)))
         .transpose()
         .context("starting the device plugin")?;
     let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);

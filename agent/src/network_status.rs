@@ -46,10 +46,23 @@ fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
         e["default"] = json!(true);
     }
     e["dns"] = serde_json::to_value(&result.dns).expect("dns serialises");
-    if let Some(info) = iface.and_then(|i| device_info(&result.interfaces[i])) {
+    let info = iface
+        .and_then(|i| device_info(&result.interfaces[i]))
+        .or_else(|| a.device.as_deref().map(device_info_of));
+    if let Some(info) = info {
         e["device-info"] = info;
     }
     e
+}
+
+/// device-info for a pool device recorded on the attachment (results before 1.1.0
+/// cannot carry it): a socket path, or a PCI address.
+fn device_info_of(device: &str) -> Value {
+    if device.starts_with('/') {
+        json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": device}})
+    } else {
+        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": device}})
+    }
 }
 
 /// NPWG device-info for interfaces that carry a device (CNI 1.1 pciID/socketPath).
@@ -59,7 +72,7 @@ fn device_info(i: &trellis_cni::result::Interface) -> Option<Value> {
     }
     i.socket_path
         .as_ref()
-        .map(|p| json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "server", "path": p}}))
+        .map(|p| json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": p}}))
 }
 
 #[cfg(test)]
@@ -75,6 +88,7 @@ mod tests {
             runtime_config: Default::default(),
             result: Some(result),
             default_route: vec![],
+            device: None,
         }
     }
 

@@ -36,6 +36,10 @@ pub struct Attachment {
     /// Gateways the pod's default route goes through on this interface.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default_route: Vec<std::net::IpAddr>,
+    /// The device (PCI address or vhost-user socket) from the network's resource
+    /// pool, as given to the delegate in `deviceID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -189,6 +189,19 @@ impl FixtureSysfs {
         write(&d.join("sriov_numvfs"), &n.to_string());
     }
 
+    /// A network function with no SR-IOV (no PF, no VFs) whose netdev is `netdev`:
+    /// with a real link of that name (a veth), it stands in for a VF in tests.
+    pub fn add_netdev_device(&self, addr: &str, netdev: &str, numa: i32) {
+        self.add_device(addr, 0x8086, 0x10ca, 0x020000, numa);
+        std::fs::create_dir_all(self.root().join("bus/pci/drivers/veth")).unwrap();
+        symlink(
+            "../../../bus/pci/drivers/veth",
+            self.dev_dir(addr).join("driver"),
+        )
+        .unwrap();
+        self.add_netdev(addr, netdev, 1);
+    }
+
     /// A device of another class (storage, display, ...), which discovery skips.
     pub fn add_other(&self, addr: &str, class: u32) {
         self.add_device(addr, 0x8086, 0x2922, class, -1);

@@ -131,6 +131,38 @@ impl Sysfs {
         self.root.join("bus/pci/devices")
     }
 
+    /// One device, with its PF and VF index when it is a VF; `None` if there is no
+    /// such PCI device.
+    pub fn device(&self, address: PciAddress) -> Option<PciNetDevice> {
+        let path = self.pci_devices_dir().join(address.to_string());
+        let mut d = read_device(address, &path)?;
+        if let Some(pf) = link_name(&path.join("physfn")).and_then(|n| n.parse::<PciAddress>().ok())
+        {
+            let pf_path = self.pci_devices_dir().join(pf.to_string());
+            let pf_dev = read_device(pf, &pf_path);
+            let total = pf_dev
+                .as_ref()
+                .and_then(|p| p.sriov.as_ref())
+                .map(|s| s.total_vfs)
+                .unwrap_or(256);
+            let index = (0..total)
+                .find(|i| {
+                    link_name(&pf_path.join(format!("virtfn{i}")))
+                        .is_some_and(|n| n == address.to_string())
+                })
+                .unwrap_or(u32::MAX);
+            if d.link_type.is_none() {
+                d.link_type = pf_dev.as_ref().and_then(|p| p.link_type.clone());
+            }
+            d.vf_of = Some(VfOf {
+                pf,
+                index,
+                pf_netdev: pf_dev.and_then(|p| p.netdevs.first().cloned()),
+            });
+        }
+        Some(d)
+    }
+
     /// Every PCI device of the network class (0x02), sorted by address.
     pub fn discover(&self) -> Result<Vec<PciNetDevice>, DiscoveryError> {
         let dir = self.pci_devices_dir();
@@ -380,6 +412,34 @@ mod tests {
             Some("ether"),
             "inherited from the PF"
         );
+    }
+
+    #[test]
+    fn one_device_by_address() {
+        let fx = FixtureSysfs::new();
+        fx.add_pf(&Pf {
+            address: "0000:3b:00.0",
+            netdev: "ens1f0",
+            vfs: 3,
+            ..Pf::igb()
+        });
+        let s = Sysfs::new(fx.root());
+        let vf = s.device("0000:3b:10.4".parse().unwrap()).unwrap();
+        let of = vf.vf_of.unwrap();
+        assert_eq!(
+            (
+                of.pf.to_string().as_str(),
+                of.index,
+                of.pf_netdev.as_deref()
+            ),
+            ("0000:3b:00.0", 2, Some("ens1f0"))
+        );
+        assert!(s
+            .device("0000:3b:00.0".parse().unwrap())
+            .unwrap()
+            .vf_of
+            .is_none());
+        assert!(s.device("0000:99:00.0".parse().unwrap()).is_none());
     }
 
     #[test]

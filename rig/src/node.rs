@@ -26,6 +26,8 @@ pub struct TestNode {
     pub networks_toml: Option<String>,
     /// A `[devices]` table for the agent, if any.
     pub devices_toml: Option<String>,
+    /// Top-level agent config lines (before the tables), e.g. `sysfs_root = "..."`.
+    pub top_toml: String,
 }
 
 /// What the shim printed and whether it exited 0.
@@ -81,6 +83,7 @@ impl TestNode {
             delegate_timeout_secs: 10,
             networks_toml: None,
             devices_toml: None,
+            top_toml: String::new(),
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -129,13 +132,14 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n\n[networks]\n{}\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
             REFERENCE_PLUGINS,
             self.path("default.conflist"),
             self.delegate_timeout_secs,
+            self.top_toml,
             self.networks_toml.clone().unwrap_or_else(|| format!(
                 "source = \"files\"\ndir = {:?}\n",
                 self.path("nads")

@@ -142,6 +142,7 @@ fn main() {
         invoker: Invoker {
             bin_dirs: vec![REFERENCE_PLUGINS.into()],
             timeout: Duration::from_secs(30),
+            in_process: None,
         },
         nets: vec![
             (list(&default, "cluster"), "eth0"),

@@ -1,0 +1,392 @@
+//! The `sriov` network type with veths standing in for VF netdevs (no SR-IOV on the
+//! host; real VFs are in rig/tests/qemu_igb.rs): moved into the pod, renamed, MTU, MAC,
+//! IPAM, put back on DEL (also after an agent restart and when the pod netns is gone),
+//! devices from the pod's allocation, and the error paths leaving the host as it was.
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use trellis_device_plugin::fixture::FixtureSysfs;
+use trellis_rig::fake_kubelet::{pod_with_devices, serve_pod_resources};
+use trellis_rig::netns::Netns;
+use trellis_rig::node::TestNode;
+use trellis_rig::require_root;
+
+struct Rig {
+    node: TestNode,
+    fx: FixtureSysfs,
+    /// (PCI address, host netdev name, its original MAC)
+    vfs: Vec<(String, String, String)>,
+}
+
+/// A word after `key` in `ip -o link show dev <ifname>` (nsenter keeps the host's
+/// /sys, so /sys/class/net would show the wrong namespace).
+fn link_field(ns: &Netns, ifname: &str, key: &str) -> String {
+    let out = ns.sh(&format!("ip -o link show dev {ifname}"));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| *w == key)
+        .unwrap_or_else(|| panic!("no {key} in {out}"));
+    words[i + 1].to_string()
+}
+
+fn mac_of(ns: &Netns, ifname: &str) -> String {
+    link_field(ns, ifname, "link/ether")
+}
+
+fn mtu_of(ns: &Netns, ifname: &str) -> String {
+    link_field(ns, ifname, "mtu")
+}
+
+impl Rig {
+    /// A node whose "VFs" are veths in its host netns, listed in a fixture sysfs.
+    fn new(n: usize) -> Rig {
+        let mut node = TestNode::new();
+        let fx = FixtureSysfs::new();
+        let mut vfs = Vec::new();
+        for i in 0..n {
+            let name = trellis_rig::unique("trv");
+            node.host.sh(&format!(
+                "ip link add {name} type veth peer name {name}p && ip link set {name}p up"
+            ));
+            let addr = format!("0000:3b:10.{i}");
+            fx.add_netdev_device(&addr, &name, 0);
+            let mac = mac_of(&node.host, &name);
+            vfs.push((addr, name, mac));
+        }
+        node.top_toml = format!(
+            "sysfs_root = {:?}\npod_resources_socket = {:?}\n",
+            fx.root(),
+            node.path("pod-resources.sock")
+        );
+        Rig { node, fx, vfs }
+    }
+
+    fn sriov_conf(&self, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": "1.0.0", "type": "sriov", "name": "sriov-net",
+            "capabilities": {"mac": true},
+            "ipam": {"type": "host-local", "subnet": "10.79.0.0/24", "dataDir": self.node.path("ipam")},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    fn add_nad_with_resource(&self, name: &str, resource: &str, conf: &Value) {
+        let nad = json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": "pods",
+                         "annotations": {"k8s.v1.cni.cncf.io/resourceName": resource}},
+            "spec": {"config": conf.to_string()},
+        });
+        std::fs::write(
+            self.node.path(&format!("nads/pods-{name}.json")),
+            serde_json::to_vec(&nad).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn shim(
+        &self,
+        cmd: &str,
+        container: &str,
+        pod: &Netns,
+        name: &str,
+        networks: &str,
+    ) -> trellis_rig::node::ShimOutcome {
+        let ann = BTreeMap::from([(
+            "k8s.v1.cni.cncf.io/networks".to_string(),
+            networks.to_string(),
+        )]);
+        self.node.shim(
+            cmd,
+            container,
+            &pod.path().to_string_lossy(),
+            ("pods", name),
+            &self.node.shim_conf(Some(&ann)),
+        )
+    }
+
+    /// Every stand-in VF is back in the host as it was; nothing else is left.
+    fn assert_host_as_before(&self) {
+        let links = self.node.host.links();
+        for (addr, name, mac) in &self.vfs {
+            assert!(
+                links.contains(name),
+                "{addr}: {name} not back in the host: {links:?}"
+            );
+            assert_eq!(
+                &mac_of(&self.node.host, name),
+                mac,
+                "{name} MAC not restored"
+            );
+            assert_eq!(
+                mtu_of(&self.node.host, name),
+                "1500",
+                "{name} MTU not restored"
+            );
+        }
+        assert!(
+            self.node.records().is_empty(),
+            "records left: {:?}",
+            self.node.records()
+        );
+        assert!(
+            self.node.reservations().is_empty(),
+            "IPs left: {:?}",
+            self.node.reservations()
+        );
+        let vfs: Vec<_> = std::fs::read_dir(self.node.state_dir().join("vfs"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(vfs.is_empty(), "VF records left: {vfs:?}");
+    }
+}
+
+#[test]
+fn a_vf_netdev_is_placed_configured_and_restored() {
+    require_root!();
+    let mut rig = Rig::new(1);
+    let (addr, host_name, _) = rig.vfs[0].clone();
+    rig.node.add_nad(
+        "pods",
+        "sriov-a",
+        &rig.sriov_conf(json!({"deviceID": addr, "mtu": 1400})),
+    );
+    rig.node.start_agent();
+    let pod = Netns::new("trp");
+    let networks = r#"[{"name":"sriov-a","interface":"fast0","mac":"02:11:22:33:44:55"}]"#;
+    let r = rig.shim("ADD", "c1", &pod, "a", networks).expect_ok("ADD");
+
+    // In the pod under the requested name, MTU and MAC, up, addressed.
+    assert!(
+        pod.links().contains(&"fast0".to_string()),
+        "{:?}",
+        pod.links()
+    );
+    assert!(
+        !rig.node.host.links().contains(&host_name),
+        "still in the host"
+    );
+    assert_eq!(mac_of(&pod, "fast0"), "02:11:22:33:44:55");
+    assert_eq!(mtu_of(&pod, "fast0"), "1400");
+    assert!(
+        pod.sh("ip -o link show dev fast0").contains(",UP"),
+        "not up"
+    );
+    assert!(
+        pod.addrs("fast0")[0].starts_with("10.79.0."),
+        "{:?}",
+        pod.addrs("fast0")
+    );
+    let fast = r["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "fast0")
+        .expect("fast0 in result");
+    assert_eq!(fast["mac"], "02:11:22:33:44:55");
+    let status = &rig.node.record("c1")["network_status"];
+    let entry = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["interface"] == "fast0")
+        .unwrap();
+    assert_eq!(entry["device-info"]["type"], "pci");
+    assert_eq!(entry["device-info"]["pci"]["pci-address"], addr);
+    assert!(rig
+        .node
+        .state_dir()
+        .join(format!("vfs/{addr}.json"))
+        .exists());
+
+    // DEL after an agent restart puts it back as it was.
+    rig.node.stop_agent();
+    rig.node.start_agent();
+    rig.shim("DEL", "c1", &pod, "a", networks).expect_ok("DEL");
+    assert!(pod.links().is_empty(), "{:?}", pod.links());
+    rig.assert_host_as_before();
+    // DEL again: nothing to do, still fine.
+    rig.shim("DEL", "c1", &pod, "a", networks)
+        .expect_ok("DEL again");
+    drop(rig.fx);
+}
+
+#[test]
+fn devices_come_from_the_pods_allocation_in_annotation_order() {
+    require_root!();
+    let mut rig = Rig::new(2);
+    let conf = rig.sriov_conf(json!({}));
+    rig.add_nad_with_resource("sriov-a", "intel.com/vf", &conf);
+    rig.node.start_agent();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // kubelet gave pod a the second device first.
+    let _pr = {
+        let _g = rt.enter();
+        serve_pod_resources(
+            &rig.node.path("pod-resources.sock"),
+            vec![pod_with_devices(
+                "pods",
+                "a",
+                "intel.com/vf",
+                &[&rig.vfs[1].0, &rig.vfs[0].0],
+            )],
+            true,
+        )
+    };
+    let pod = Netns::new("trp");
+    let networks = "sriov-a@d0, sriov-a@d1";
+    rig.shim("ADD", "c1", &pod, "a", networks).expect_ok("ADD");
+    let status = rig.node.record("c1")["network_status"].clone();
+    let dev = |ifname: &str| {
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["interface"] == ifname)
+            .unwrap()["device-info"]["pci"]["pci-address"]
+            .clone()
+    };
+    assert_eq!(dev("d0"), json!(rig.vfs[1].0));
+    assert_eq!(dev("d1"), json!(rig.vfs[0].0));
+    assert_eq!(
+        mac_of(&pod, "d0"),
+        rig.vfs[1].2,
+        "the MAC comes with the device"
+    );
+    rig.shim("DEL", "c1", &pod, "a", networks).expect_ok("DEL");
+    rig.assert_host_as_before();
+
+    // A pod with no such allocation: named, nothing changed.
+    let (_, msg) = rig
+        .shim("ADD", "c2", &pod, "b", "sriov-a")
+        .expect_err("ADD without allocation");
+    assert!(msg.contains("pods/b"), "{msg}");
+    rig.assert_host_as_before();
+    // More networks than devices.
+    let (_, msg) = rig
+        .shim("ADD", "c3", &pod, "a", "sriov-a, sriov-a, sriov-a")
+        .expect_err("ADD with too few devices");
+    assert!(
+        msg.contains("allocated 2 device(s) of intel.com/vf but asks for 3"),
+        "{msg}"
+    );
+    rig.assert_host_as_before();
+}
+
+#[test]
+fn a_pod_netns_that_is_gone_does_not_block_del() {
+    require_root!();
+    let mut rig = Rig::new(1);
+    let (addr, _, _) = rig.vfs[0].clone();
+    rig.node.add_nad(
+        "pods",
+        "sriov-a",
+        &rig.sriov_conf(json!({"deviceID": addr})),
+    );
+    rig.node.start_agent();
+    let pod = Netns::new("trp");
+    let path = pod.path().to_string_lossy().into_owned();
+    rig.shim("ADD", "c1", &pod, "a", "sriov-a").expect_ok("ADD");
+    // The runtime deleted the netns first: the veth stand-in dies with it (a real VF
+    // would return to the host; rig/tests/qemu_igb.rs covers that).
+    drop(pod);
+    let ann = BTreeMap::from([(
+        "k8s.v1.cni.cncf.io/networks".to_string(),
+        "sriov-a".to_string(),
+    )]);
+    rig.node
+        .shim(
+            "DEL",
+            "c1",
+            &path,
+            ("pods", "a"),
+            &rig.node.shim_conf(Some(&ann)),
+        )
+        .expect_ok("DEL with the netns gone");
+    assert!(rig.node.records().is_empty());
+    assert!(
+        rig.node.reservations().is_empty(),
+        "{:?}",
+        rig.node.reservations()
+    );
+    assert!(std::fs::read_dir(rig.node.state_dir().join("vfs"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn bad_input_leaves_the_host_as_it_was() {
+    require_root!();
+    let mut rig = Rig::new(1);
+    let (addr, _, _) = rig.vfs[0].clone();
+    let nads = [
+        (
+            "bad-ipam",
+            json!({"deviceID": addr, "ipam": {"type": "host-local", "subnet": "not-a-subnet"}}),
+        ),
+        ("vlan-big", json!({"deviceID": addr, "vlan": 5000})),
+        ("qos-only", json!({"deviceID": addr, "vlanQoS": 3})),
+        (
+            "bad-mac",
+            json!({"deviceID": addr, "mac": "02:00:00:00:00"}),
+        ),
+        (
+            "rates",
+            json!({"deviceID": addr, "min_tx_rate": 500, "max_tx_rate": 100}),
+        ),
+        ("not-vf", json!({"deviceID": addr, "vlan": 100})),
+        ("no-such", json!({"deviceID": "0000:99:00.0"})),
+        ("ok", json!({"deviceID": addr})),
+    ];
+    for (name, extra) in &nads {
+        rig.node
+            .add_nad("pods", name, &rig.sriov_conf(extra.clone()));
+    }
+    rig.node.start_agent();
+    let pod = Netns::new("trp");
+    let cases = [
+        ("bad-ipam", "IPAM host-local"),
+        ("vlan-big", "vlan: 5000 is outside 0-4094"),
+        ("qos-only", "vlanQoS: needs a non-zero vlan"),
+        ("bad-mac", "mac: \"02:00:00:00:00\" is not a MAC address"),
+        ("rates", "min_tx_rate: 500 is above max_tx_rate 100"),
+        ("not-vf", "is not a VF"),
+        ("no-such", "deviceID: no PCI device 0000:99:00.0"),
+    ];
+    for (i, (nad, want)) in cases.iter().enumerate() {
+        let (_, msg) = rig
+            .shim("ADD", &format!("b{i}"), &pod, "a", nad)
+            .expect_err(nad);
+        assert!(msg.contains(want), "{nad}: {msg}");
+        rig.assert_host_as_before();
+        assert!(pod.links().is_empty(), "{nad}: {:?}", pod.links());
+    }
+    // The interface name is taken in the pod.
+    pod.sh("ip link add net1 type veth peer name net1p");
+    let (_, msg) = rig
+        .shim("ADD", "b9", &pod, "a", "ok")
+        .expect_err("ifname taken");
+    assert!(msg.contains("net1 already exists"), "{msg}");
+    rig.assert_host_as_before();
+    pod.sh("ip link del net1");
+    // The device is taken by another pod.
+    let pod2 = Netns::new("trp");
+    rig.shim("ADD", "c1", &pod, "a", "ok")
+        .expect_ok("first ADD");
+    let (_, msg) = rig
+        .shim("ADD", "c2", &pod2, "b", "ok")
+        .expect_err("second pod, same VF");
+    assert!(
+        msg.contains(&format!("{addr} is already in use by container c1")),
+        "{msg}"
+    );
+    assert!(pod2.links().is_empty());
+    rig.shim("DEL", "c1", &pod, "a", "ok").expect_ok("DEL");
+    rig.assert_host_as_before();
+}
