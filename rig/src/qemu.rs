@@ -126,10 +126,14 @@ impl Initramfs {
     /// A dynamically linked program as `/bin/<name>`, stripped, with the libraries
     /// `ldd` names at their own paths.
     pub fn program(&self, src: impl AsRef<Path>, name: &str) {
+        self.program_at(src, &format!("bin/{name}"));
+    }
+
+    /// The same, at `dest` (relative to the root).
+    pub fn program_at(&self, src: impl AsRef<Path>, dest: &str) {
         let src = src.as_ref();
-        let dest = format!("bin/{name}");
-        self.copy(src, &dest, 0o755);
-        run(Command::new("strip").arg(self.stage.path().join(&dest)));
+        self.copy(src, dest, 0o755);
+        run(Command::new("strip").arg(self.stage.path().join(dest)));
         for line in run(Command::new("ldd").arg(src)).lines() {
             let lib = line
                 .split_whitespace()
@@ -187,7 +191,11 @@ impl GuestRun {
         let s = self.console.replace('\r', "");
         let from = s.find(&start)? + start.len();
         let rest = &s[from..];
-        let end = rest.find("\n=== ").map(|e| e + 1).unwrap_or(rest.len());
+        let end = if rest.starts_with("=== ") {
+            0
+        } else {
+            rest.find("\n=== ").map(|e| e + 1).unwrap_or(rest.len())
+        };
         Some(rest[..end].to_string())
     }
 

@@ -43,6 +43,9 @@ pub struct PfSide {
     pub pf_netdev: String,
     pub vf: u32,
     pub before: VfSettings,
+    /// What ADD set (only these are put back: a driver may refuse the others).
+    #[serde(default)]
+    pub changed: VfSettings,
 }
 
 #[derive(Debug)]
@@ -274,6 +277,7 @@ impl SriovPlugin {
                     pf_netdev: pf_netdev.clone(),
                     vf: *vf,
                     before,
+                    changed: VfSettings::default(),
                 })
             }
             None => None,
@@ -334,8 +338,14 @@ impl SriovPlugin {
                 link_state: c.link_state,
                 rate,
             };
+            // Recorded before it is tried: a half-applied set is undone too.
+            let pf_vf = pf.vf;
+            if let Some(p) = record.pf.as_mut() {
+                p.changed = want.clone();
+            }
+            self.save(record)?;
             host_nl
-                .set_vf(pf_index, pf.vf, &want)
+                .set_vf(pf_index, pf_vf, &want)
                 .map_err(|e| io_err(e.to_string()))?;
         }
         let mut iface = Interface {
@@ -473,6 +483,8 @@ impl SriovPlugin {
                     Err(e) => failed.push(e.to_string()),
                 }
             }
+            // The PF lets go of the VF's MAC before the netdev takes its own back.
+            failed.extend(self.restore_pf(r, &host_nl));
             let in_host = [tmp.as_str(), host.name.as_str(), r.ifname.as_str()]
                 .into_iter()
                 .find_map(|n| host_nl.link(n).ok().flatten())
@@ -504,10 +516,39 @@ impl SriovPlugin {
                 }
             }
         }
+        if r.host.is_none() {
+            failed.extend(self.restore_pf(r, &host_nl));
+        }
+        let _ = target;
+        failed
+    }
+
+    fn restore_pf(&self, r: &VfRecord, host_nl: &Netlink) -> Vec<String> {
+        let mut failed = Vec::new();
         if let Some(pf) = &r.pf {
             match host_nl.link(&pf.pf_netdev) {
                 Ok(Some(l)) => {
-                    if let Err(e) = host_nl.set_vf(l.index, pf.vf, &pf.before) {
+                    let b = &pf.before;
+                    let c = &pf.changed;
+                    // A VF MAC the PF reports equal to the netdev's own was the VF's
+                    // choice, not an administrative one: clearing it (all zeros) lets
+                    // the netdev take its MAC back; restating it would pin it.
+                    let vf_chosen = r.host.as_ref().and_then(|h| h.mac).is_some()
+                        && r.host.as_ref().and_then(|h| h.mac) == b.mac;
+                    let mac_back = if vf_chosen {
+                        Some([0; 6])
+                    } else {
+                        b.mac.or(Some([0; 6]))
+                    };
+                    let back = VfSettings {
+                        mac: c.mac.and(mac_back),
+                        vlan: c.vlan.and(b.vlan.or(Some((0, 0, false)))),
+                        spoofchk: c.spoofchk.and(b.spoofchk),
+                        trust: c.trust.and(b.trust),
+                        link_state: c.link_state.and(b.link_state),
+                        rate: c.rate.and(b.rate.or(Some((0, 0)))),
+                    };
+                    if let Err(e) = host_nl.set_vf(l.index, pf.vf, &back) {
                         failed.push(e.to_string());
                     }
                 }
@@ -515,7 +556,6 @@ impl SriovPlugin {
                 Err(e) => failed.push(e.to_string()),
             }
         }
-        let _ = target;
         failed
     }
 

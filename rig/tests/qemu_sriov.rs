@@ -1,0 +1,178 @@
+//! Real VFs into pods: in a QEMU guest with the emulated 82576 (igb), the agent (through
+//! the real shim) puts VF 0 and VF 1 into two pod netns with the requested MAC and VLAN
+//! (the PF's `vf` lines show them), static IPs, and traffic between the pods across the
+//! NIC; DEL puts each VF back in the host with its original name and MAC and the PF's
+//! settings as they were.
+
+use std::time::Duration;
+use trellis_rig::qemu::{boot, GuestKernel, Initramfs};
+
+const AGENT: &str = r#"socket = "/run/trellis/cni.sock"
+state_dir = "/run/trellis/state"
+cni_bin_dirs = ["/usr/lib/cni"]
+default_network = "/etc/trellis/default.conflist"
+[networks]
+source = "files"
+dir = "/etc/trellis/networks"
+"#;
+
+const SCRIPT: &str = r#"
+IP=/sbin/ip
+mkdir -p /var /etc/trellis/networks && ln -s /run /var/run
+PF=$(ls /sys/bus/pci/drivers/igb | grep '^0000:')
+PFDIR=/sys/bus/pci/devices/$PF
+PFNET=$(ls $PFDIR/net)
+$IP link set "$PFNET" up
+echo 2 > $PFDIR/sriov_numvfs
+sleep 3
+VF0=$(basename "$(readlink $PFDIR/virtfn0)")
+VF1=$(basename "$(readlink $PFDIR/virtfn1)")
+for i in 0 1; do
+  VF=$(basename "$(readlink $PFDIR/virtfn$i)")
+  cat > /etc/trellis/networks/vf$i.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"vf$i","namespace":"pods"},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"sriov\",\"name\":\"vf$i\",\"deviceID\":\"$VF\",\"vlan\":100,\"spoofchk\":\"off\",\"trust\":\"on\",\"capabilities\":{\"mac\":true,\"ips\":true},\"ipam\":{\"type\":\"static\"}}"}}
+EOF
+done
+echo "=== before"
+echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
+$IP link show "$PFNET"
+trellis agent --config /etc/trellis/agent.toml > /tmp/agent.log 2>&1 &
+sleep 2
+call() { # COMMAND CONTAINER POD NETWORKS-JSON
+  printf '{"cniVersion":"1.0.0","name":"trellis","type":"trellis-cni","socket":"/run/trellis/cni.sock","capabilities":{"io.kubernetes.cri.pod-annotations":true},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"k8s.v1.cni.cncf.io/networks":"%s"}}}' "$4" > /tmp/stdin.json
+  CNI_COMMAND=$1 CNI_CONTAINERID=$2 CNI_NETNS=/run/netns/$3 CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
+  CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=pods;K8S_POD_NAME=$3;K8S_POD_INFRA_CONTAINER_ID=$2" \
+    trellis-cni < /tmp/stdin.json
+  echo " rc=$?"
+}
+$IP netns add pod0
+$IP netns add pod1
+echo "=== add"
+call ADD c0 pod0 '[{\"name\":\"vf0\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:01\",\"ips\":[\"192.168.50.10/24\"]}]'
+call ADD c1 pod1 '[{\"name\":\"vf1\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:02\",\"ips\":[\"192.168.50.11/24\"]}]'
+echo "=== pf-during"
+$IP link show "$PFNET"
+echo "=== pod0"
+$IP netns exec pod0 $IP -o link show fast0
+$IP netns exec pod0 $IP -o -4 addr show fast0
+echo "=== ping"
+$IP netns exec pod0 ping -c 3 -W 3 192.168.50.11
+echo "ping rc=$?"
+echo "=== del"
+call DEL c0 pod0 '[{\"name\":\"vf0\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:01\",\"ips\":[\"192.168.50.10/24\"]}]'
+$IP netns del pod1
+call DEL c1 pod1 '[{\"name\":\"vf1\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:02\",\"ips\":[\"192.168.50.11/24\"]}]'
+sleep 1
+echo "=== after"
+echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
+$IP link show "$PFNET"
+echo "=== pod0-after"
+$IP netns exec pod0 $IP -o link
+echo "=== state"
+ls /run/trellis/state/vfs
+echo "=== agent"
+cat /tmp/agent.log
+echo "=== end"
+"#;
+
+/// The `vf N ...` line of `ip link show PF`.
+fn vf_line(section: &str, n: u32) -> String {
+    section
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("vf {n} ")))
+        .unwrap_or_else(|| panic!("no vf {n} line in {section}"))
+        .to_string()
+}
+
+#[test]
+fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
+    trellis_rig::require_root!();
+    let Some(kernel) = GuestKernel::find() else {
+        panic!(
+            "no guest kernel: run scripts/setup.sh (it unpacks one to /var/cache/trellis/guest)"
+        );
+    };
+    let img = Initramfs::new(&kernel);
+    img.program(trellis_rig::bins::trellis(), "trellis");
+    img.program(trellis_rig::bins::shim(), "trellis-cni");
+    img.program_at("/usr/bin/ip", "sbin/ip");
+    for p in ["static", "loopback"] {
+        img.program_at(format!("/usr/lib/cni/{p}"), &format!("usr/lib/cni/{p}"));
+    }
+    img.text("etc/trellis/agent.toml", AGENT, 0o644);
+    img.text(
+        "etc/trellis/default.conflist",
+        r#"{"cniVersion":"1.0.0","name":"cluster","plugins":[{"type":"loopback"}]}"#,
+        0o644,
+    );
+    img.text("test.sh", SCRIPT, 0o755);
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    img.pack(&initrd);
+    let run = boot(&kernel, &initrd, Duration::from_secs(600));
+    eprintln!("guest ran for {:?}", run.took);
+    let c = &run.console;
+    let section = |s: &str| {
+        run.section(s)
+            .unwrap_or_else(|| panic!("no {s} section:\n{c}"))
+    };
+    let agent_log = section("agent");
+
+    let before = section("before");
+    let words: Vec<&str> = before.split_whitespace().collect();
+    let (vf0_name, vf0_mac) = (words[4], words[5]);
+    let (vf1_name, vf1_mac) = (words[8], words[9]);
+    let pf_before = vf_line(&before, 0);
+
+    let add = section("add");
+    assert_eq!(add.matches(" rc=0").count(), 2, "{add}\n{agent_log}");
+
+    // The PF holds the requested MAC and VLAN for each VF.
+    let during = section("pf-during");
+    let l0 = vf_line(&during, 0);
+    assert!(
+        l0.contains("02:aa:bb:cc:00:01") && l0.contains("vlan 100"),
+        "{l0}"
+    );
+    assert!(
+        l0.contains("spoof checking off") && l0.contains("trust on"),
+        "{l0}"
+    );
+    assert!(vf_line(&during, 1).contains("02:aa:bb:cc:00:02"));
+
+    // In the pod: renamed, the MAC, up, the IP.
+    let pod0 = section("pod0");
+    assert!(
+        pod0.contains("fast0") && pod0.contains("02:aa:bb:cc:00:01"),
+        "{pod0}"
+    );
+    assert!(pod0.contains("192.168.50.10/24"), "{pod0}");
+
+    // Traffic between the two pods' VFs, across the NIC, on VLAN 100.
+    let ping = section("ping");
+    assert!(ping.contains("ping rc=0"), "{ping}\n{agent_log}");
+
+    // Back in the host as they were, the PF's settings as before; the second pod's
+    // netns was deleted before its DEL (the VF came back to the host on its own).
+    let del = section("del");
+    assert_eq!(del.matches(" rc=0").count(), 2, "{del}\n{agent_log}");
+    let after = section("after");
+    let w: Vec<&str> = after.split_whitespace().collect();
+    assert_eq!(
+        (w[4], w[5]),
+        (vf0_name, vf0_mac),
+        "VF0 not restored: {after}"
+    );
+    assert_eq!(
+        (w[8], w[9]),
+        (vf1_name, vf1_mac),
+        "VF1 not restored: {after}"
+    );
+    let pf_after = vf_line(&after, 0);
+    assert_eq!(pf_after, pf_before, "PF-side settings of VF 0 not restored");
+    assert!(!section("pod0-after").contains("fast0"));
+    let state = section("state");
+    assert!(state.trim().is_empty(), "VF records left: {state}");
+}
