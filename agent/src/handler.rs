@@ -87,7 +87,11 @@ impl Handler {
                     path: config.state_dir.join("vfs"),
                     source,
                 })?;
-        invoker.in_process = Some(Arc::new(sriov));
+        let vhost = crate::vhostuser::VhostUserPlugin::new(invoker.clone());
+        invoker.in_process = Some(Arc::new(crate::builtins::Builtins(vec![
+            Arc::new(sriov),
+            Arc::new(vhost),
+        ])));
         Ok(Handler {
             default_network: config.default_network.clone(),
             pod_resources: config.pod_resources_socket.clone(),

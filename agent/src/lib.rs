@@ -1,6 +1,7 @@
 //! The trellis node agent: answers the `trellis-cni` shim, resolves each pod's networks
 //! and runs their attachments.
 
+pub mod builtins;
 pub mod config;
 pub mod handler;
 pub mod link;
@@ -13,3 +14,4 @@ pub mod selection;
 pub mod server;
 pub mod source;
 pub mod sriov;
+pub mod vhostuser;

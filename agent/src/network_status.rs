@@ -47,8 +47,8 @@ fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
     }
     e["dns"] = serde_json::to_value(&result.dns).expect("dns serialises");
     let info = iface
-        .and_then(|i| device_info(&result.interfaces[i]))
-        .or_else(|| a.device.as_deref().map(device_info_of));
+        .and_then(|i| device_info(a, &result.interfaces[i]))
+        .or_else(|| a.device.as_deref().map(|d| device_info_of(a, d)));
     if let Some(info) = info {
         e["device-info"] = info;
     }
@@ -57,22 +57,34 @@ fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
 
 /// device-info for a pool device recorded on the attachment (results before 1.1.0
 /// cannot carry it): a socket path, or a PCI address.
-fn device_info_of(device: &str) -> Value {
+fn device_info_of(a: &Attachment, device: &str) -> Value {
     if device.starts_with('/') {
-        json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": device}})
+        vhost_info(a, device)
     } else {
         json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": device}})
     }
 }
 
+/// vhost-user device-info: the socket as the pod sees it; the pod is the client of the
+/// switch's server socket.
+fn vhost_info(a: &Attachment, socket: &str) -> Value {
+    let plugin = a
+        .conf
+        .get("plugins")
+        .and_then(Value::as_array)
+        .and_then(|p| p.iter().find(|p| p["type"] == crate::vhostuser::TYPE))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let path = crate::vhostuser::container_path(&plugin, socket);
+    json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": path}})
+}
+
 /// NPWG device-info for interfaces that carry a device (CNI 1.1 pciID/socketPath).
-fn device_info(i: &trellis_cni::result::Interface) -> Option<Value> {
+fn device_info(a: &Attachment, i: &trellis_cni::result::Interface) -> Option<Value> {
     if let Some(pci) = &i.pci_id {
         return Some(json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": pci}}));
     }
-    i.socket_path
-        .as_ref()
-        .map(|p| json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": p}}))
+    i.socket_path.as_ref().map(|p| vhost_info(a, p))
 }
 
 #[cfg(test)]

@@ -54,6 +54,30 @@ impl Testpmd {
         t
     }
 
+    /// The pod side: testpmd with `virtio_user` on `socket`, sending (txonly) for
+    /// `secs` seconds; returns its output.
+    pub fn virtio_user_burst(socket: &str, secs: u32) -> String {
+        let prefix = crate::unique("trellisp");
+        let out = Command::new("timeout")
+            .args(["-s", "INT", &secs.to_string(), "dpdk-testpmd"])
+            .args(["-l", "0,1", "--no-huge", "-m", "128", "--no-pci"])
+            .arg(format!("--file-prefix={prefix}"))
+            .arg("--vdev")
+            .arg(format!("virtio_user0,path={socket}"))
+            .args([
+                "--",
+                "--nb-cores=1",
+                "--total-num-mbufs=4096",
+                "--forward-mode=txonly",
+                "--stats-period=1",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dpdk-testpmd");
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
     /// SIGINT, as an operator stops it; waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

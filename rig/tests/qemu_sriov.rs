@@ -41,7 +41,7 @@ $IP link show "$PFNET"
 trellis agent --config /etc/trellis/agent.toml > /tmp/agent.log 2>&1 &
 sleep 2
 call() { # COMMAND CONTAINER POD NETWORKS-JSON
-  printf '{"cniVersion":"1.0.0","name":"trellis","type":"trellis-cni","socket":"/run/trellis/cni.sock","capabilities":{"io.kubernetes.cri.pod-annotations":true},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"k8s.v1.cni.cncf.io/networks":"%s"}}}' "$4" > /tmp/stdin.json
+  printf '{"cniVersion":"'${CNIV:-1.0.0}'","name":"trellis","type":"trellis-cni","socket":"/run/trellis/cni.sock","capabilities":{"io.kubernetes.cri.pod-annotations":true},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"k8s.v1.cni.cncf.io/networks":"%s"}}}' "$4" > /tmp/stdin.json
   CNI_COMMAND=$1 CNI_CONTAINERID=$2 CNI_NETNS=/run/netns/$3 CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
   CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=pods;K8S_POD_NAME=$3;K8S_POD_INFRA_CONTAINER_ID=$2" \
     trellis-cni < /tmp/stdin.json
@@ -68,6 +68,24 @@ sleep 1
 echo "=== after"
 echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
 $IP link show "$PFNET"
+echo "=== vfio"
+echo vfio-pci > /sys/bus/pci/devices/$VF1/driver_override
+echo "$VF1" > /sys/bus/pci/devices/$VF1/driver/unbind
+echo "$VF1" > /sys/bus/pci/drivers_probe
+for n in dpdk dpdkmtu; do
+  extra=""; [ $n = dpdkmtu ] && extra=',\"mtu\":1400'
+  cat > /etc/trellis/networks/$n.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"$n","namespace":"pods"},
+ "spec":{"config":"{\"cniVersion\":\"1.1.0\",\"type\":\"sriov\",\"name\":\"$n\",\"deviceID\":\"$VF1\",\"vlan\":200$extra}"}}
+EOF
+done
+readlink /sys/bus/pci/devices/$VF1/driver
+CNIV=1.1.0 call ADD c3 pod0 'dpdkmtu'
+CNIV=1.1.0 call ADD c2 pod0 'dpdk'
+$IP link show "$PFNET" | grep "vf 1 "
+CNIV=1.1.0 call DEL c2 pod0 'dpdk'
+$IP link show "$PFNET" | grep "vf 1 "
 echo "=== pod0-after"
 $IP netns exec pod0 $IP -o link
 echo "=== state"
@@ -173,6 +191,26 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     let pf_after = vf_line(&after, 0);
     assert_eq!(pf_after, pf_before, "PF-side settings of VF 0 not restored");
     assert!(!section("pod0-after").contains("fast0"));
+    // A vfio-pci VF (DPDK): no netdev to move, PF-side settings only, the device in
+    // the result as pciID; asking it for an MTU is an error.
+    let vfio = section("vfio");
+    let vf1_pci = words[7];
+    assert!(vfio.contains("vfio-pci"), "{vfio}");
+    assert!(
+        vfio.contains("bound to vfio-pci (DPDK) and has no netdev"),
+        "{vfio}"
+    );
+    assert!(
+        vfio.contains(&format!("\"pciID\":\"{vf1_pci}\"")),
+        "{vfio}\n{agent_log}"
+    );
+    let vf1_lines: Vec<&str> = vfio
+        .lines()
+        .filter(|l| l.trim_start().starts_with("vf 1 "))
+        .collect();
+    assert_eq!(vf1_lines.len(), 2, "{vfio}");
+    assert!(vf1_lines[0].contains("vlan 200"), "{}", vf1_lines[0]);
+    assert!(!vf1_lines[1].contains("vlan 200"), "{}", vf1_lines[1]);
     let state = section("state");
     assert!(state.trim().is_empty(), "VF records left: {state}");
 }

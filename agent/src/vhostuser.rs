@@ -1,0 +1,173 @@
+//! The `vhostuser` network type, run in-process: a DPDK vhost-user socket from a
+//! resource pool (its `deviceID` is the socket's host path) handed to the pod. Nothing
+//! moves: the device plugin has mounted the socket's directory into the pod; the result
+//! carries `socketPath` and network-status the vhost-user device-info, so the pod's
+//! DPDK app (virtio_user) finds it. IPAM, when configured, is run and reported for the
+//! app to use.
+
+use serde_json::{Map, Value};
+use std::path::Path;
+use trellis_cni::invoke::{InProcessPlugins, InvokeError, Invoker, Target};
+use trellis_cni::result::{Interface, IpConfig};
+use trellis_cni::{CniError, CniResult, Command, ErrorCode};
+
+pub const TYPE: &str = "vhostuser";
+
+const KNOWN: &[&str] = &[
+    "cniVersion",
+    "name",
+    "type",
+    "capabilities",
+    "ipam",
+    "dns",
+    "args",
+    "runtimeConfig",
+    "prevResult",
+    "deviceID",
+    "containerSocketDir",
+];
+
+#[derive(Debug)]
+pub struct VhostUserPlugin {
+    ipam: Invoker,
+}
+
+fn conf_err(msg: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::InvalidNetworkConfig, msg)
+}
+
+impl VhostUserPlugin {
+    pub fn new(ipam: Invoker) -> VhostUserPlugin {
+        VhostUserPlugin {
+            ipam: Invoker {
+                in_process: None,
+                ..ipam
+            },
+        }
+    }
+
+    fn ipam(
+        &self,
+        raw: &Map<String, Value>,
+        cmd: Command,
+        target: &Target,
+    ) -> Result<Option<CniResult>, CniError> {
+        let Some(ty) = raw
+            .get("ipam")
+            .and_then(|i| i.get("type"))
+            .and_then(Value::as_str)
+        else {
+            return Ok(None);
+        };
+        let out = self
+            .ipam
+            .exec(
+                ty,
+                cmd,
+                target,
+                Value::Object(raw.clone()).to_string().as_bytes(),
+            )
+            .map_err(|e| e.to_cni_error(&format!("IPAM {ty}")))?;
+        if cmd != Command::Add {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&out)
+            .map_err(|e| CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}")))?;
+        CniResult::from_value(&v)
+            .map(Some)
+            .map_err(|e| CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}")))
+    }
+
+    fn add(&self, target: &Target, raw: &Map<String, Value>) -> Result<Value, CniError> {
+        if let Some(k) = raw.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(conf_err(format!("{k}: unknown field for type vhostuser")));
+        }
+        let socket = raw
+            .get("deviceID")
+            .and_then(Value::as_str)
+            .ok_or_else(|| conf_err("deviceID: missing (give the NAD a k8s.v1.cni.cncf.io/resourceName of a vhostUser pool)"))?;
+        let meta = std::fs::symlink_metadata(socket)
+            .map_err(|e| conf_err(format!("deviceID: vhost-user socket {socket}: {e}")))?;
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(conf_err(format!("deviceID: {socket} is not a socket")));
+        }
+        let version = raw
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("1.1.0")
+            .to_string();
+        let mut result = CniResult {
+            cni_version: version.clone(),
+            interfaces: vec![Interface {
+                name: target.ifname.to_string(),
+                sandbox: Some(target.netns.to_string()),
+                socket_path: Some(socket.to_string()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        if let Some(ipam) = self.ipam(raw, Command::Add, target)? {
+            result.ips = ipam
+                .ips
+                .into_iter()
+                .map(|ip| IpConfig {
+                    interface: Some(0),
+                    ..ip
+                })
+                .collect();
+            result.routes = ipam.routes;
+            result.dns = ipam.dns;
+        }
+        result
+            .to_value(&version)
+            .map_err(|e| CniError::new(ErrorCode::Io, format!("result: {e}")))
+    }
+}
+
+/// Where the pod sees `socket`: the NAD's `containerSocketDir` (default the device
+/// plugin's default mount path) and the socket's name.
+pub fn container_path(conf: &Value, socket: &str) -> String {
+    let dir = conf
+        .get("containerSocketDir")
+        .and_then(Value::as_str)
+        .unwrap_or(trellis_device_plugin::config::DEFAULT_VHOST_MOUNT);
+    let name = Path::new(socket)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{}/{name}", dir.trim_end_matches('/'))
+}
+
+impl InProcessPlugins for VhostUserPlugin {
+    fn handles(&self, plugin: &str) -> bool {
+        plugin == TYPE
+    }
+
+    fn exec(
+        &self,
+        plugin: &str,
+        command: Command,
+        target: &Target,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>, InvokeError> {
+        let fail = |error: CniError| InvokeError::Plugin {
+            plugin: plugin.to_string(),
+            command: command.as_str(),
+            error: Box::new(error),
+        };
+        let raw: Map<String, Value> = serde_json::from_slice(stdin)
+            .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
+        match command {
+            Command::Add => Ok(self
+                .add(target, &raw)
+                .map_err(fail)?
+                .to_string()
+                .into_bytes()),
+            Command::Del => {
+                self.ipam(&raw, Command::Del, target).map_err(fail)?;
+                Ok(Vec::new())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
