@@ -3,7 +3,8 @@
 # trellis-cni + agent against the same delegates exec'd directly, interleaved in one
 # run, and the agent's RSS over ADD/DEL cycles; extra arguments go to it (--pods N,
 # default 200; --cycles M, default 1000). (2) Devices: discovery of 1,024 VFs, Allocate
-# latency, re-registration after a kubelet restart, health-change latency.
+# latency, re-registration after a kubelet restart, health-change latency. (3) VF
+# placement: the in-process sriov type against the same steps by `ip` commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,3 +12,5 @@ cargo build --release --workspace --bins --locked
 TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench "$@"
 echo
 target/release/trellis-bench-devices
+echo
+target/release/trellis-bench-vf

@@ -16,4 +16,5 @@ cargo test --workspace --locked -- --test-threads=2
 # The benchmark and the demo still run end to end (tiny sizes; figures not judged here).
 target/debug/trellis-bench --pods 4 --cycles 4 >/dev/null
 target/debug/trellis-bench-devices --quick >/dev/null
+target/debug/trellis-bench-vf --rounds 3 >/dev/null
 target/debug/trellis-demo >/dev/null

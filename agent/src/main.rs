@@ -139,7 +139,11 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     let _devices = config
         .devices
         .as_ref()
-        .map(|d| trellis_device_plugin::manager::start(d.settings(&config.sysfs_root)))
+        .map(|d| {
+            let mut s = d.settings(&config.sysfs_root);
+            s.in_use_dir = Some(config.state_dir.join("vfs"));
+            trellis_device_plugin::manager::start(s)
+        })
         .transpose()
         .context("starting the device plugin")?;
     let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);

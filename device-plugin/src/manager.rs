@@ -30,6 +30,9 @@ pub struct Settings {
     /// kubelet's device-plugins dir: its `kubelet.sock` and our sockets.
     pub plugin_dir: PathBuf,
     pub poll_interval: Duration,
+    /// Where the CNI side records VFs it has moved into pods (`<pci>.json`): their
+    /// netdevs are not in the host's view, which is no reason to call them unhealthy.
+    pub in_use_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -40,6 +43,7 @@ impl Settings {
             resource_prefix: crate::config::DEFAULT_PREFIX.into(),
             plugin_dir: DEFAULT_PLUGIN_DIR.into(),
             poll_interval: Duration::from_millis(500),
+            in_use_dir: None,
         }
     }
 }
@@ -353,7 +357,17 @@ impl Manager {
 /// Discovery and pool building: blocking file and socket work.
 fn scan(settings: &Settings, config: &DeviceConfig) -> Result<Vec<pool::Pool>, DiscoveryError> {
     let inv = discover(settings, config)?;
-    Ok(pool::build(config, &inv))
+    let mut pools = pool::build(config, &inv);
+    if let Some(dir) = &settings.in_use_dir {
+        for d in pools.iter_mut().flat_map(|p| p.devices.iter_mut()) {
+            let placed = matches!(&d.kind, pool::DeviceKind::Pci(p) if p.driver.is_some() && p.netdevs.is_empty())
+                && dir.join(format!("{}.json", d.id)).exists();
+            if placed {
+                d.health = Ok(());
+            }
+        }
+    }
+    Ok(pools)
 }
 
 /// Devices of `now` plus any seen before and gone since, marked unhealthy.
@@ -452,8 +466,9 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                     pools: BTreeMap::new(),
                     status: st,
                 };
-                let pools = pool::build(&m.config, &inventory);
-                m.apply(pools);
+                let _ = inventory;
+                let found = scan(&m.settings, &m.config);
+                m.take_scan(found);
                 m.register_pending().await;
                 let mut events = match inotify.into_event_stream(vec![0u8; 4096]) {
                     Ok(e) => e,

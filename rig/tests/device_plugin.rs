@@ -559,3 +559,40 @@ async fn the_agent_serves_pools_from_its_config() {
         "{err}"
     );
 }
+
+/// A VF the CNI side moved into a pod has no netdev in the host's view: still healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfs_placed_in_pods_stay_healthy() {
+    let rig = Rig::new();
+    let kubelet = FakeKubelet::start(&rig.plugin_dir());
+    let in_use = rig.dir.path().join("vfs");
+    std::fs::create_dir_all(&in_use).unwrap();
+    std::fs::write(in_use.join("0000:3b:10.0.json"), "{}").unwrap();
+    let mut s = Settings::new(rig.config_path());
+    s.sysfs_root = rig.fx.root().to_path_buf();
+    s.plugin_dir = rig.plugin_dir();
+    s.in_use_dir = Some(in_use);
+    let _m = manager::start(s).unwrap();
+    let regs = kubelet.wait_registrations(3, WAIT).await;
+    let mut netdev = kubelet
+        .plugin(&endpoint_of(&regs, "intel.com/netdev"))
+        .await;
+    let mut stream = netdev
+        .list_and_watch(dp::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut stream, WAIT, |l| l.len() == 4).await;
+    rig.fx.remove_netdevs("0000:3b:10.0");
+    rig.fx.remove_netdevs("0000:3b:10.2");
+    let (list, _) = watch_until(&mut stream, WAIT, |l| {
+        l.iter().any(|d| d.health == "Unhealthy")
+    })
+    .await;
+    assert_eq!(
+        health(&list, "0000:3b:10.0"),
+        "Healthy",
+        "in a pod, by the record"
+    );
+    assert_eq!(health(&list, "0000:3b:10.2"), "Unhealthy");
+}
