@@ -68,6 +68,17 @@ sleep 1
 echo "=== after"
 echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
 $IP link show "$PFNET"
+echo "=== pf-net"
+cat > /etc/trellis/networks/plain.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"plain","namespace":"pods"},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"sriov\",\"name\":\"plain\",\"deviceID\":\"$VF0\",\"capabilities\":{\"ips\":true},\"ipam\":{\"type\":\"static\"}}"}}
+EOF
+$IP addr add 192.168.60.1/24 dev "$PFNET"
+call ADD c4 pod0 '[{\"name\":\"plain\",\"ips\":[\"192.168.60.10/24\"]}]'
+$IP netns exec pod0 ping -c 3 -W 3 192.168.60.1
+echo "pf ping rc=$?"
+call DEL c4 pod0 '[{\"name\":\"plain\",\"ips\":[\"192.168.60.10/24\"]}]'
 echo "=== vfio"
 echo vfio-pci > /sys/bus/pci/devices/$VF1/driver_override
 echo "$VF1" > /sys/bus/pci/devices/$VF1/driver/unbind
@@ -191,6 +202,11 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     let pf_after = vf_line(&after, 0);
     assert_eq!(pf_after, pf_before, "PF-side settings of VF 0 not restored");
     assert!(!section("pod0-after").contains("fast0"));
+    // Traffic to the PF's own network from a VF without a VLAN.
+    let pf_net = section("pf-net");
+    assert!(pf_net.contains("pf ping rc=0"), "{pf_net}\n{agent_log}");
+    assert_eq!(pf_net.matches(" rc=0").count(), 3, "{pf_net}");
+
     // A vfio-pci VF (DPDK): no netdev to move, PF-side settings only, the device in
     // the result as pciID; asking it for an MTU is an error.
     let vfio = section("vfio");
