@@ -87,4 +87,21 @@ if ! rustup run 1.95.0 rustc --version >/dev/null 2>&1; then
   exit 1
 fi
 rustup component add --toolchain 1.95.0 rustfmt clippy >/dev/null 2>&1 || true
+
+# The eBPF programs (ebpf/programs) build with nightly (on these machines) plus its
+# rust-src, and bpf-linker 0.10.0 (it uses rustc's own LLVM; ~2 min to build once).
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "setup: the nightly toolchain is missing (rustup toolchain list)" >&2
+  exit 1
+fi
+rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+  || rustup component add rust-src --toolchain nightly >/dev/null
+if [ "$(bpf-linker --version 2>/dev/null | awk '{print $2}')" != "0.10.0" ]; then
+  echo "setup: installing bpf-linker 0.10.0 (takes a couple of minutes)"
+  cargo install bpf-linker@0.10.0 --locked --quiet
+fi
+# bpffs, where the dataplane pins its maps and links.
+if [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" != "bpf_fs" ]; then
+  mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+fi
 echo "setup: ok"

@@ -3,6 +3,7 @@
 
 pub mod builtins;
 pub mod config;
+pub mod dataplane;
 pub mod handler;
 pub mod link;
 pub mod nad;

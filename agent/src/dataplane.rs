@@ -1,0 +1,356 @@
+//! The eBPF dataplane: the TCX programs (ebpf/programs, embedded at build time) loaded
+//! once, attached to each pod interface an attachment makes, with per-attachment
+//! counters. Maps and links are pinned under one bpffs dir, so the agent can restart
+//! (counters and attachments stay; the maps are re-adopted by name) and `trellis stats`
+//! can read everything from the pins alone.
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use std::path::{Path, PathBuf};
+use trellis_ebpf_common::{Counters, IfKey, SlotMeta, DIR_EGRESS, DIR_INGRESS, MAX_SLOTS};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
+
+/// statfs(2) f_type of a bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{dir} is not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NoBpffs { dir: String },
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    #[error("attaching to {ifname}: {message} (TCX needs Linux 6.6 or later)")]
+    Attach { ifname: String, message: String },
+    #[error("{what}: {message}")]
+    Op { what: String, message: String },
+    #[error("all {MAX_SLOTS} attachment slots are in use")]
+    Full,
+}
+
+fn op(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
+    let what = what.into();
+    move |message| DataplaneError::Op { what, message }
+}
+
+/// Who an attachment belongs to (what `trellis stats` labels its counters with).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Owner {
+    pub namespace: String,
+    pub pod: String,
+    pub network: String,
+    pub ifname: String,
+    pub container: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlotStats {
+    pub slot: u32,
+    pub owner: Owner,
+    pub ingress: CountersView,
+    pub egress: CountersView,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct CountersView {
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+}
+
+impl From<Counters> for CountersView {
+    fn from(c: Counters) -> Self {
+        CountersView {
+            packets: c.packets,
+            bytes: c.bytes,
+            drops: c.drops,
+        }
+    }
+}
+
+fn put(dst: &mut [u8], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn get(src: &[u8]) -> String {
+    let end = src.iter().position(|b| *b == 0).unwrap_or(src.len());
+    String::from_utf8_lossy(&src[..end]).into_owned()
+}
+
+fn owner_of(m: &SlotMeta) -> Owner {
+    Owner {
+        namespace: get(&m.namespace),
+        pod: get(&m.pod),
+        network: get(&m.network),
+        ifname: get(&m.ifname),
+        container: get(&m.container),
+    }
+}
+
+/// Checks that `dir` is, or would be created, on a bpffs.
+pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.exists() {
+            let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("no NUL");
+            // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+            if rc == 0 && st.f_type == BPF_FS_MAGIC {
+                return Ok(());
+            }
+            return Err(DataplaneError::NoBpffs {
+                dir: dir.display().to_string(),
+            });
+        }
+        p = d.parent();
+    }
+    Err(DataplaneError::NoBpffs {
+        dir: dir.display().to_string(),
+    })
+}
+
+/// The netns cookie (SO_NETNS_COOKIE) of the calling thread's namespace.
+fn netns_cookie() -> Result<u64, String> {
+    // SAFETY: a socket we close below; getsockopt into a u64.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(format!("SO_NETNS_COOKIE: {err}"));
+        }
+        Ok(cookie)
+    }
+}
+
+fn ifindex(ifname: &str) -> Result<u32, String> {
+    let c = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
+    // SAFETY: NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(format!("no interface {ifname}"));
+    }
+    Ok(i)
+}
+
+/// What attaching in a pod's netns gives back: the interface, and a link per direction.
+type Attached = (IfKey, Vec<(&'static str, FdLink)>);
+
+pub struct Dataplane {
+    bpf: Ebpf,
+    dir: PathBuf,
+}
+
+const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("trellis_ingress", TcAttachType::Ingress, "ingress"),
+    ("trellis_egress", TcAttachType::Egress, "egress"),
+];
+
+impl Dataplane {
+    /// Loads the programs, re-adopting maps already pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Dataplane, DataplaneError> {
+        check_bpffs(dir)?;
+        std::fs::create_dir_all(dir.join("links"))
+            .map_err(|e| op(format!("creating {}", dir.display()))(e.to_string()))?;
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        for (name, _, _) in PROGRAMS {
+            let p: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+            p.load()
+                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+        }
+        Ok(Dataplane {
+            bpf,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn link_pin(&self, slot: u32, suffix: &str) -> PathBuf {
+        self.dir.join("links").join(format!("{slot}-{suffix}"))
+    }
+
+    fn meta(&mut self) -> Result<BpfHashMap<&mut MapData, u32, SlotMeta>, DataplaneError> {
+        BpfHashMap::try_from(self.bpf.map_mut("META").expect("META in the object"))
+            .map_err(|e| op("META map")(e.to_string()))
+    }
+
+    /// A slot no attachment holds.
+    fn free_slot(&mut self) -> Result<u32, DataplaneError> {
+        let meta = self.meta()?;
+        let used: std::collections::HashSet<u32> = meta.keys().filter_map(Result::ok).collect();
+        (0..MAX_SLOTS)
+            .find(|s| !used.contains(s))
+            .ok_or(DataplaneError::Full)
+    }
+
+    /// Attaches the programs to `ifname` in the netns at `netns`; returns its slot.
+    pub fn attach(&mut self, netns: &Path, owner: &Owner) -> Result<u32, DataplaneError> {
+        let slot = self.free_slot()?;
+        // One instance of the object per attachment, its slot set as a constant; the
+        // maps are the pinned ones every instance shares.
+        let mut inst = EbpfLoader::new()
+            .default_map_pin_directory(&self.dir)
+            .override_global("SLOT", &slot, true)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        let mut progs: Vec<(TcAttachType, &'static str, &mut SchedClassifier)> = Vec::new();
+        for (name, p) in inst.programs_mut() {
+            if let Some((_, t, suffix)) = PROGRAMS.iter().find(|(n, _, _)| *n == name) {
+                let p: &mut SchedClassifier =
+                    p.try_into().map_err(|e: aya::programs::ProgramError| {
+                        DataplaneError::Load(e.to_string())
+                    })?;
+                p.load()
+                    .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+                progs.push((*t, suffix, p));
+            }
+        }
+        let ifname = owner.ifname.clone();
+        let attach_err = |m: String| DataplaneError::Attach {
+            ifname: owner.ifname.clone(),
+            message: m,
+        };
+        // Attach inside the pod's netns: interface names resolve there.
+        let (key, links) = crate::netns::run_in(netns, move || -> Result<Attached, String> {
+            let ifindex = ifindex(&ifname)?;
+            let cookie = netns_cookie()?;
+            let mut links = Vec::new();
+            for (attach_type, suffix, p) in progs {
+                let id = p
+                    .attach_with_options(
+                        &ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| e.to_string())?;
+                let link = p.take_link(id).map_err(|e| e.to_string())?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| e.to_string())?;
+                links.push((suffix, fd));
+            }
+            Ok((
+                IfKey {
+                    netns_cookie: cookie,
+                    ifindex,
+                    _pad: 0,
+                },
+                links,
+            ))
+        })
+        .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))?
+        .map_err(attach_err)?;
+        // Zeroed counters and the slot's owner before the links are kept.
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| op("counting CPUs")(e.to_string()))?;
+        let mut stats: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.bpf.map_mut("STATS").expect("STATS"))
+                .map_err(|e| op("STATS map")(e.to_string()))?;
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let zero =
+                PerCpuValues::try_from(vec![Counters::default(); ncpus]).expect("one per CPU");
+            stats
+                .set(slot * 2 + dir, zero, 0)
+                .map_err(|e| op("zeroing counters")(e.to_string()))?;
+        }
+        let mut m = SlotMeta {
+            key,
+            ..Default::default()
+        };
+        put(&mut m.namespace, &owner.namespace);
+        put(&mut m.pod, &owner.pod);
+        put(&mut m.network, &owner.network);
+        put(&mut m.ifname, &owner.ifname);
+        put(&mut m.container, &owner.container);
+        self.meta()?
+            .insert(slot, m, 0)
+            .map_err(|e| op("META map")(e.to_string()))?;
+        for (suffix, link) in links {
+            let pin = self.link_pin(slot, suffix);
+            let _ = std::fs::remove_file(&pin);
+            link.pin(&pin)
+                .map_err(|e| op(format!("pinning {}", pin.display()))(e.to_string()))?;
+        }
+        Ok(slot)
+    }
+
+    /// Detaches and forgets the attachment in `slot`: its links (unpinned) and its
+    /// owner. Nothing else is touched.
+    pub fn detach(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        for (_, _, suffix) in PROGRAMS {
+            let pin = self.link_pin(slot, suffix);
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(op(format!("unpinning {}", pin.display()))(e.to_string()))
+                }
+                _ => {}
+            }
+        }
+        let _ = self.meta()?.remove(&slot);
+        Ok(())
+    }
+}
+
+/// Every attachment's counters, from the pins in `dir` (no agent needed).
+pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
+    let open = |name: &str| {
+        MapData::from_pin(dir.join(name))
+            .map_err(|e| op(format!("reading {}/{name}", dir.display()))(e.to_string()))
+    };
+    let meta: BpfHashMap<MapData, u32, SlotMeta> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(open("META")?))
+            .map_err(|e| op("META map")(e.to_string()))?;
+    let stats: PerCpuArray<MapData, Counters> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open("STATS")?))
+            .map_err(|e| op("STATS map")(e.to_string()))?;
+    let mut out = Vec::new();
+    for entry in meta.iter() {
+        let (slot, m) = entry.map_err(|e| op("META map")(e.to_string()))?;
+        let sum = |dir: u32| -> Result<Counters, DataplaneError> {
+            let per_cpu = stats
+                .get(&(slot * 2 + dir), 0)
+                .map_err(|e| op("STATS map")(e.to_string()))?;
+            let mut c = Counters::default();
+            for v in per_cpu.iter() {
+                c.add(v);
+            }
+            Ok(c)
+        };
+        out.push(SlotStats {
+            slot,
+            owner: owner_of(&m),
+            ingress: sum(DIR_INGRESS)?.into(),
+            egress: sum(DIR_EGRESS)?.into(),
+        });
+    }
+    out.sort_by(|a, b| {
+        (&a.owner.namespace, &a.owner.pod, &a.owner.ifname).cmp(&(
+            &b.owner.namespace,
+            &b.owner.pod,
+            &b.owner.ifname,
+        ))
+    });
+    Ok(out)
+}
