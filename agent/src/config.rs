@@ -45,9 +45,40 @@ pub struct AgentConfig {
     /// `/var/lib/kubelet/pod-resources/kubelet.sock`.
     #[serde(default = "default_pod_resources")]
     pub pod_resources_socket: PathBuf,
+    /// The eBPF dataplane on every pod interface an attachment makes.
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Attach the TCX programs (accounting) to pod interfaces. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Where maps and links are pinned (must be on a bpffs). Default
+    /// `/sys/fs/bpf/trellis`.
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            enabled: true,
+            bpffs_dir: default_bpffs_dir(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+pub fn default_bpffs_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/trellis")
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@ pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations"
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 
 pub struct Handler {
+    dataplane: Option<Mutex<crate::dataplane::Dataplane>>,
     default_network: std::path::PathBuf,
     pod_resources: std::path::PathBuf,
     invoker: Invoker,
@@ -93,6 +94,7 @@ impl Handler {
             Arc::new(vhost),
         ])));
         Ok(Handler {
+            dataplane: None,
             default_network: config.default_network.clone(),
             pod_resources: config.pod_resources_socket.clone(),
             invoker,
@@ -100,6 +102,50 @@ impl Handler {
             records: RecordStore::open(&config.state_dir)?,
             locks: ContainerLocks::default(),
         })
+    }
+
+    /// Turns on the eBPF dataplane (loaded and checked by the caller).
+    pub fn with_dataplane(mut self, dp: crate::dataplane::Dataplane) -> Handler {
+        self.dataplane = Some(Mutex::new(dp));
+        self
+    }
+
+    /// Attaches the programs to every kernel interface the attachments made in the pod
+    /// (sockets and vfio devices have none), recording each slot.
+    fn attach_dataplane(&self, record: &mut Record) -> Result<(), CniError> {
+        let Some(dp) = &self.dataplane else {
+            return Ok(());
+        };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let netns = std::path::Path::new(&record.netns);
+        for i in 0..record.attachments.len() {
+            let a = &record.attachments[i];
+            let has_link = crate::netns::run_in(netns, || {
+                let c = std::ffi::CString::new(a.ifname.as_str()).unwrap_or_default();
+                // SAFETY: NUL-terminated name.
+                unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+            })
+            .unwrap_or(false);
+            if !has_link {
+                continue;
+            }
+            let owner = crate::dataplane::Owner {
+                namespace: record.pod_namespace.clone(),
+                pod: record.pod_name.clone(),
+                network: a.network.clone(),
+                ifname: a.ifname.clone(),
+                container: record.container_id.clone(),
+            };
+            let slot = dp.attach(netns, &owner).map_err(|e| {
+                CniError::new(
+                    ErrorCode::Io,
+                    format!("network {} ({}): dataplane: {e}", a.network, a.ifname),
+                )
+            })?;
+            record.attachments[i].slot = Some(slot);
+            self.records.save(record).map_err(from_record_err)?;
+        }
+        Ok(())
     }
 
     pub fn records(&self) -> &RecordStore {
@@ -390,6 +436,7 @@ impl Handler {
                 result: None,
                 default_route: p.default_route.clone(),
                 device: p.device.clone(),
+                slot: None,
             });
             // Recorded before the delegate runs, so a crash mid-ADD is still undone by DEL.
             if let Err(e) = self.records.save(&record) {
@@ -426,6 +473,9 @@ impl Handler {
         }
         if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
             return Err(self.roll_back(record, invalid(e.to_string())));
+        }
+        if let Err(e) = self.attach_dataplane(&mut record) {
+            return Err(self.roll_back(record, e));
         }
         let merged = match merged_result(&record.attachments, &shim.cni_version) {
             Ok(m) => m,
@@ -464,6 +514,19 @@ impl Handler {
     /// not be removed so a later DEL retries exactly that.
     fn tear_down(&self, mut record: Record, netns: &str) -> Vec<String> {
         let mut failures = Vec::new();
+        if let Some(dp) = &self.dataplane {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            for a in record.attachments.iter_mut() {
+                if let Some(slot) = a.slot {
+                    match dp.detach(slot) {
+                        Ok(()) => a.slot = None,
+                        Err(e) => {
+                            failures.push(format!("network {} ({}): {e}", a.network, a.ifname))
+                        }
+                    }
+                }
+            }
+        }
         let mut kept = Vec::new();
         while let Some(a) = record.attachments.pop() {
             let conf = match NetConfList::from_value(a.conf.clone(), None) {

@@ -52,6 +52,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Traffic per pod, network and interface, from the dataplane's pins (the agent
+    /// need not be running).
+    Stats {
+        #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+        bpffs_dir: PathBuf,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        pod: Option<String>,
+        /// A network (`namespace/name`, or the cluster network's name).
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Print again every SECS seconds, with rates.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
+    },
     /// List the pods' attachments from the agent's records.
     Attachments {
         #[arg(long, default_value = "/var/lib/trellis")]
@@ -72,12 +90,97 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Attachments { state_dir, json } => list_attachments(&state_dir, json),
+        Cmd::Stats {
+            bpffs_dir,
+            namespace,
+            pod,
+            network,
+            json,
+            watch,
+        } => stats(&bpffs_dir, namespace, pod, network, json, watch),
         Cmd::Devices {
             sysfs_root,
             config,
             resource_prefix,
             json,
         } => list_devices(&sysfs_root, config.as_deref(), &resource_prefix, json),
+    }
+}
+
+fn stats(
+    dir: &std::path::Path,
+    namespace: Option<String>,
+    pod: Option<String>,
+    network: Option<String>,
+    json: bool,
+    watch: Option<u64>,
+) -> anyhow::Result<()> {
+    use trellis_agent::dataplane::read_stats;
+    let wanted = |s: &trellis_agent::dataplane::SlotStats| {
+        namespace.as_ref().is_none_or(|n| &s.owner.namespace == n)
+            && pod.as_ref().is_none_or(|p| &s.owner.pod == p)
+            && network.as_ref().is_none_or(|n| &s.owner.network == n)
+    };
+    let read = || -> anyhow::Result<Vec<_>> {
+        Ok(read_stats(dir)?.into_iter().filter(|s| wanted(s)).collect())
+    };
+    let mut prev: Option<(std::time::Instant, Vec<trellis_agent::dataplane::SlotStats>)> = None;
+    loop {
+        let now = read()?;
+        let t = std::time::Instant::now();
+        if json {
+            println!("{}", serde_json::to_string(&now)?);
+        } else {
+            println!(
+                "{:<12} {:<16} {:<20} {:<8} {:>12} {:>9} {:>7} {:>12} {:>9} {:>7}{}",
+                "NAMESPACE",
+                "POD",
+                "NETWORK",
+                "IFACE",
+                "RX_BYTES",
+                "RX_PKTS",
+                "RX_DROP",
+                "TX_BYTES",
+                "TX_PKTS",
+                "TX_DROP",
+                if prev.is_some() {
+                    "   RX_B/s    TX_B/s"
+                } else {
+                    ""
+                }
+            );
+            for s in &now {
+                // Ingress at the pod's interface is what the pod receives.
+                let rate = prev.as_ref().and_then(|(t0, old)| {
+                    let o = old
+                        .iter()
+                        .find(|o| o.slot == s.slot && o.owner == s.owner)?;
+                    let dt = t.duration_since(*t0).as_secs_f64().max(1e-3);
+                    Some(format!(
+                        " {:>9.0} {:>9.0}",
+                        (s.ingress.bytes - o.ingress.bytes) as f64 / dt,
+                        (s.egress.bytes - o.egress.bytes) as f64 / dt
+                    ))
+                });
+                println!(
+                    "{:<12} {:<16} {:<20} {:<8} {:>12} {:>9} {:>7} {:>12} {:>9} {:>7}{}",
+                    s.owner.namespace,
+                    s.owner.pod,
+                    s.owner.network,
+                    s.owner.ifname,
+                    s.ingress.bytes,
+                    s.ingress.packets,
+                    s.ingress.drops,
+                    s.egress.bytes,
+                    s.egress.packets,
+                    s.egress.drops,
+                    rate.unwrap_or_default()
+                );
+            }
+        }
+        let Some(secs) = watch else { return Ok(()) };
+        prev = Some((t, now));
+        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
     }
 }
 
@@ -146,7 +249,14 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         })
         .transpose()
         .context("starting the device plugin")?;
-    let handler = Arc::new(Handler::new(&config, source).context("opening the state dir")?);
+    let mut handler = Handler::new(&config, source).context("opening the state dir")?;
+    if config.dataplane.enabled {
+        let dp = trellis_agent::dataplane::Dataplane::open(&config.dataplane.bpffs_dir).context(
+            "starting the eBPF dataplane (set [dataplane] enabled = false to run without it)",
+        )?;
+        handler = handler.with_dataplane(dp);
+    }
+    let handler = Arc::new(handler);
     let listener = trellis_agent::server::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "trellis agent ready");
     trellis_agent::server::serve(listener, handler);

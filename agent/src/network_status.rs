@@ -101,6 +101,7 @@ mod tests {
             result: Some(result),
             default_route: vec![],
             device: None,
+            slot: None,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct Attachment {
     /// pool, as given to the delegate in `deviceID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// The dataplane slot of its pod interface, once the programs are attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

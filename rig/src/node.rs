@@ -28,6 +28,16 @@ pub struct TestNode {
     pub devices_toml: Option<String>,
     /// Top-level agent config lines (before the tables), e.g. `sysfs_root = "..."`.
     pub top_toml: String,
+    /// This node's own bpffs dir for the dataplane's pins (removed on drop).
+    pub bpf_dir: PathBuf,
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.agent = None;
+        // Removing the pins detaches whatever the agent left attached.
+        let _ = std::fs::remove_dir_all(&self.bpf_dir);
+    }
 }
 
 /// What the shim printed and whether it exited 0.
@@ -84,6 +94,7 @@ impl TestNode {
             networks_toml: None,
             devices_toml: None,
             top_toml: String::new(),
+            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{}", crate::unique("trellis-node"))),
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -132,7 +143,7 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[networks]\n{}\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nbpffs_dir = {:?}\n\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
@@ -140,6 +151,7 @@ impl TestNode {
             self.path("default.conflist"),
             self.delegate_timeout_secs,
             self.top_toml,
+            self.bpf_dir,
             self.networks_toml.clone().unwrap_or_else(|| format!(
                 "source = \"files\"\ndir = {:?}\n",
                 self.path("nads")

@@ -98,7 +98,7 @@ impl Initramfs {
             &format!(
                 "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin:/sbin:/usr/bin\n\
                  mount -t proc proc /proc\nmount -t sysfs sysfs /sys\nmount -t devtmpfs dev /dev\n\
-                 mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\n{loads}\
+                 mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\nmount -t bpf bpf /sys/fs/bpf\n{loads}\
                  echo '=== BEGIN'\nsh /test.sh\necho \"=== RC $?\"\npoweroff -f\n"
             ),
             0o755,

@@ -15,6 +15,8 @@ const POOLS: &str = r#"{"resourceList":[
 const AGENT: &str = r#"socket = "/run/trellis/cni.sock"
 state_dir = "/run/trellis/state"
 default_network = "/etc/trellis/default.conflist"
+[dataplane]
+enabled = false
 [networks]
 source = "files"
 dir = "/etc/trellis/networks"

@@ -39,7 +39,7 @@ echo "=== before"
 echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
 $IP link show "$PFNET"
 trellis agent --config /etc/trellis/agent.toml > /tmp/agent.log 2>&1 &
-sleep 2
+i=0; while [ ! -S /run/trellis/cni.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 call() { # COMMAND CONTAINER POD NETWORKS-JSON
   printf '{"cniVersion":"'${CNIV:-1.0.0}'","name":"trellis","type":"trellis-cni","socket":"/run/trellis/cni.sock","capabilities":{"io.kubernetes.cri.pod-annotations":true},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"k8s.v1.cni.cncf.io/networks":"%s"}}}' "$4" > /tmp/stdin.json
   CNI_COMMAND=$1 CNI_CONTAINERID=$2 CNI_NETNS=/run/netns/$3 CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni \
@@ -57,6 +57,8 @@ $IP link show "$PFNET"
 echo "=== pod0"
 $IP netns exec pod0 $IP -o link show fast0
 $IP netns exec pod0 $IP -o -4 addr show fast0
+echo "=== tcx"
+ls /sys/fs/bpf/trellis/links
 echo "=== ping"
 $IP netns exec pod0 ping -c 3 -W 3 192.168.50.11
 echo "ping rc=$?"
@@ -178,6 +180,15 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
         "{pod0}"
     );
     assert!(pod0.contains("192.168.50.10/24"), "{pod0}");
+
+    // The dataplane is on each pod's VF netdev, a TCX link per direction (the guest's
+    // cluster network is loopback, which makes no eth0 to attach to).
+    let tcx = section("tcx");
+    assert_eq!(
+        tcx.split_whitespace().count(),
+        4,
+        "two VFs x two directions: {tcx}"
+    );
 
     // Traffic between the two pods' VFs, across the NIC, on VLAN 100.
     let ping = section("ping");

@@ -151,6 +151,21 @@ async fn demo() {
         }
     }
 
+    println!("\n-- trellis stats (eBPF counters on every pod interface, read from the pins)");
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["stats", "--namespace", "demo", "--bpffs-dir"])
+        .arg(&node.bpf_dir)
+        .output()
+        .expect("trellis stats");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        eprintln!(
+            "trellis stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        failures += 1;
+    }
+
     println!("\n-- trellis attachments");
     let out = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["attachments", "--state-dir"])

@@ -1,0 +1,122 @@
+//! The dataplane through the CNI path: every pod interface an ADD makes gets the
+//! programs; `trellis stats` (from the pins) counts what the kernel's own interface
+//! counters count; DEL leaves none of that pod's pins.
+
+use serde_json::Value;
+use trellis_rig::netns::Netns;
+use trellis_rig::node::{networks_annotation, TestNode};
+use trellis_rig::require_root;
+
+fn stats(node: &TestNode, pod: &str) -> Vec<Value> {
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["stats", "--json", "--pod", pod, "--bpffs-dir"])
+        .arg(&node.bpf_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// (rx packets, tx packets) as the kernel counts them on `ifname`.
+fn kernel_counts(ns: &Netns, ifname: &str) -> (u64, u64) {
+    let v: Value =
+        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["rx"]["packets"].as_u64().unwrap(),
+        s["tx"]["packets"].as_u64().unwrap(),
+    )
+}
+
+fn ours(stats: &[Value], ifname: &str) -> (u64, u64) {
+    let s = stats
+        .iter()
+        .find(|s| s["owner"]["ifname"] == ifname)
+        .unwrap_or_else(|| panic!("no {ifname} in {stats:?}"));
+    (
+        s["ingress"]["packets"].as_u64().unwrap(),
+        s["egress"]["packets"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
+    node.start_agent();
+    let (a, b) = (Netns::new("trp"), Netns::new("trp"));
+    let conf = node.shim_conf(Some(&networks_annotation("mv-a")));
+    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        node.shim(
+            "ADD",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", name),
+            &conf,
+        )
+        .expect_ok("ADD");
+    }
+    let sa = stats(&node, "a");
+    assert_eq!(sa.len(), 2, "eth0 and net1: {sa:?}");
+    assert!(sa
+        .iter()
+        .any(|s| s["owner"]["network"] == "pods/mv-a" && s["owner"]["ifname"] == "net1"));
+    assert!(sa
+        .iter()
+        .all(|s| s["owner"]["namespace"] == "pods" && s["owner"]["container"] == "ca"));
+
+    let b_ip = b.addrs("net1")[0].split('/').next().unwrap().to_string();
+    let (k0, o0) = (kernel_counts(&a, "net1"), ours(&stats(&node, "a"), "net1"));
+    assert!(a
+        .sh(&format!("ping -c 5 -i 0.2 -W 2 {b_ip}"))
+        .contains("5 received"));
+    let (k1, o1) = (kernel_counts(&a, "net1"), ours(&stats(&node, "a"), "net1"));
+    let kernel = (k1.0 - k0.0, k1.1 - k0.1);
+    let counted = (o1.0 - o0.0, o1.1 - o0.1);
+    assert_eq!(counted, kernel, "trellis (rx, tx) vs the kernel's");
+    assert!(counted.1 >= 5, "{counted:?}");
+
+    let pins_before = std::fs::read_dir(node.bpf_dir.join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(pins_before, 8, "2 pods x 2 interfaces x 2 directions");
+    node.shim(
+        "DEL",
+        "ca",
+        &a.path().to_string_lossy(),
+        ("pods", "a"),
+        &conf,
+    )
+    .expect_ok("DEL");
+    assert!(stats(&node, "a").is_empty());
+    assert_eq!(stats(&node, "b").len(), 2);
+    assert_eq!(
+        std::fs::read_dir(node.bpf_dir.join("links"))
+            .unwrap()
+            .count(),
+        4
+    );
+    node.shim(
+        "DEL",
+        "cb",
+        &b.path().to_string_lossy(),
+        ("pods", "b"),
+        &conf,
+    )
+    .expect_ok("DEL");
+    assert_eq!(
+        std::fs::read_dir(node.bpf_dir.join("links"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
