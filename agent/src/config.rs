@@ -45,12 +45,35 @@ pub struct AgentConfig {
     /// `/var/lib/kubelet/pod-resources/kubelet.sock`.
     #[serde(default = "default_pod_resources")]
     pub pod_resources_socket: PathBuf,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The eBPF dataplane on every pod interface an attachment makes.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address for `GET /metrics`. Default `0.0.0.0:9105`; empty turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "0.0.0.0:9105".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@ pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations"
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 
 pub struct Handler {
+    pub metrics: Arc<crate::metrics::Metrics>,
     dataplane: Option<Mutex<crate::dataplane::Dataplane>>,
     default_network: std::path::PathBuf,
     pod_resources: std::path::PathBuf,
@@ -94,6 +95,7 @@ impl Handler {
             Arc::new(vhost),
         ])));
         Ok(Handler {
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             dataplane: None,
             default_network: config.default_network.clone(),
             pod_resources: config.pod_resources_socket.clone(),
@@ -208,6 +210,8 @@ impl Handler {
             Command::Status => self.status().map(|_| None),
             Command::Version => unreachable!("answered above"),
         };
+        self.metrics
+            .observe(env.command.as_str(), out.is_ok(), started.elapsed());
         tracing::info!(
             command = env.command.as_str(),
             container = %env.container_id,

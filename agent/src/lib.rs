@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod handler;
 pub mod link;
+pub mod metrics;
 pub mod nad;
 pub mod netns;
 pub mod network_status;

@@ -257,6 +257,25 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         handler = handler.with_dataplane(dp);
     }
     let handler = Arc::new(handler);
+    if !config.metrics.listen.is_empty() {
+        let l = std::net::TcpListener::bind(&config.metrics.listen)
+            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+        let h = handler.clone();
+        trellis_agent::metrics::serve(
+            l,
+            handler.metrics.clone(),
+            config
+                .dataplane
+                .enabled
+                .then(|| config.dataplane.bpffs_dir.clone()),
+            Arc::new(move || {
+                h.records()
+                    .list()
+                    .map(|(r, _)| r.iter().map(|r| r.attachments.len()).sum())
+                    .unwrap_or(0)
+            }),
+        );
+    }
     let listener = trellis_agent::server::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "trellis agent ready");
     trellis_agent::server::serve(listener, handler);

@@ -85,6 +85,21 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
     assert_eq!(counted, kernel, "trellis (rx, tx) vs the kernel's");
     assert!(counted.1 >= 5, "{counted:?}");
 
+    // The same counters on the agent's /metrics, with the CNI request latencies.
+    let text = scrape(&node.host);
+    let line = format!(
+        "trellis_interface_packets_total{{namespace=\"pods\",pod=\"a\",network=\"pods/mv-a\",interface=\"net1\",direction=\"tx\"}} {}",
+        o1.1
+    );
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+    assert!(text.contains("trellis_attachments 4\n"), "{text}");
+    assert!(
+        text.contains(
+            "trellis_cni_request_duration_seconds_count{command=\"ADD\",result=\"ok\"} 2\n"
+        ),
+        "{text}"
+    );
+
     let pins_before = std::fs::read_dir(node.bpf_dir.join("links"))
         .unwrap()
         .count();
@@ -119,4 +134,27 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
             .count(),
         0
     );
+}
+
+/// `GET /metrics` from the agent, which listens on 0.0.0.0:9105 in the node's netns.
+fn scrape(host: &Netns) -> String {
+    use std::io::{Read, Write};
+    let path = host.path();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on a thread of our own, which ends here.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9105").expect("metrics port");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    })
+    .join()
+    .unwrap()
 }

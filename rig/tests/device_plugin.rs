@@ -510,7 +510,7 @@ async fn the_agent_serves_pools_from_its_config() {
     .unwrap();
     let agent_toml = |devices_config: &Path| {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
+            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[metrics]\nlisten = \"\"\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
             d.join("cni.sock"),
             d.join("state"),
             d.join("default.conflist"),
