@@ -79,8 +79,10 @@ fn default_metrics_listen() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
-    /// Attach the TCX programs (accounting) to pod interfaces. Default true.
-    #[serde(default = "yes")]
+    /// Attach the TCX programs (accounting) to pod interfaces. Default false for now:
+    /// each interface costs ~20-30 ms of ADD time (mostly the kernel's TCX attach),
+    /// which moving it off the ADD path will remove.
+    #[serde(default)]
     pub enabled: bool,
     /// Where maps and links are pinned (must be on a bpffs). Default
     /// `/sys/fs/bpf/trellis`.
@@ -91,15 +93,12 @@ pub struct DataplaneConfig {
 impl Default for DataplaneConfig {
     fn default() -> Self {
         DataplaneConfig {
-            enabled: true,
+            enabled: false,
             bpffs_dir: default_bpffs_dir(),
         }
     }
 }
 
-fn yes() -> bool {
-    true
-}
 pub fn default_bpffs_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/trellis")
 }

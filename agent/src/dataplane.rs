@@ -156,7 +156,21 @@ type Attached = (IfKey, Vec<(&'static str, FdLink)>);
 pub struct Dataplane {
     bpf: Ebpf,
     dir: PathBuf,
+    /// Made once: a new loader parses the kernel's BTF (tens of ms) every time.
+    loader: EbpfLoader<'static>,
 }
+
+/// Every slot number as a static, for the loader's `SLOT` override (it borrows the
+/// value for as long as the loader lives).
+static SLOT_VALUES: [u32; MAX_SLOTS as usize] = {
+    let mut v = [0u32; MAX_SLOTS as usize];
+    let mut i = 0;
+    while i < v.len() {
+        v[i] = i as u32;
+        i += 1;
+    }
+    v
+};
 
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("trellis_ingress", TcAttachType::Ingress, "ingress"),
@@ -182,9 +196,12 @@ impl Dataplane {
             p.load()
                 .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
         }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(dir);
         Ok(Dataplane {
             bpf,
             dir: dir.to_path_buf(),
+            loader,
         })
     }
 
@@ -211,9 +228,9 @@ impl Dataplane {
         let slot = self.free_slot()?;
         // One instance of the object per attachment, its slot set as a constant; the
         // maps are the pinned ones every instance shares.
-        let mut inst = EbpfLoader::new()
-            .default_map_pin_directory(&self.dir)
-            .override_global("SLOT", &slot, true)
+        let mut inst = self
+            .loader
+            .override_global("SLOT", &SLOT_VALUES[slot as usize], true)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
         let mut progs: Vec<(TcAttachType, &'static str, &mut SchedClassifier)> = Vec::new();

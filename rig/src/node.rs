@@ -30,6 +30,8 @@ pub struct TestNode {
     pub top_toml: String,
     /// This node's own bpffs dir for the dataplane's pins (removed on drop).
     pub bpf_dir: PathBuf,
+    /// Whether the agent attaches the eBPF dataplane (off by default, as in the agent).
+    pub dataplane: bool,
 }
 
 impl Drop for TestNode {
@@ -95,6 +97,7 @@ impl TestNode {
             devices_toml: None,
             top_toml: String::new(),
             bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{}", crate::unique("trellis-node"))),
+            dataplane: false,
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -143,7 +146,7 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nbpffs_dir = {:?}\n\n[networks]\n{}\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nenabled = {}\nbpffs_dir = {:?}\n\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
@@ -151,6 +154,7 @@ impl TestNode {
             self.path("default.conflist"),
             self.delegate_timeout_secs,
             self.top_toml,
+            self.dataplane,
             self.bpf_dir,
             self.networks_toml.clone().unwrap_or_else(|| format!(
                 "source = \"files\"\ndir = {:?}\n",

@@ -11,6 +11,8 @@ const AGENT: &str = r#"socket = "/run/trellis/cni.sock"
 state_dir = "/run/trellis/state"
 cni_bin_dirs = ["/usr/lib/cni"]
 default_network = "/etc/trellis/default.conflist"
+[dataplane]
+enabled = true
 [networks]
 source = "files"
 dir = "/etc/trellis/networks"

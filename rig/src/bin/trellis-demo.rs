@@ -65,6 +65,7 @@ async fn demo() {
         "[devices]\nconfig = {pools:?}\nplugin_dir = {plugin_dir:?}\npoll_interval_ms = 300\n"
     ));
     let kubelet = FakeKubelet::start(&plugin_dir);
+    node.dataplane = true;
     node.start_agent();
     let ctrd = Containerd::start(&node.host, &node.path("containerd"), &node.socket());
     let mut cri = ctrd.cri().await;
