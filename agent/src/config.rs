@@ -79,10 +79,8 @@ fn default_metrics_listen() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
-    /// Attach the TCX programs (accounting) to pod interfaces. Default false for now:
-    /// each interface costs ~20-30 ms of ADD time (mostly the kernel's TCX attach),
-    /// which moving it off the ADD path will remove.
-    #[serde(default)]
+    /// Attach the TCX programs (accounting) to pod interfaces. Default true.
+    #[serde(default = "yes")]
     pub enabled: bool,
     /// Where maps and links are pinned (must be on a bpffs). Default
     /// `/sys/fs/bpf/trellis`.
@@ -93,10 +91,14 @@ pub struct DataplaneConfig {
 impl Default for DataplaneConfig {
     fn default() -> Self {
         DataplaneConfig {
-            enabled: false,
+            enabled: true,
             bpffs_dir: default_bpffs_dir(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub fn default_bpffs_dir() -> PathBuf {

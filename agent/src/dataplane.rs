@@ -196,8 +196,10 @@ impl Dataplane {
             p.load()
                 .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
         }
+        // The programs use no CO-RE relocations, so the kernel's BTF (parsed by
+        // `new`, ~20 MB in memory) is not needed for the per-attachment loads.
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(dir);
+        loader.btf(None).default_map_pin_directory(dir);
         Ok(Dataplane {
             bpf,
             dir: dir.to_path_buf(),

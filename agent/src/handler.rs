@@ -25,6 +25,8 @@ pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 pub struct Handler {
     pub metrics: Arc<crate::metrics::Metrics>,
     dataplane: Option<Mutex<crate::dataplane::Dataplane>>,
+    /// Containers whose interfaces await the dataplane (done off the ADD's path).
+    attach_queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     default_network: std::path::PathBuf,
     pod_resources: std::path::PathBuf,
     invoker: Invoker,
@@ -97,6 +99,7 @@ impl Handler {
         Ok(Handler {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             dataplane: None,
+            attach_queue: Mutex::new(None),
             default_network: config.default_network.clone(),
             pod_resources: config.pod_resources_socket.clone(),
             invoker,
@@ -112,8 +115,54 @@ impl Handler {
         self
     }
 
+    /// Attaches the dataplane in the background: each TCX attach waits out an RCU grace
+    /// period in the kernel (~10-30 ms per interface), which the runtime should not
+    /// wait for. Records left without slots (an agent restart mid-way) are queued too.
+    pub fn start_dataplane_worker(self: &Arc<Self>) {
+        if self.dataplane.is_none() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        if let Ok((records, _)) = self.records.list() {
+            for r in records {
+                if r.attachments.iter().any(|a| a.slot.is_none()) {
+                    let _ = tx.send(r.container_id);
+                }
+            }
+        }
+        *self.attach_queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let h = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("trellis-dataplane".into())
+            .spawn(move || {
+                for id in rx {
+                    let _lock = h.locks.lock(&id);
+                    // Gone already (DEL came first): nothing to attach.
+                    let Ok(Some(mut record)) = h.records.load(&id) else {
+                        continue;
+                    };
+                    if let Err(e) = h.attach_dataplane(&mut record) {
+                        tracing::warn!(container = %id, "{}", e.msg);
+                    }
+                }
+            })
+            .expect("dataplane worker thread");
+    }
+
+    /// After a successful ADD: queued for the worker, or done here if there is none.
+    fn dataplane_after_add(&self, record: &mut Record) -> Result<(), CniError> {
+        let queue = self.attach_queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            Some(tx) if tx.send(record.container_id.clone()).is_ok() => Ok(()),
+            _ => {
+                drop(queue);
+                self.attach_dataplane(record)
+            }
+        }
+    }
+
     /// Attaches the programs to every kernel interface the attachments made in the pod
-    /// (sockets and vfio devices have none), recording each slot.
+    /// (sockets and vfio devices have none) that has none yet, recording each slot.
     fn attach_dataplane(&self, record: &mut Record) -> Result<(), CniError> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
@@ -122,6 +171,9 @@ impl Handler {
         let netns = std::path::Path::new(&record.netns);
         for i in 0..record.attachments.len() {
             let a = &record.attachments[i];
+            if a.slot.is_some() || a.result.is_none() {
+                continue;
+            }
             let has_link = crate::netns::run_in(netns, || {
                 let c = std::ffi::CString::new(a.ifname.as_str()).unwrap_or_default();
                 // SAFETY: NUL-terminated name.
@@ -478,7 +530,7 @@ impl Handler {
         if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
             return Err(self.roll_back(record, invalid(e.to_string())));
         }
-        if let Err(e) = self.attach_dataplane(&mut record) {
+        if let Err(e) = self.dataplane_after_add(&mut record) {
             return Err(self.roll_back(record, e));
         }
         let merged = match merged_result(&record.attachments, &shim.cni_version) {

@@ -257,6 +257,7 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         handler = handler.with_dataplane(dp);
     }
     let handler = Arc::new(handler);
+    handler.start_dataplane_worker();
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;

@@ -70,6 +70,16 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         )
         .expect_ok("ADD");
     }
+    // The programs attach in the background, just after ADD returns.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stats(&node, "a").len() < 2 || stats(&node, "b").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dataplane never attached: {}",
+            node.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let sa = stats(&node, "a");
     assert_eq!(sa.len(), 2, "eth0 and net1: {sa:?}");
     assert!(sa

@@ -60,6 +60,7 @@ echo "=== pod0"
 $IP netns exec pod0 $IP -o link show fast0
 $IP netns exec pod0 $IP -o -4 addr show fast0
 echo "=== tcx"
+i=0; while [ "$(ls /sys/fs/bpf/trellis/links | wc -l)" -lt 4 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 ls /sys/fs/bpf/trellis/links
 echo "=== ping"
 $IP netns exec pod0 ping -c 3 -W 3 192.168.50.11

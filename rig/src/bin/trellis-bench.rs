@@ -15,21 +15,28 @@ use trellis_rig::node::{networks_annotation, TestNode, REFERENCE_PLUGINS};
 struct Args {
     pods: usize,
     cycles: usize,
+    /// The agent also attaches the eBPF dataplane (in the background, after ADD).
+    dataplane: bool,
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
         pods: 200,
         cycles: 1000,
+        dataplane: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--dataplane" {
+            a.dataplane = true;
+            continue;
+        }
         let v = it.next().and_then(|v| v.parse().ok());
         match (k.as_str(), v) {
             ("--pods", Some(v)) => a.pods = v,
             ("--cycles", Some(v)) => a.cycles = v,
             _ => {
-                eprintln!("usage: trellis-bench [--pods N] [--cycles M]");
+                eprintln!("usage: trellis-bench [--pods N] [--cycles M] [--dataplane]");
                 std::process::exit(2);
             }
         }
@@ -132,6 +139,7 @@ fn main() {
     let bridge = node.bridge_conf("bench-br", &br, "10.82.0.0/16");
     node.add_nad("bench", "mv", &macvlan);
     node.add_nad("bench", "br", &bridge);
+    node.dataplane = args.dataplane;
     node.start_agent();
     let agent_pid = node.agent.as_ref().unwrap().pid();
     // The agent runs in the node's namespace; direct delegates must run there too.
