@@ -27,3 +27,56 @@ impl InProcessPlugins for Builtins {
         p.exec(plugin, command, target, stdin)
     }
 }
+
+/// Keys any plugin conf may carry (CNI spec plus what runtimes and chaining add).
+pub const CNI_CONF_KEYS: &[&str] = &[
+    "cniVersion",
+    "name",
+    "type",
+    "capabilities",
+    "ipam",
+    "dns",
+    "args",
+    "runtimeConfig",
+    "prevResult",
+];
+
+/// Runs the conf's IPAM plugin (its `ipam.type`) as a plugin binary would: the whole
+/// conf on stdin. ADD returns its result; other commands, and confs without IPAM, give
+/// `None`.
+pub fn ipam(
+    invoker: &trellis_cni::invoke::Invoker,
+    conf: &serde_json::Map<String, serde_json::Value>,
+    command: Command,
+    target: &Target,
+) -> Result<Option<trellis_cni::CniResult>, trellis_cni::CniError> {
+    use trellis_cni::{CniError, CniResult, ErrorCode};
+    let Some(ty) = conf
+        .get("ipam")
+        .and_then(|i| i.get("type"))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return Ok(None);
+    };
+    let stdin = serde_json::Value::Object(conf.clone()).to_string();
+    let out = invoker
+        .exec(ty, command, target, stdin.as_bytes())
+        .map_err(|e| e.to_cni_error(&format!("IPAM {ty}")))?;
+    if command != Command::Add {
+        return Ok(None);
+    }
+    let bad = |e: String| CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}"));
+    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| bad(e.to_string()))?;
+    CniResult::from_value(&v)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The error an in-process plugin hands back, as a failing binary's would read.
+pub fn plugin_error(plugin: &str, command: Command, error: trellis_cni::CniError) -> InvokeError {
+    InvokeError::Plugin {
+        plugin: plugin.to_string(),
+        command: command.as_str(),
+        error: Box::new(error),
+    }
+}

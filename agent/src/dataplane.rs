@@ -309,8 +309,12 @@ impl Dataplane {
         for (suffix, link) in links {
             let pin = self.link_pin(slot, suffix);
             let _ = std::fs::remove_file(&pin);
-            link.pin(&pin)
-                .map_err(|e| op(format!("pinning {}", pin.display()))(e.to_string()))?;
+            if let Err(e) = link.pin(&pin) {
+                // Links not yet pinned detach as they drop; the pinned one and the
+                // slot's owner go here, so nothing of this attachment is left.
+                let _ = self.detach(slot);
+                return Err(op(format!("pinning {}", pin.display()))(e.to_string()));
+            }
         }
         Ok(slot)
     }

@@ -13,19 +13,8 @@ use trellis_cni::{CniError, CniResult, Command, ErrorCode};
 
 pub const TYPE: &str = "vhostuser";
 
-const KNOWN: &[&str] = &[
-    "cniVersion",
-    "name",
-    "type",
-    "capabilities",
-    "ipam",
-    "dns",
-    "args",
-    "runtimeConfig",
-    "prevResult",
-    "deviceID",
-    "containerSocketDir",
-];
+/// Keys of its own, besides the CNI ones every conf may have.
+const VHOST_KEYS: &[&str] = &["deviceID", "containerSocketDir"];
 
 #[derive(Debug)]
 pub struct VhostUserPlugin {
@@ -52,34 +41,13 @@ impl VhostUserPlugin {
         cmd: Command,
         target: &Target,
     ) -> Result<Option<CniResult>, CniError> {
-        let Some(ty) = raw
-            .get("ipam")
-            .and_then(|i| i.get("type"))
-            .and_then(Value::as_str)
-        else {
-            return Ok(None);
-        };
-        let out = self
-            .ipam
-            .exec(
-                ty,
-                cmd,
-                target,
-                Value::Object(raw.clone()).to_string().as_bytes(),
-            )
-            .map_err(|e| e.to_cni_error(&format!("IPAM {ty}")))?;
-        if cmd != Command::Add {
-            return Ok(None);
-        }
-        let v: Value = serde_json::from_slice(&out)
-            .map_err(|e| CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}")))?;
-        CniResult::from_value(&v)
-            .map(Some)
-            .map_err(|e| CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}")))
+        crate::builtins::ipam(&self.ipam, raw, cmd, target)
     }
 
     fn add(&self, target: &Target, raw: &Map<String, Value>) -> Result<Value, CniError> {
-        if let Some(k) = raw.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        let known =
+            |k: &str| crate::builtins::CNI_CONF_KEYS.contains(&k) || VHOST_KEYS.contains(&k);
+        if let Some(k) = raw.keys().find(|k| !known(k)) {
             return Err(conf_err(format!("{k}: unknown field for type vhostuser")));
         }
         let socket = raw
@@ -150,11 +118,7 @@ impl InProcessPlugins for VhostUserPlugin {
         target: &Target,
         stdin: &[u8],
     ) -> Result<Vec<u8>, InvokeError> {
-        let fail = |error: CniError| InvokeError::Plugin {
-            plugin: plugin.to_string(),
-            command: command.as_str(),
-            error: Box::new(error),
-        };
+        let fail = |error: CniError| crate::builtins::plugin_error(plugin, command, error);
         let raw: Map<String, Value> = serde_json::from_slice(stdin)
             .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
         match command {

@@ -414,7 +414,8 @@ async fn register(kubelet: &Path, endpoint: &str, resource: &str) -> Result<(), 
 /// starting), then runs the pools on a thread of their own.
 pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
     let config = DeviceConfig::load(&settings.config, &settings.resource_prefix)?;
-    let inventory = discover(&settings, &config)?;
+    // The first scan here: an unreadable sysfs stops the start with its error.
+    let first = scan(&settings, &config)?;
     std::fs::create_dir_all(&settings.plugin_dir).map_err(io_err(format!(
         "cannot create {}",
         settings.plugin_dir.display()
@@ -466,9 +467,7 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                     pools: BTreeMap::new(),
                     status: st,
                 };
-                let _ = inventory;
-                let found = scan(&m.settings, &m.config);
-                m.take_scan(found);
+                m.take_scan(Ok(first));
                 m.register_pending().await;
                 let mut events = match inotify.into_event_stream(vec![0u8; 4096]) {
                     Ok(e) => e,

@@ -90,18 +90,16 @@ impl FakeApiServer {
 
     /// Listens on 127.0.0.1 inside the network namespace at `netns` (where the agent
     /// runs), serving from this process.
-    pub fn start_in(netns: &std::path::Path) -> FakeApiServer {
-        let path = netns.to_path_buf();
-        let listener = std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid fd; only this short-lived thread changes netns.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            TcpListener::bind("127.0.0.1:0").expect("bind fake apiserver")
-        })
-        .join()
-        .expect("bind thread");
+    pub fn start_in(netns: &crate::netns::Netns) -> FakeApiServer {
+        let listener = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                // A short-lived thread of its own; the socket keeps the namespace.
+                netns.enter_this_thread();
+                TcpListener::bind("127.0.0.1:0").expect("bind fake apiserver")
+            })
+            .join()
+            .expect("bind thread")
+        });
         Self::serve(listener)
     }
 

@@ -9,6 +9,7 @@ pub mod cri;
 pub mod dpdk;
 pub mod fake_apiserver;
 pub mod fake_kubelet;
+pub mod figures;
 pub mod netns;
 pub mod node;
 pub mod pause;

@@ -33,6 +33,21 @@ impl Netns {
         }
     }
 
+    /// Moves the calling thread into this namespace for good (a thread of its own, or
+    /// a bench's main thread whose children should start there).
+    pub fn enter_this_thread(&self) {
+        let f = std::fs::File::open(&self.path).expect("open netns");
+        // SAFETY: setns(2) on a valid fd; affects only the calling thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            self.path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+
     pub fn path(&self) -> PathBuf {
         self.path.clone()
     }

@@ -152,6 +152,16 @@ impl Initramfs {
         }
     }
 
+    /// Packs the image and boots the guest with it (see [`boot`]).
+    pub fn boot(&self, kernel: &GuestKernel, timeout: Duration) -> GuestRun {
+        let initrd = self.stage.path().with_extension("cpio");
+        self.pack(&initrd);
+        let run = boot(kernel, &initrd, timeout);
+        let _ = std::fs::remove_file(&initrd);
+        eprintln!("guest ran for {:?}", run.took);
+        run
+    }
+
     /// An uncompressed newc cpio of the staged tree (the kernel unpacks it fastest).
     pub fn pack(&self, out: &Path) {
         let list = run(Command::new("sh")

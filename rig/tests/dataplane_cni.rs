@@ -159,22 +159,19 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
 /// `GET /metrics` from the agent, which listens on 0.0.0.0:9105 in the node's netns.
 fn scrape(host: &Netns) -> String {
     use std::io::{Read, Write};
-    let path = host.path();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on a thread of our own, which ends here.
-        assert_eq!(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-            0
-        );
-        let mut c = std::net::TcpStream::connect("127.0.0.1:9105").expect("metrics port");
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        out
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            // A thread of its own, which ends here.
+            host.enter_this_thread();
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9105").expect("metrics port");
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            out
+        })
+        .join()
+        .unwrap()
     })
-    .join()
-    .unwrap()
 }

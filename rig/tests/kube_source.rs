@@ -16,7 +16,7 @@ const NADS: &str = "/apis/k8s.cni.cncf.io/v1/network-attachment-definitions";
 /// A node whose agent reads networks from a fake API server in the node's namespace.
 fn kube_node() -> (TestNode, FakeApiServer) {
     let mut node = TestNode::new();
-    let api = FakeApiServer::start_in(&node.host.path());
+    let api = FakeApiServer::start_in(&node.host);
     std::fs::write(node.path("kubeconfig"), api.kubeconfig()).unwrap();
     node.networks_toml = Some(kube_networks(&node));
     (node, api)

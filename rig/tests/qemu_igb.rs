@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 use std::time::Duration;
-use trellis_rig::qemu::{boot, GuestKernel, Initramfs};
+use trellis_rig::qemu::{GuestKernel, Initramfs};
 
 const POOLS: &str = r#"{"resourceList":[
     {"resourceName":"igbvf","resourcePrefix":"trellis.dev","selectors":{"vendors":["8086"],"devices":["10ca"],"drivers":["igbvf"]}},
@@ -95,11 +95,7 @@ fn igb_vfs_are_discovered_pooled_and_followed() {
         0o644,
     );
     img.text("test.sh", SCRIPT, 0o755);
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initrd.cpio");
-    img.pack(&initrd);
-    let run = boot(&kernel, &initrd, Duration::from_secs(600));
-    eprintln!("guest ran for {:?}", run.took);
+    let run = img.boot(&kernel, Duration::from_secs(600));
     let console = &run.console;
     assert_eq!(run.script_status(), Some(0), "{console}");
 

@@ -5,7 +5,7 @@
 //! settings as they were.
 
 use std::time::Duration;
-use trellis_rig::qemu::{boot, GuestKernel, Initramfs};
+use trellis_rig::qemu::{GuestKernel, Initramfs};
 
 const AGENT: &str = r#"socket = "/run/trellis/cni.sock"
 state_dir = "/run/trellis/state"
@@ -142,11 +142,7 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
         0o644,
     );
     img.text("test.sh", SCRIPT, 0o755);
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initrd.cpio");
-    img.pack(&initrd);
-    let run = boot(&kernel, &initrd, Duration::from_secs(600));
-    eprintln!("guest ran for {:?}", run.took);
+    let run = img.boot(&kernel, Duration::from_secs(600));
     let c = &run.console;
     let section = |s: &str| {
         run.section(s)

@@ -39,17 +39,8 @@ impl SriovConf {
     }
 }
 
-/// Keys sriov-cni reads (and the CNI ones every conf may have).
-const KNOWN: &[&str] = &[
-    "cniVersion",
-    "name",
-    "type",
-    "capabilities",
-    "ipam",
-    "dns",
-    "args",
-    "runtimeConfig",
-    "prevResult",
+/// Keys sriov-cni reads, besides the CNI ones every conf may have.
+const SRIOV_KEYS: &[&str] = &[
     "deviceID",
     "vlan",
     "vlanQoS",
@@ -118,7 +109,8 @@ fn mac_of(v: &Value, field: &str) -> Result<[u8; 6], String> {
 
 /// Parses the plugin's stdin conf.
 pub fn parse(conf: &Map<String, Value>) -> Result<SriovConf, String> {
-    if let Some(k) = conf.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+    let known = |k: &str| crate::builtins::CNI_CONF_KEYS.contains(&k) || SRIOV_KEYS.contains(&k);
+    if let Some(k) = conf.keys().find(|k| !known(k)) {
         return Err(err(k, "unknown field for type sriov"));
     }
     let mut c = SriovConf {

@@ -159,22 +159,7 @@ impl SriovPlugin {
         cmd: Command,
         target: &Target,
     ) -> Result<Option<CniResult>, CniError> {
-        let Some(ty) = c.ipam_type() else {
-            return Ok(None);
-        };
-        let stdin = Value::Object(c.raw.clone()).to_string();
-        let out = self
-            .ipam
-            .exec(ty, cmd, target, stdin.as_bytes())
-            .map_err(|e| e.to_cni_error(&format!("IPAM {ty}")))?;
-        if cmd != Command::Add {
-            return Ok(None);
-        }
-        let v: Value =
-            serde_json::from_slice(&out).map_err(|e| io_err(format!("IPAM {ty} result: {e}")))?;
-        CniResult::from_value(&v)
-            .map(Some)
-            .map_err(|e| io_err(format!("IPAM {ty} result: {e}")))
+        crate::builtins::ipam(&self.ipam, &c.raw, cmd, target)
     }
 
     fn add(&self, target: &Target, c: &SriovConf) -> Result<Value, CniError> {
@@ -410,41 +395,63 @@ impl SriovPlugin {
         record.ipam = c.has_ipam();
         self.save(record)?;
         if let Some(ipam) = self.ipam_call(c, Command::Add, target)? {
-            for ip in &ipam.ips {
-                let (addr, prefix) = ip
-                    .address
-                    .split_once('/')
-                    .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
-                    .ok_or_else(|| io_err(format!("IPAM gave a bad address {}", ip.address)))?;
-                if let (Some(nl), Some(idx)) = (pod_nl, link_index) {
-                    nl.add_address(idx, addr, prefix).map_err(fail)?;
-                }
-                result.ips.push(IpConfig {
-                    interface: Some(0),
-                    ..ip.clone()
+            let applied = self.apply_ipam(&ipam, pod_nl.zip(link_index), &mut result);
+            if let Err(e) = applied {
+                // The address IPAM gave is released here; the rest is undone by add().
+                return Err(match self.ipam_call(c, Command::Del, target) {
+                    Ok(_) => e,
+                    Err(d) => {
+                        e.with_details(format!("releasing the IPAM address also failed: {}", d.msg))
+                    }
                 });
             }
-            if let (Some(nl), Some(idx)) = (pod_nl, link_index) {
-                for r in &ipam.routes {
-                    let (dst, prefix) = r
-                        .dst
-                        .split_once('/')
-                        .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
-                        .ok_or_else(|| io_err(format!("IPAM gave a bad route {}", r.dst)))?;
-                    let gw = r.gw.as_deref().and_then(|g| g.parse().ok()).or_else(|| {
-                        ipam.ips
-                            .iter()
-                            .find_map(|i| i.gateway.as_deref()?.parse().ok())
-                    });
-                    nl.add_route(idx, dst, prefix, gw).map_err(fail)?;
-                }
-            }
-            result.routes = ipam.routes;
-            result.dns = ipam.dns;
         }
         result
             .to_value(&c.cni_version)
             .map_err(|e| io_err(format!("result: {e}")))
+    }
+
+    /// Puts IPAM's addresses and routes on the VF in the pod (`link`: none for vfio)
+    /// and into the result.
+    fn apply_ipam(
+        &self,
+        ipam: &CniResult,
+        link: Option<(&Netlink, u32)>,
+        result: &mut CniResult,
+    ) -> Result<(), CniError> {
+        let fail = |e: crate::link::LinkError| io_err(e.to_string());
+        for ip in &ipam.ips {
+            let (addr, prefix) = ip
+                .address
+                .split_once('/')
+                .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+                .ok_or_else(|| io_err(format!("IPAM gave a bad address {}", ip.address)))?;
+            if let Some((nl, idx)) = link {
+                nl.add_address(idx, addr, prefix).map_err(fail)?;
+            }
+            result.ips.push(IpConfig {
+                interface: Some(0),
+                ..ip.clone()
+            });
+        }
+        if let Some((nl, idx)) = link {
+            for r in &ipam.routes {
+                let (dst, prefix) = r
+                    .dst
+                    .split_once('/')
+                    .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+                    .ok_or_else(|| io_err(format!("IPAM gave a bad route {}", r.dst)))?;
+                let gw = r.gw.as_deref().and_then(|g| g.parse().ok()).or_else(|| {
+                    ipam.ips
+                        .iter()
+                        .find_map(|i| i.gateway.as_deref()?.parse().ok())
+                });
+                nl.add_route(idx, dst, prefix, gw).map_err(fail)?;
+            }
+        }
+        result.routes = ipam.routes.clone();
+        result.dns = ipam.dns.clone();
+        Ok(())
     }
 
     /// Puts back everything `r` says was changed; returns what could not be.
@@ -641,11 +648,7 @@ impl InProcessPlugins for SriovPlugin {
         target: &Target,
         stdin: &[u8],
     ) -> Result<Vec<u8>, InvokeError> {
-        let fail = |error: CniError| InvokeError::Plugin {
-            plugin: plugin.to_string(),
-            command: command.as_str(),
-            error: Box::new(error),
-        };
+        let fail = |error: CniError| crate::builtins::plugin_error(plugin, command, error);
         let raw: Map<String, Value> = serde_json::from_slice(stdin)
             .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
         let out = match command {

@@ -12,24 +12,15 @@ use trellis_device_plugin::manager::{self, Settings};
 use trellis_device_plugin::pool::{self, Inventory};
 use trellis_device_plugin::sysfs::Sysfs;
 use trellis_rig::fake_kubelet::{watch_until, FakeKubelet};
+use trellis_rig::figures::{ms, percentiles};
 
 const PFS: u32 = 16;
 const VFS_PER_PF: u32 = 64;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn stats(mut v: Vec<f64>) -> String {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    format!(
-        "median {:.3}, p90 {:.3}, max {:.3} (n={})",
-        p(0.5),
-        p(0.9),
-        p(1.0),
-        v.len()
-    )
+fn stats(v: Vec<f64>) -> String {
+    let n = v.len();
+    let [p50, p90, max] = percentiles(v, [0.5, 0.9, 1.0]);
+    format!("median {p50:.3}, p90 {p90:.3}, max {max:.3} (n={n})")
 }
 
 fn big_tree() -> FixtureSysfs {

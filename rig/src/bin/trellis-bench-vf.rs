@@ -10,16 +10,12 @@ use std::time::{Duration, Instant};
 use trellis_agent::sriov::SriovPlugin;
 use trellis_cni::invoke::{InProcessPlugins, Invoker, Target};
 use trellis_device_plugin::fixture::FixtureSysfs;
+use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn stats(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (p(0.5), p(0.99))
+fn stats(v: Vec<f64>) -> (f64, f64) {
+    let [p50, p99] = percentiles(v, [0.5, 0.99]);
+    (p50, p99)
 }
 
 fn ip(args: &str) {
@@ -32,13 +28,6 @@ fn ip(args: &str) {
         "ip {args}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn enter(netns: &Netns) {
-    let f = std::fs::File::open(netns.path()).expect("open netns");
-    // SAFETY: setns on a valid fd for this (main) thread; what it spawns inherits it.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn main() {
@@ -62,7 +51,7 @@ fn main() {
     let fx = FixtureSysfs::new();
     fx.add_netdev_device("0000:3b:10.0", &a, 0);
     let state = tempfile::tempdir().unwrap();
-    enter(&host);
+    host.enter_this_thread();
     let plugin = SriovPlugin::new(
         fx.root(),
         state.path(),

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
 use trellis_cni::conf::NetConfList;
 use trellis_cni::invoke::{Invoker, Target};
+use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode, REFERENCE_PLUGINS};
 
@@ -91,21 +92,9 @@ impl Direct {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn summary(mut v: Vec<f64>) -> (f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    (pct(&v, 0.5), pct(&v, 0.99))
+fn summary(v: Vec<f64>) -> (f64, f64) {
+    let [p50, p99] = percentiles(v, [0.5, 0.99]);
+    (p50, p99)
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -115,13 +104,6 @@ fn rss_mb(pid: u32) -> f64 {
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-fn enter(netns: &Netns) {
-    let f = std::fs::File::open(netns.path()).expect("open netns");
-    // SAFETY: setns on a valid fd for this (main) thread; plugins it spawns inherit it.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 fn main() {
@@ -143,7 +125,7 @@ fn main() {
     node.start_agent();
     let agent_pid = node.agent.as_ref().unwrap().pid();
     // The agent runs in the node's namespace; direct delegates must run there too.
-    enter(&node.host);
+    node.host.enter_this_thread();
 
     let list = |v: &Value, name: &str| NetConfList::from_value(v.clone(), Some(name)).unwrap();
     let direct = Direct {
