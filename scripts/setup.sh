@@ -38,7 +38,8 @@ bpo_update() {
     bpo_ready=1
   fi
 }
-qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+# (no qemu yet on a fresh machine: the pipeline fails, which is not an error here)
+qemu_major=$( (qemu-system-x86_64 --version 2>/dev/null || true) | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
 if [ "${qemu_major:-0}" -lt 10 ] || ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed"; then
   echo "setup: installing qemu-system-x86 and busybox-static from bookworm-backports"
   bpo_update

@@ -4,12 +4,16 @@
 //! (counters and attachments stay; the maps are re-adopted by name) and `trellis stats`
 //! can read everything from the pins alone.
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, LinkOrder};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use trellis_ebpf_common::{Counters, IfKey, SlotMeta, DIR_EGRESS, DIR_INGRESS, MAX_SLOTS};
+use trellis_ebpf_common::{
+    acl_key, AclInfo, AclTableV4, AclTableV6, Counters, IfKey, SlotMeta, ACL_HIT_STRIDE,
+    DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
 
@@ -28,6 +32,8 @@ pub enum DataplaneError {
     Op { what: String, message: String },
     #[error("all {MAX_SLOTS} attachment slots are in use")]
     Full,
+    #[error("network {0}: all {MAX_ACLS} ACL tables are in use by other networks")]
+    AclFull(String),
 }
 
 fn op(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
@@ -228,13 +234,7 @@ impl Dataplane {
     /// Attaches the programs to `ifname` in the netns at `netns`; returns its slot.
     pub fn attach(&mut self, netns: &Path, owner: &Owner) -> Result<u32, DataplaneError> {
         let slot = self.free_slot()?;
-        // One instance of the object per attachment, its slot set as a constant; the
-        // maps are the pinned ones every instance shares.
-        let mut inst = self
-            .loader
-            .override_global("SLOT", &SLOT_VALUES[slot as usize], true)
-            .load(OBJECT)
-            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        let mut inst = self.instance(slot)?;
         let mut progs: Vec<(TcAttachType, &'static str, &mut SchedClassifier)> = Vec::new();
         for (name, p) in inst.programs_mut() {
             if let Some((_, t, suffix)) = PROGRAMS.iter().find(|(n, _, _)| *n == name) {
@@ -242,18 +242,19 @@ impl Dataplane {
                     p.try_into().map_err(|e: aya::programs::ProgramError| {
                         DataplaneError::Load(e.to_string())
                     })?;
-                p.load()
-                    .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
                 progs.push((*t, suffix, p));
             }
         }
+        // The network's rules apply from the first packet the links see.
+        let acl = self.acl_of(&owner.network)?.map(|(id, _)| id);
+        self.set_slot_acl(slot, acl)?;
         let ifname = owner.ifname.clone();
         let attach_err = |m: String| DataplaneError::Attach {
             ifname: owner.ifname.clone(),
             message: m,
         };
         // Attach inside the pod's netns: interface names resolve there.
-        let (key, links) = crate::netns::run_in(netns, move || -> Result<Attached, String> {
+        let r = crate::netns::run_in(netns, move || -> Result<Attached, String> {
             let ifindex = ifindex(&ifname)?;
             let cookie = netns_cookie()?;
             let mut links = Vec::new();
@@ -280,32 +281,17 @@ impl Dataplane {
                 links,
             ))
         })
-        .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))?
-        .map_err(attach_err)?;
-        // Zeroed counters and the slot's owner before the links are kept.
-        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| op("counting CPUs")(e.to_string()))?;
-        let mut stats: PerCpuArray<&mut MapData, Counters> =
-            PerCpuArray::try_from(self.bpf.map_mut("STATS").expect("STATS"))
-                .map_err(|e| op("STATS map")(e.to_string()))?;
-        for dir in [DIR_INGRESS, DIR_EGRESS] {
-            let zero =
-                PerCpuValues::try_from(vec![Counters::default(); ncpus]).expect("one per CPU");
-            stats
-                .set(slot * 2 + dir, zero, 0)
-                .map_err(|e| op("zeroing counters")(e.to_string()))?;
-        }
-        let mut m = SlotMeta {
-            key,
-            ..Default::default()
+        .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))
+        .and_then(|r| r.map_err(attach_err));
+        let (key, links) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.set_slot_acl(slot, None);
+                return Err(e);
+            }
         };
-        put(&mut m.namespace, &owner.namespace);
-        put(&mut m.pod, &owner.pod);
-        put(&mut m.network, &owner.network);
-        put(&mut m.ifname, &owner.ifname);
-        put(&mut m.container, &owner.container);
-        self.meta()?
-            .insert(slot, m, 0)
-            .map_err(|e| op("META map")(e.to_string()))?;
+        // Zeroed counters and the slot's owner before the links are kept.
+        self.own(slot, key, owner)?;
         for (suffix, link) in links {
             let pin = self.link_pin(slot, suffix);
             let _ = std::fs::remove_file(&pin);
@@ -331,9 +317,343 @@ impl Dataplane {
                 _ => {}
             }
         }
+        let network = self.meta()?.get(&slot, 0).ok().map(|m| get(&m.network));
         let _ = self.meta()?.remove(&slot);
+        self.set_slot_acl(slot, None)?;
+        // The last attachment of a network takes its ACL tables with it.
+        if let Some(network) = network {
+            if self.slots_of(&network)?.is_empty() {
+                self.set_network_acl(&network, None)?;
+            }
+        }
         Ok(())
     }
+
+    /// Zeroes the slot's counters and records its owner.
+    fn own(&mut self, slot: u32, key: IfKey, owner: &Owner) -> Result<(), DataplaneError> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| op("counting CPUs")(e.to_string()))?;
+        let mut stats: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.bpf.map_mut("STATS").expect("STATS"))
+                .map_err(|e| op("STATS map")(e.to_string()))?;
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let zero =
+                PerCpuValues::try_from(vec![Counters::default(); ncpus]).expect("one per CPU");
+            stats
+                .set(slot * 2 + dir, zero, 0)
+                .map_err(|e| op("zeroing counters")(e.to_string()))?;
+        }
+        let mut m = SlotMeta {
+            key,
+            ..Default::default()
+        };
+        put(&mut m.namespace, &owner.namespace);
+        put(&mut m.pod, &owner.pod);
+        put(&mut m.network, &owner.network);
+        put(&mut m.ifname, &owner.ifname);
+        put(&mut m.container, &owner.container);
+        self.meta()?
+            .insert(slot, m, 0)
+            .map_err(|e| op("META map")(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Loads an instance of the programs for `slot` (not attached anywhere).
+    fn instance(&mut self, slot: u32) -> Result<Ebpf, DataplaneError> {
+        // One instance of the object per attachment, its slot set as a constant; the
+        // maps are the pinned ones every instance shares.
+        let mut inst = self
+            .loader
+            .override_global("SLOT", &SLOT_VALUES[slot as usize], true)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        for (name, _, _) in PROGRAMS {
+            let p: &mut SchedClassifier = inst
+                .program_mut(name)
+                .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+            p.load()
+                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+        }
+        Ok(inst)
+    }
+
+    /// A slot for `owner` whose programs are loaded but attached nowhere, to run
+    /// packets through with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
+    pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
+        let slot = self.free_slot()?;
+        let inst = self.instance(slot)?;
+        let acl = self.acl_of(&owner.network)?.map(|(id, _)| id);
+        self.set_slot_acl(slot, acl)?;
+        self.own(slot, IfKey::default(), owner)?;
+        Ok(Probe { slot, inst })
+    }
+
+    fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.bpf.map_mut(name).expect("map in the object")
+    }
+
+    fn set_slot_acl(&mut self, slot: u32, acl: Option<u32>) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, u32> = Array::try_from(self.map_mut("SLOT_ACL"))
+            .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
+        m.set(slot, acl.map(|a| a + 1).unwrap_or(0), 0)
+            .map_err(|e| op("SLOT_ACL map")(e.to_string()))
+    }
+
+    /// Slots whose owner is on `network`.
+    fn slots_of(&mut self, network: &str) -> Result<Vec<u32>, DataplaneError> {
+        let meta = self.meta()?;
+        let mut out = Vec::new();
+        for e in meta.iter() {
+            let (slot, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+            if get(&m.network) == network {
+                out.push(slot);
+            }
+        }
+        Ok(out)
+    }
+
+    fn acl_info(&mut self) -> Result<BpfHashMap<&mut MapData, u32, AclInfo>, DataplaneError> {
+        BpfHashMap::try_from(self.map_mut("ACL_INFO"))
+            .map_err(|e| op("ACL_INFO map")(e.to_string()))
+    }
+
+    /// The ACL id and digest `network` has in the maps, if any.
+    pub fn acl_of(&mut self, network: &str) -> Result<Option<(u32, u64)>, DataplaneError> {
+        let info = self.acl_info()?;
+        for e in info.iter() {
+            let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+            if get(&i.network) == network {
+                return Ok(Some((id, i.digest)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Networks that have live attachments.
+    pub fn networks(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let meta = self.meta()?;
+        let mut out = std::collections::BTreeSet::new();
+        for e in meta.iter() {
+            let (_, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+            out.insert(get(&m.network));
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Makes `network`'s rules `acl` for every attachment of it, live: each table is
+    /// replaced in one map update (atomic for the programs), nothing is detached.
+    /// None removes the network's ACL. Returns the network's ACL id.
+    pub fn set_network_acl(
+        &mut self,
+        network: &str,
+        acl: Option<&crate::acl::Acl>,
+    ) -> Result<Option<u32>, DataplaneError> {
+        let current = self.acl_of(network)?;
+        let Some(acl) = acl else {
+            if let Some((id, _)) = current {
+                for slot in self.slots_of(network)? {
+                    self.set_slot_acl(slot, None)?;
+                }
+                self.drop_acl(id)?;
+            }
+            return Ok(None);
+        };
+        let digest = acl.digest();
+        if let Some((id, d)) = current {
+            if d == digest {
+                return Ok(Some(id));
+            }
+        }
+        let id = match current {
+            Some((id, _)) => id,
+            None => {
+                let used: std::collections::HashSet<u32> =
+                    self.acl_info()?.keys().filter_map(Result::ok).collect();
+                let id = (0..MAX_ACLS)
+                    .find(|i| !used.contains(i))
+                    .ok_or_else(|| DataplaneError::AclFull(network.to_string()))?;
+                self.zero_hits(id)?;
+                id
+            }
+        };
+        let fill = |this: &mut Self| -> Result<(), DataplaneError> {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                let mut v4: BpfHashMap<&mut MapData, u32, AclTableV4> =
+                    BpfHashMap::try_from(this.map_mut("ACL_V4"))
+                        .map_err(|e| op("ACL_V4 map")(e.to_string()))?;
+                v4.insert(acl_key(id, dir), &*acl.table_v4(dir), 0)
+                    .map_err(|e| {
+                        op(format!("network {network}: writing its IPv4 ACL"))(e.to_string())
+                    })?;
+                let mut v6: BpfHashMap<&mut MapData, u32, AclTableV6> =
+                    BpfHashMap::try_from(this.map_mut("ACL_V6"))
+                        .map_err(|e| op("ACL_V6 map")(e.to_string()))?;
+                v6.insert(acl_key(id, dir), &*acl.table_v6(dir), 0)
+                    .map_err(|e| {
+                        op(format!("network {network}: writing its IPv6 ACL"))(e.to_string())
+                    })?;
+            }
+            let mut info = AclInfo {
+                digest,
+                rules: acl.rules.len() as u32,
+                ..Default::default()
+            };
+            put(&mut info.network, network);
+            this.acl_info()?
+                .insert(id, info, 0)
+                .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+            for slot in this.slots_of(network)? {
+                this.set_slot_acl(slot, Some(id))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = fill(self) {
+            // A new id leaves nothing behind; an update keeps the old rules where the
+            // kernel kept them (each table is replaced whole or not at all).
+            if current.is_none() {
+                let _ = self.drop_acl(id);
+            }
+            return Err(e);
+        }
+        Ok(Some(id))
+    }
+
+    fn drop_acl(&mut self, id: u32) -> Result<(), DataplaneError> {
+        for name in ["ACL_V4", "ACL_V6"] {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                // The map types differ only in value; deleting needs just the key.
+                let m = self.map_mut(name);
+                let fd = match m {
+                    aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
+                    _ => unreachable!("{name} is a hash map"),
+                };
+                delete_key(fd, acl_key(id, dir));
+            }
+        }
+        let _ = self.acl_info()?.remove(&id);
+        self.zero_hits(id)
+    }
+
+    fn zero_hits(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let mut hits: Array<&mut MapData, u64> = Array::try_from(self.map_mut("RULE_HITS"))
+            .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
+        for i in 0..ACL_HIT_STRIDE {
+            let idx = id * ACL_HIT_STRIDE + i;
+            if hits
+                .get(&idx, 0)
+                .map_err(|e| op("RULE_HITS map")(e.to_string()))?
+                != 0
+            {
+                hits.set(idx, 0, 0)
+                    .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Programs of one slot, loaded but not attached: packets go through them with
+/// BPF_PROG_TEST_RUN, with the slot's counters and its network's ACL.
+pub struct Probe {
+    pub slot: u32,
+    inst: Ebpf,
+}
+
+impl Probe {
+    /// Runs `packet` (an Ethernet frame) `repeat` times through the program of `dir`:
+    /// its verdict (TCX_NEXT passes, TCX_DROP drops) and the kernel's mean time per run.
+    pub fn run(
+        &self,
+        dir: u32,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = PROGRAMS[dir as usize].0;
+        let p: &SchedClassifier = self
+            .inst
+            .program(name)
+            .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))?;
+        Ok((r.return_value as i32, r.duration))
+    }
+}
+
+/// BPF_MAP_DELETE_ELEM of a u32 key (absent keys are fine).
+fn delete_key(fd: std::os::fd::RawFd, key: u32) {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    // SAFETY: bpf(2) with a union prefix laid out as the kernel's bpf_attr for map
+    // element commands; it reads `key` only.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>() as u32,
+        );
+    }
+}
+
+/// One network's ACL as counted in the pins: hits per rule (in NAD order), then the
+/// default's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AclHits {
+    pub network: String,
+    pub rules: Vec<u64>,
+    pub default: u64,
+}
+
+/// Every network ACL's rule hits, from the pins in `dir`.
+pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
+    let open = |name: &str| {
+        MapData::from_pin(dir.join(name))
+            .map_err(|e| op(format!("reading {}/{name}", dir.display()))(e.to_string()))
+    };
+    let info: BpfHashMap<MapData, u32, AclInfo> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(open("ACL_INFO")?))
+            .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+    let hits: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(open("RULE_HITS")?))
+        .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
+    let mut out = Vec::new();
+    for e in info.iter() {
+        let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+        let get_hit = |r: u32| {
+            hits.get(&(id * ACL_HIT_STRIDE + r), 0)
+                .map_err(|e| op("RULE_HITS map")(e.to_string()))
+        };
+        let rules = (0..i.rules).map(get_hit).collect::<Result<Vec<_>, _>>()?;
+        out.push(AclHits {
+            network: get(&i.network),
+            rules,
+            default: get_hit(ACL_HIT_STRIDE - 1)?,
+        });
+    }
+    out.sort_by(|a, b| a.network.cmp(&b.network));
+    Ok(out)
 }
 
 /// Every attachment's counters, from the pins in `dir` (no agent needed).

@@ -1,6 +1,7 @@
 //! The trellis node agent: answers the `trellis-cni` shim, resolves each pod's networks
 //! and runs their attachments.
 
+pub mod acl;
 pub mod builtins;
 pub mod config;
 pub mod dataplane;

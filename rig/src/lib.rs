@@ -12,6 +12,7 @@ pub mod fake_kubelet;
 pub mod figures;
 pub mod netns;
 pub mod node;
+pub mod packets;
 pub mod pause;
 pub mod qemu;
 
