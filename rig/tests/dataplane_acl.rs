@@ -160,3 +160,145 @@ fn kernel_verdicts_follow_the_rules() {
         );
     }
 }
+
+/// Two namespaces joined by a veth, IPv4 and IPv6 (no DAD, static IPv4 neighbours; IPv6
+/// neighbours are found by ND, which an ACL must let through).
+fn pair() -> (Netns, Netns) {
+    let a = Netns::new("tra");
+    let b = Netns::new("trb");
+    a.sh(&format!(
+        "ip link add a0 type veth peer name b0 netns {} && ip link set a0 address 02:00:00:00:0a:01",
+        b.name
+    ));
+    b.sh("ip link set b0 address 02:00:00:00:0b:01");
+    for (ns, ifname, ip, ip6, peer_ip, peer_mac) in [
+        (&a, "a0", "10.88.0.1/24", "fd00:88::1/64", "10.88.0.2", "02:00:00:00:0b:01"),
+        (&b, "b0", "10.88.0.2/24", "fd00:88::2/64", "10.88.0.1", "02:00:00:00:0a:01"),
+    ] {
+        ns.sh(&format!(
+            "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 && \
+             ip addr add {ip} dev {ifname} && ip addr add {ip6} dev {ifname} nodad && \
+             ip link set {ifname} up && \
+             ip neigh replace {peer_ip} lladdr {peer_mac} dev {ifname} nud permanent"
+        ));
+    }
+    (a, b)
+}
+
+/// Sends `count` UDP datagrams from `from` to `to` and counts what arrives there
+/// (a receiver in `to_ns`, waiting up to a second after the last).
+fn udp(from_ns: &Netns, to_ns: &Netns, to: std::net::SocketAddr, count: usize) -> usize {
+    let to_path = to_ns.path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rx = std::thread::spawn(move || {
+        Netns::at(to_path).enter_this_thread();
+        let s = std::net::UdpSocket::bind(to).expect("bind receiver");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    ready_rx.recv().unwrap();
+    let from_path = from_ns.path();
+    std::thread::spawn(move || {
+        Netns::at(from_path).enter_this_thread();
+        let any: std::net::SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = std::net::UdpSocket::bind(any).unwrap();
+        for _ in 0..count {
+            // A denied datagram is dropped after the send returns.
+            s.send_to(b"trellis", to).expect("send");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+    .join()
+    .unwrap();
+    rx.join().unwrap()
+}
+
+fn received(out: &str) -> usize {
+    out.split(',')
+        .find_map(|p| p.trim().strip_suffix(" received"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no ping summary in {out:?}"))
+}
+
+fn link_ino(dir: &Path, slot: u32, which: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join("links").join(format!("{slot}-{which}")))
+        .expect("link pin")
+        .ino()
+}
+
+#[test]
+fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
+    require_root!();
+    let dir = BpfDir::new();
+    let (a, b) = pair();
+    let network = "pods/acl-net";
+    let rules = |icmp_in: bool| {
+        let mut r = vec![
+            serde_json::json!({"action":"deny","direction":"egress","cidr":"10.88.0.0/24","protocol":"udp","ports":"9000-9099"}),
+            serde_json::json!({"action":"deny","direction":"ingress","cidr":"fd00:88::2/128","protocol":"icmpv6"}),
+        ];
+        if icmp_in {
+            r.push(serde_json::json!({"action":"deny","direction":"ingress","cidr":"10.88.0.2/32","protocol":"icmp"}));
+        }
+        Acl::parse(&serde_json::json!({"default":"allow","rules": r}).to_string()).unwrap()
+    };
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    dp.set_network_acl(network, Some(&rules(true))).unwrap();
+    let slot = dp.attach(&a.path(), &owner("a", network, "a0")).expect("attach");
+    let links = (link_ino(&dir.0, slot, "ingress"), link_ino(&dir.0, slot, "egress"));
+
+    // Ingress IPv4: echo requests from b die at a's ingress, each counted once.
+    assert_eq!(received(&b.sh("ping -c 4 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    // Egress: datagrams to 9050 are dropped on the way out; 9100 is not in the range.
+    assert_eq!(udp(&a, &b, "10.88.0.2:9050".parse().unwrap(), 6), 0);
+    assert_eq!(udp(&a, &b, "10.88.0.2:9100".parse().unwrap(), 3), 3);
+    // IPv6: ND gets through (the datagrams arrive), echo requests do not.
+    assert_eq!(udp(&b, &a, "[fd00:88::1]:7000".parse().unwrap(), 2), 2);
+    assert_eq!(received(&b.sh("ping -6 -c 3 -i 0.2 -W 1 fd00:88::1 || true")), 0);
+    let s = stats_of(&dir.0, slot);
+    assert_eq!((s.ingress.drops, s.egress.drops), (4 + 3, 6), "{s:?}");
+    let (hits, _) = hits_of(&dir.0, network);
+    assert_eq!(hits, vec![6, 3, 4], "hits per rule in NAD order");
+
+    // Live update: the ICMP rule goes; the same links now let pings through.
+    dp.set_network_acl(network, Some(&rules(false))).unwrap();
+    assert_eq!(received(&b.sh("ping -c 3 -i 0.2 -W 1 10.88.0.1")), 3);
+    assert_eq!(
+        links,
+        (link_ino(&dir.0, slot, "ingress"), link_ino(&dir.0, slot, "egress")),
+        "nothing was detached"
+    );
+    assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7);
+    // And back.
+    dp.set_network_acl(network, Some(&rules(true))).unwrap();
+
+    // Restart: a new loader finds the rules and counters where they were.
+    drop(dp);
+    assert_eq!(received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    let mut dp = Dataplane::open(&dir.0).expect("reload");
+    let before = dp.acl_of(network).unwrap().expect("ACL kept");
+    assert_eq!(dp.set_network_acl(network, Some(&rules(true))).unwrap(), Some(before.0));
+    assert_eq!(received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7 + 4);
+    assert_eq!(hits_of(&dir.0, network).0[2], 4 + 4);
+
+    // DEL: the slot, its links and the network's ACL (its last attachment) are gone.
+    dp.detach(slot).unwrap();
+    assert!(read_stats(&dir.0).unwrap().is_empty());
+    assert!(read_acl_hits(&dir.0).unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(dir.0.join("links")).unwrap().count(), 0);
+    assert!(dp.acl_of(network).unwrap().is_none());
+    assert_eq!(received(&b.sh("ping -c 1 -W 1 10.88.0.1")), 1);
+}
