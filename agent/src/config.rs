@@ -86,6 +86,14 @@ pub struct DataplaneConfig {
     /// `/sys/fs/bpf/trellis`.
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
+    /// How often the NADs of networks with live attachments are re-read for ACL
+    /// changes (`trellis.dev/acl`), in milliseconds. Default 1000.
+    #[serde(default = "default_acl_resync_ms")]
+    pub acl_resync_ms: u64,
+}
+
+fn default_acl_resync_ms() -> u64 {
+    1000
 }
 
 impl Default for DataplaneConfig {
@@ -93,6 +101,7 @@ impl Default for DataplaneConfig {
         DataplaneConfig {
             enabled: true,
             bpffs_dir: default_bpffs_dir(),
+            acl_resync_ms: default_acl_resync_ms(),
         }
     }
 }

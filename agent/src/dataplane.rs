@@ -519,6 +519,14 @@ impl Dataplane {
         Ok(Some(id))
     }
 
+    /// Drops `network`'s ACL if no attachment uses it.
+    pub fn forget_unused_acl(&mut self, network: &str) -> Result<(), DataplaneError> {
+        if self.slots_of(network)?.is_empty() {
+            self.set_network_acl(network, None)?;
+        }
+        Ok(())
+    }
+
     fn drop_acl(&mut self, id: u32) -> Result<(), DataplaneError> {
         for name in ["ACL_V4", "ACL_V6"] {
             for dir in [DIR_INGRESS, DIR_EGRESS] {

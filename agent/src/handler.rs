@@ -47,6 +47,8 @@ struct Planned {
     resource: Option<String>,
     /// The device from that pool, put in the delegate's `deviceID`.
     device: Option<String>,
+    /// The NAD's ACL (`trellis.dev/acl`).
+    acl: Option<crate::acl::Acl>,
 }
 
 /// The parts of the shim's own conf the agent uses.
@@ -161,6 +163,86 @@ impl Handler {
         }
     }
 
+    /// Attaches the attachments whose network has an ACL, now: their rules are in the
+    /// maps (and current for every live attachment of the network) before the pod
+    /// gets its first packet. An interface without a kernel netdev (vfio, socket)
+    /// cannot be filtered: refused.
+    fn attach_with_acls(
+        &self,
+        record: &mut Record,
+        acls: &[Option<crate::acl::Acl>],
+    ) -> Result<(), CniError> {
+        let Some(dp) = &self.dataplane else {
+            return Ok(());
+        };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, acl) in acls.iter().enumerate() {
+            let Some(acl) = acl else { continue };
+            let a = &record.attachments[i];
+            let network = a.network.clone();
+            let fail = |e: crate::dataplane::DataplaneError| {
+                CniError::new(
+                    ErrorCode::Io,
+                    format!("network {} ({}): ACL: {e}", a.network, a.ifname),
+                )
+            };
+            dp.set_network_acl(&network, Some(acl)).map_err(fail)?;
+            let attached = self.attach_one(&mut dp, record, i, true);
+            if attached.is_err() {
+                // A network whose only attachment this was keeps no tables.
+                let _ = dp.forget_unused_acl(&network);
+            }
+            attached?;
+        }
+        Ok(())
+    }
+
+    /// Attaches attachment `i` if its interface is a kernel netdev in the pod; with
+    /// `required`, an attachment without one is an error.
+    fn attach_one(
+        &self,
+        dp: &mut crate::dataplane::Dataplane,
+        record: &mut Record,
+        i: usize,
+        required: bool,
+    ) -> Result<(), CniError> {
+        let netns = std::path::Path::new(&record.netns);
+        let a = &record.attachments[i];
+        if a.slot.is_some() || a.result.is_none() {
+            return Ok(());
+        }
+        let has_link = crate::netns::run_in(netns, || {
+            let c = std::ffi::CString::new(a.ifname.as_str()).unwrap_or_default();
+            // SAFETY: NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+        })
+        .unwrap_or(false);
+        if !has_link {
+            if required {
+                return Err(invalid(format!(
+                    "network {} ({}) has an ACL but its attachment made no kernel interface in the pod to filter (a vfio device or a socket)",
+                    a.network, a.ifname
+                )));
+            }
+            return Ok(());
+        }
+        let owner = crate::dataplane::Owner {
+            namespace: record.pod_namespace.clone(),
+            pod: record.pod_name.clone(),
+            network: a.network.clone(),
+            ifname: a.ifname.clone(),
+            container: record.container_id.clone(),
+        };
+        let slot = dp.attach(netns, &owner).map_err(|e| {
+            CniError::new(
+                ErrorCode::Io,
+                format!("network {} ({}): dataplane: {e}", a.network, a.ifname),
+            )
+        })?;
+        record.attachments[i].slot = Some(slot);
+        self.records.save(record).map_err(from_record_err)
+    }
+
     /// Attaches the programs to every kernel interface the attachments made in the pod
     /// (sockets and vfio devices have none) that has none yet, recording each slot.
     fn attach_dataplane(&self, record: &mut Record) -> Result<(), CniError> {
@@ -168,38 +250,85 @@ impl Handler {
             return Ok(());
         };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
-        let netns = std::path::Path::new(&record.netns);
         for i in 0..record.attachments.len() {
-            let a = &record.attachments[i];
-            if a.slot.is_some() || a.result.is_none() {
-                continue;
-            }
-            let has_link = crate::netns::run_in(netns, || {
-                let c = std::ffi::CString::new(a.ifname.as_str()).unwrap_or_default();
-                // SAFETY: NUL-terminated name.
-                unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
-            })
-            .unwrap_or(false);
-            if !has_link {
-                continue;
-            }
-            let owner = crate::dataplane::Owner {
-                namespace: record.pod_namespace.clone(),
-                pod: record.pod_name.clone(),
-                network: a.network.clone(),
-                ifname: a.ifname.clone(),
-                container: record.container_id.clone(),
-            };
-            let slot = dp.attach(netns, &owner).map_err(|e| {
-                CniError::new(
-                    ErrorCode::Io,
-                    format!("network {} ({}): dataplane: {e}", a.network, a.ifname),
-                )
-            })?;
-            record.attachments[i].slot = Some(slot);
-            self.records.save(record).map_err(from_record_err)?;
+            self.attach_one(&mut dp, record, i, false)?;
         }
         Ok(())
+    }
+
+    /// Keeps the ACLs of live attachments equal to their NADs: every `period`, the
+    /// NAD of each network with attachments is read again (the Kubernetes source
+    /// answers from its watch cache) and a changed `trellis.dev/acl` replaces the
+    /// network's tables in place. A NAD whose new ACL is invalid keeps the old rules
+    /// (logged once per change).
+    pub fn start_acl_sync(self: &Arc<Self>, period: std::time::Duration) {
+        if self.dataplane.is_none() {
+            return;
+        }
+        let h = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("trellis-acl-sync".into())
+            .spawn(move || {
+                let mut reported: BTreeMap<String, String> = BTreeMap::new();
+                loop {
+                    std::thread::sleep(period);
+                    h.sync_acls(&mut reported);
+                }
+            })
+            .expect("ACL sync thread");
+    }
+
+    /// One pass of the ACL sync (see `start_acl_sync`).
+    pub fn sync_acls(&self, reported: &mut BTreeMap<String, String>) {
+        let Some(dp) = &self.dataplane else { return };
+        let networks = match dp.lock().unwrap_or_else(|p| p.into_inner()).networks() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("ACL sync: {e}");
+                return;
+            }
+        };
+        for network in networks {
+            // The cluster default network (from a conf file) has no NAD.
+            let Some((ns, name)) = network.split_once('/') else {
+                continue;
+            };
+            let nad = match self.source.get_nad(ns, name) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(%network, "ACL sync: {e}");
+                    continue;
+                }
+            };
+            let acl = match nad.metadata.annotations.get(crate::acl::ACL_ANNOTATION) {
+                None => None,
+                Some(a) => match crate::acl::Acl::parse(a) {
+                    Ok(acl) => Some(acl),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if reported.get(&network) != Some(&msg) {
+                            tracing::warn!(%network, "keeping the current rules: NetworkAttachmentDefinition {}: {msg}", nad.qualified_name());
+                            reported.insert(network.clone(), msg);
+                        }
+                        continue;
+                    }
+                },
+            };
+            reported.remove(&network);
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            let current = dp.acl_of(&network).ok().flatten().map(|(_, d)| d);
+            if current == acl.as_ref().map(|a| a.digest()) {
+                continue;
+            }
+            match dp.set_network_acl(&network, acl.as_ref()) {
+                Ok(_) => tracing::info!(
+                    %network,
+                    rules = acl.as_ref().map(|a| a.rules.len()).unwrap_or(0),
+                    "ACL updated from its NetworkAttachmentDefinition"
+                ),
+                Err(e) => tracing::warn!(%network, "ACL update: {e}"),
+            }
+        }
     }
 
     pub fn records(&self) -> &RecordStore {
@@ -327,6 +456,7 @@ impl Handler {
             default_route: Vec::new(),
             resource: None,
             device: None,
+            acl: None,
         }];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
@@ -429,7 +559,30 @@ impl Handler {
                 }
             }
         }
+        let acl = match nad.metadata.annotations.get(crate::acl::ACL_ANNOTATION) {
+            None => None,
+            Some(a) => {
+                let acl = crate::acl::Acl::parse(a).map_err(|e| {
+                    invalid(format!(
+                        "network {} ({}): NetworkAttachmentDefinition {}: {e}",
+                        sel.qualified_name(),
+                        sel.interface,
+                        nad.qualified_name()
+                    ))
+                })?;
+                if self.dataplane.is_none() {
+                    return Err(invalid(format!(
+                        "network {} ({}) has an ACL ({}) but the agent's eBPF dataplane is off ([dataplane] enabled = false): refusing to attach it unfiltered",
+                        sel.qualified_name(),
+                        sel.interface,
+                        crate::acl::ACL_ANNOTATION
+                    )));
+                }
+                Some(acl)
+            }
+        };
         Ok(Planned {
+            acl,
             network: sel.qualified_name(),
             ifname: sel.interface,
             cluster_default: false,
@@ -482,6 +635,8 @@ impl Handler {
             attachments: Vec::new(),
             network_status: None,
         };
+        // Networks with an ACL are attached (and filtered) before ADD returns.
+        let acls: Vec<Option<crate::acl::Acl>> = plan.iter().map(|p| p.acl.clone()).collect();
         for p in plan {
             record.attachments.push(Attachment {
                 network: p.network.clone(),
@@ -529,6 +684,9 @@ impl Handler {
         }
         if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
             return Err(self.roll_back(record, invalid(e.to_string())));
+        }
+        if let Err(e) = self.attach_with_acls(&mut record, &acls) {
+            return Err(self.roll_back(record, e));
         }
         if let Err(e) = self.dataplane_after_add(&mut record) {
             return Err(self.roll_back(record, e));

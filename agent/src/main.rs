@@ -258,6 +258,9 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     }
     let handler = Arc::new(handler);
     handler.start_dataplane_worker();
+    handler.start_acl_sync(std::time::Duration::from_millis(
+        config.dataplane.acl_resync_ms.max(100),
+    ));
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;

@@ -181,10 +181,22 @@ impl TestNode {
 
     /// Writes a NetworkAttachmentDefinition file.
     pub fn add_nad(&self, namespace: &str, name: &str, config: &Value) {
+        self.add_nad_annotated(namespace, name, config, &BTreeMap::new())
+    }
+
+    /// Writes a NetworkAttachmentDefinition file with metadata annotations (an ACL,
+    /// a resourceName); writing it again is how a test edits the NAD.
+    pub fn add_nad_annotated(
+        &self,
+        namespace: &str,
+        name: &str,
+        config: &Value,
+        annotations: &BTreeMap<String, String>,
+    ) {
         let nad = json!({
             "apiVersion": "k8s.cni.cncf.io/v1",
             "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
             "spec": {"config": config.to_string()},
         });
         std::fs::write(

@@ -172,8 +172,22 @@ fn pair() -> (Netns, Netns) {
     ));
     b.sh("ip link set b0 address 02:00:00:00:0b:01");
     for (ns, ifname, ip, ip6, peer_ip, peer_mac) in [
-        (&a, "a0", "10.88.0.1/24", "fd00:88::1/64", "10.88.0.2", "02:00:00:00:0b:01"),
-        (&b, "b0", "10.88.0.2/24", "fd00:88::2/64", "10.88.0.1", "02:00:00:00:0a:01"),
+        (
+            &a,
+            "a0",
+            "10.88.0.1/24",
+            "fd00:88::1/64",
+            "10.88.0.2",
+            "02:00:00:00:0b:01",
+        ),
+        (
+            &b,
+            "b0",
+            "10.88.0.2/24",
+            "fd00:88::2/64",
+            "10.88.0.1",
+            "02:00:00:00:0a:01",
+        ),
     ] {
         ns.sh(&format!(
             "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 && \
@@ -256,17 +270,28 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
     };
     let mut dp = Dataplane::open(&dir.0).expect("load");
     dp.set_network_acl(network, Some(&rules(true))).unwrap();
-    let slot = dp.attach(&a.path(), &owner("a", network, "a0")).expect("attach");
-    let links = (link_ino(&dir.0, slot, "ingress"), link_ino(&dir.0, slot, "egress"));
+    let slot = dp
+        .attach(&a.path(), &owner("a", network, "a0"))
+        .expect("attach");
+    let links = (
+        link_ino(&dir.0, slot, "ingress"),
+        link_ino(&dir.0, slot, "egress"),
+    );
 
     // Ingress IPv4: echo requests from b die at a's ingress, each counted once.
-    assert_eq!(received(&b.sh("ping -c 4 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    assert_eq!(
+        received(&b.sh("ping -c 4 -i 0.2 -W 1 10.88.0.1 || true")),
+        0
+    );
     // Egress: datagrams to 9050 are dropped on the way out; 9100 is not in the range.
     assert_eq!(udp(&a, &b, "10.88.0.2:9050".parse().unwrap(), 6), 0);
     assert_eq!(udp(&a, &b, "10.88.0.2:9100".parse().unwrap(), 3), 3);
     // IPv6: ND gets through (the datagrams arrive), echo requests do not.
     assert_eq!(udp(&b, &a, "[fd00:88::1]:7000".parse().unwrap(), 2), 2);
-    assert_eq!(received(&b.sh("ping -6 -c 3 -i 0.2 -W 1 fd00:88::1 || true")), 0);
+    assert_eq!(
+        received(&b.sh("ping -6 -c 3 -i 0.2 -W 1 fd00:88::1 || true")),
+        0
+    );
     let s = stats_of(&dir.0, slot);
     assert_eq!((s.ingress.drops, s.egress.drops), (4 + 3, 6), "{s:?}");
     let (hits, _) = hits_of(&dir.0, network);
@@ -277,7 +302,10 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
     assert_eq!(received(&b.sh("ping -c 3 -i 0.2 -W 1 10.88.0.1")), 3);
     assert_eq!(
         links,
-        (link_ino(&dir.0, slot, "ingress"), link_ino(&dir.0, slot, "egress")),
+        (
+            link_ino(&dir.0, slot, "ingress"),
+            link_ino(&dir.0, slot, "egress")
+        ),
         "nothing was detached"
     );
     assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7);
@@ -286,11 +314,20 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
 
     // Restart: a new loader finds the rules and counters where they were.
     drop(dp);
-    assert_eq!(received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    assert_eq!(
+        received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")),
+        0
+    );
     let mut dp = Dataplane::open(&dir.0).expect("reload");
     let before = dp.acl_of(network).unwrap().expect("ACL kept");
-    assert_eq!(dp.set_network_acl(network, Some(&rules(true))).unwrap(), Some(before.0));
-    assert_eq!(received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")), 0);
+    assert_eq!(
+        dp.set_network_acl(network, Some(&rules(true))).unwrap(),
+        Some(before.0)
+    );
+    assert_eq!(
+        received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")),
+        0
+    );
     assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7 + 4);
     assert_eq!(hits_of(&dir.0, network).0[2], 4 + 4);
 

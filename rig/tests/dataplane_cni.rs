@@ -175,3 +175,162 @@ fn scrape(host: &Netns) -> String {
         .unwrap()
     })
 }
+
+fn acl_annotation(acl: Value) -> std::collections::BTreeMap<String, String> {
+    [("trellis.dev/acl".to_string(), acl.to_string())].into()
+}
+
+fn drops(stats: &[Value], ifname: &str) -> (u64, u64) {
+    let s = stats
+        .iter()
+        .find(|s| s["owner"]["ifname"] == ifname)
+        .unwrap_or_else(|| panic!("no {ifname} in {stats:?}"));
+    (
+        s["ingress"]["drops"].as_u64().unwrap(),
+        s["egress"]["drops"].as_u64().unwrap(),
+    )
+}
+
+/// A network with an ACL in its NAD: filtered from the moment ADD returns, a NAD edit
+/// changes the live pods' rules, an agent restart keeps them, an invalid ACL fails
+/// the ADD and leaves nothing.
+#[test]
+fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    let conf_mv = node.macvlan_conf("10.78.2.0/24");
+    let deny_icmp_in = serde_json::json!({"default": "allow", "rules": [
+        {"action": "deny", "direction": "ingress", "cidr": "10.78.2.0/24", "protocol": "icmp"}
+    ]});
+    node.add_nad_annotated(
+        "pods",
+        "mv-acl",
+        &conf_mv,
+        &acl_annotation(deny_icmp_in.clone()),
+    );
+    node.start_agent();
+    let (a, b) = (Netns::new("tra"), Netns::new("tra"));
+    for ns in [&a, &b] {
+        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+    }
+    let conf = node.shim_conf(Some(&networks_annotation("mv-acl")));
+    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        node.shim(
+            "ADD",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", name),
+            &conf,
+        )
+        .expect_ok("ADD");
+        // Attached before ADD returned (no waiting here).
+        assert!(
+            stats(&node, name)
+                .iter()
+                .any(|s| s["owner"]["ifname"] == "net1"),
+            "the ACL network is filtered when ADD returns"
+        );
+    }
+    let b_ip = b.addrs("net1")[0].split('/').next().unwrap().to_string();
+    assert!(a
+        .sh(&format!("ping -c 3 -i 0.2 -W 1 {b_ip} || true"))
+        .contains(" 0 received"));
+    assert_eq!(drops(&stats(&node, "b"), "net1"), (3, 0));
+
+    // The NAD loses its deny rule: within the resync period, pings go through.
+    node.add_nad_annotated(
+        "pods",
+        "mv-acl",
+        &conf_mv,
+        &acl_annotation(serde_json::json!({"default": "allow", "rules": []})),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !a
+        .sh(&format!("ping -c 1 -W 1 {b_ip} || true"))
+        .contains(" 1 received")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", node.agent_log());
+    }
+    // And gets it back; then the agent restarts: rules and counters stay.
+    node.add_nad_annotated("pods", "mv-acl", &conf_mv, &acl_annotation(deny_icmp_in));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !a
+        .sh(&format!("ping -c 1 -W 1 {b_ip} || true"))
+        .contains(" 0 received")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", node.agent_log());
+    }
+    let before = drops(&stats(&node, "b"), "net1").0;
+    node.stop_agent();
+    assert!(a
+        .sh(&format!("ping -c 2 -i 0.2 -W 1 {b_ip} || true"))
+        .contains(" 0 received"));
+    node.start_agent();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(a
+        .sh(&format!("ping -c 2 -i 0.2 -W 1 {b_ip} || true"))
+        .contains(" 0 received"));
+    assert_eq!(drops(&stats(&node, "b"), "net1").0, before + 4);
+
+    // An invalid ACL: ADD fails naming the rule, and nothing of the pod is left.
+    node.add_nad_annotated(
+        "pods",
+        "mv-bad",
+        &node.macvlan_conf("10.78.3.0/24"),
+        &acl_annotation(serde_json::json!({"rules": [
+            {"action": "allow", "cidr": "10.0.0.0/8"},
+            {"action": "deny", "cidr": "10.78.3.0/24", "protocol": "tcp", "ports": "443-80"}
+        ]})),
+    );
+    let c = Netns::new("tra");
+    let links_before = std::fs::read_dir(node.bpf_dir.join("links"))
+        .unwrap()
+        .count();
+    let bad = node.shim_conf(Some(&networks_annotation("mv-bad")));
+    let (_, msg) = node
+        .shim(
+            "ADD",
+            "cc",
+            &c.path().to_string_lossy(),
+            ("pods", "c"),
+            &bad,
+        )
+        .expect_err("ADD with a bad ACL");
+    assert!(
+        msg.contains("NetworkAttachmentDefinition pods/mv-bad: annotation trellis.dev/acl: rule 1: ports \"443-80\": the range is backwards (443 > 80)"),
+        "{msg}"
+    );
+    assert!(stats(&node, "c").is_empty());
+    assert_eq!(
+        std::fs::read_dir(node.bpf_dir.join("links"))
+            .unwrap()
+            .count(),
+        links_before
+    );
+    assert!(c.links().iter().all(|l| l == "lo"), "{:?}", c.links());
+    assert!(!node.records().iter().any(|r| r.contains("cc")));
+
+    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        node.shim(
+            "DEL",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", name),
+            &conf,
+        )
+        .expect_ok("DEL");
+    }
+    assert_eq!(
+        std::fs::read_dir(node.bpf_dir.join("links"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let hits = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["stats", "--json", "--bpffs-dir"])
+        .arg(&node.bpf_dir)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&hits.stdout).trim(), "[]");
+}
