@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod handler;
 pub mod link;
+pub mod lpm_baseline;
 pub mod metrics;
 pub mod nad;
 pub mod netns;

@@ -173,4 +173,6 @@ mod user {
     unsafe impl aya::Pod for super::AclTableV6 {}
     // SAFETY: bytes and integers, explicit _pad.
     unsafe impl aya::Pod for super::AclInfo {}
+    // SAFETY: two u8 and three u16, no padding.
+    unsafe impl aya::Pod for super::AclRule {}
 }

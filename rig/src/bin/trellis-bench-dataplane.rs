@@ -1,0 +1,372 @@
+//! Dataplane cost, every figure side by side in one run (rounds interleaved, medians):
+//! 1. per packet, through BPF_PROG_TEST_RUN: the TCX program with accounting only, and
+//!    with an ACL of 0, 100 and 10,000 rules (IPv4, IPv6), against the same parse and
+//!    accounting with the rules in a kernel LPM trie;
+//! 2. on a veth between two namespaces this bench makes: TCP single-stream throughput
+//!    and 64-byte UDP packets per second with nothing attached, with the programs
+//!    (accounting only), and with 1,000 and 10,000 rules as a trellis ACL and as the
+//!    same rules in iptables.
+//!
+//! Root. Prints figures; asserts nothing about speed.
+//! `trellis-bench-dataplane [--rounds N] [--seconds S] [--quick] [--per-packet]`
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use trellis_agent::acl::Acl;
+use trellis_agent::dataplane::{Dataplane, Owner};
+use trellis_agent::lpm_baseline::LpmBaseline;
+use trellis_ebpf_common::{AclRule, ACT_DENY, DIR_INGRESS, TCX_NEXT};
+use trellis_rig::figures::percentiles;
+use trellis_rig::netns::Netns;
+use trellis_rig::packets::{frame, TCP};
+
+fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentiles(v.to_vec(), [0.5])[0]
+}
+
+/// The i-th rule prefix: IPv4 10.a.b.0/24, IPv6 fd00:0:i::/48.
+fn prefix(i: u32, v6: bool) -> (IpAddr, u8) {
+    if v6 {
+        (
+            IpAddr::V6(Ipv6Addr::from(0xfd00u128 << 112 | (i as u128) << 80)),
+            48,
+        )
+    } else {
+        (IpAddr::V4(Ipv4Addr::from(10u32 << 24 | i << 8)), 24)
+    }
+}
+
+/// `n` rules, each denying UDP port 53 on its own prefix, default allow.
+fn acl_json(n: u32, v6: bool) -> String {
+    let rules: Vec<String> = (0..n)
+        .map(|i| {
+            let (a, l) = prefix(i, v6);
+            format!(r#"{{"action":"deny","cidr":"{a}/{l}","protocol":"udp","ports":53}}"#)
+        })
+        .collect();
+    format!(r#"{{"default":"allow","rules":[{}]}}"#, rules.join(","))
+}
+
+struct BpfDir(PathBuf);
+impl Drop for BpfDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn owner(network: &str, ifname: &str) -> Owner {
+    Owner {
+        namespace: "bench".into(),
+        pod: "bench".into(),
+        network: network.into(),
+        ifname: ifname.into(),
+        container: "bench".into(),
+    }
+}
+
+/// Part 1: ns per packet.
+fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
+    const SIZES: [Option<u32>; 4] = [None, Some(0), Some(100), Some(10_000)];
+    struct Case {
+        label: String,
+        probe: trellis_agent::dataplane::Probe,
+        lpm: Option<LpmBaseline>,
+        packet: Vec<u8>,
+        ours: Vec<f64>,
+        trie: Vec<f64>,
+    }
+    let mut cases = Vec::new();
+    for v6 in [false, true] {
+        for n in SIZES {
+            let network = format!("bench/{}-{}", if v6 { "v6" } else { "v4" }, n.map_or(-1, |n| n as i64));
+            if let Some(n) = n {
+                let acl = Acl::parse(&acl_json(n, v6)).expect("bench ACL");
+                dp.set_network_acl(&network, Some(&acl)).expect("set ACL");
+            }
+            let probe = dp.probe(&owner(&network, "net1")).expect("probe");
+            // A packet inside the middle prefix whose rule does not match (TCP 80):
+            // the whole search, the span's rules, then the default.
+            let (p, _) = prefix(n.unwrap_or(0) / 2, v6);
+            let remote = match p {
+                IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) | 7)),
+                IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) | 7)),
+            };
+            let local: IpAddr = if v6 { "2001:db8::1".parse().unwrap() } else { "192.0.2.1".parse().unwrap() };
+            let packet = frame(remote, local, TCP, 80, 100);
+            let lpm = match n {
+                Some(n) if n > 0 => {
+                    let mut l = LpmBaseline::load().expect("LPM baseline");
+                    for i in 0..n {
+                        let (a, len) = prefix(i, v6);
+                        l.insert(
+                            a,
+                            len,
+                            AclRule { proto: 17, action: ACT_DENY, port_lo: 53, port_hi: 53, id: i as u16 },
+                        )
+                        .expect("LPM insert");
+                    }
+                    Some(l)
+                }
+                _ => None,
+            };
+            let label = format!(
+                "{} {}",
+                if v6 { "IPv6" } else { "IPv4" },
+                match n {
+                    None => "accounting only".to_string(),
+                    Some(n) => format!("ACL {n} rules"),
+                }
+            );
+            cases.push(Case { label, probe, lpm, packet, ours: vec![], trie: vec![] });
+        }
+    }
+    let base = LpmBaseline::load().expect("baseline object");
+    let (mut floor, mut counter) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let pkt = &cases[0].packet;
+        floor.push(base.run_program("floor", pkt, repeat).expect("floor").1.as_nanos() as f64);
+        counter.push(base.run_program("counter_only", pkt, repeat).expect("counter").1.as_nanos() as f64);
+        for c in &mut cases {
+            let (v, d) = c.probe.run(DIR_INGRESS, &c.packet, repeat).expect("test run");
+            assert_eq!(v, TCX_NEXT, "{}: the bench packet passes", c.label);
+            c.ours.push(d.as_nanos() as f64);
+            if let Some(l) = &c.lpm {
+                let (v, d) = l.run(&c.packet, repeat).expect("LPM test run");
+                assert_eq!(v, TCX_NEXT);
+                c.trie.push(d.as_nanos() as f64);
+            }
+        }
+    }
+    println!("\nper packet (BPF_PROG_TEST_RUN, {repeat} runs x {rounds} rounds, median ns):");
+    println!("  {:<32} {:>10} {:>14} {:>8}", "", "trellis", "LPM trie", "ratio");
+    println!("  {:<32} {:>10.1}", "empty program (the floor)", median(&floor));
+    println!("  {:<32} {:>10.1}", "one per-CPU counter", median(&counter));
+    for c in &cases {
+        let ours = median(&c.ours);
+        if c.trie.is_empty() {
+            println!("  {:<32} {:>10.1} {:>14} {:>8}", c.label, ours, "-", "-");
+        } else {
+            let trie = median(&c.trie);
+            println!("  {:<32} {:>10.1} {:>14.1} {:>8.2}", c.label, ours, trie, trie / ours);
+        }
+    }
+    for c in cases {
+        dp.detach(c.probe.slot).expect("release probe");
+    }
+}
+
+/// Two namespaces on a veth: "pod" (10.99.0.1, where programs and rules go) and
+/// "peer" (10.99.0.2).
+fn veth_pair() -> (Netns, Netns) {
+    let pod = Netns::new("tbp");
+    let peer = Netns::new("tbq");
+    pod.sh(&format!(
+        "ip link add eth1 type veth peer name eth1 netns {} && ip link set eth1 address 02:00:00:00:99:01",
+        peer.name
+    ));
+    peer.sh("ip link set eth1 address 02:00:00:00:99:02");
+    for (ns, ip, peer_ip, peer_mac) in [
+        (&pod, "10.99.0.1/24", "10.99.0.2", "02:00:00:00:99:02"),
+        (&peer, "10.99.0.2/24", "10.99.0.1", "02:00:00:00:99:01"),
+    ] {
+        ns.sh(&format!(
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 && \
+             ip addr add {ip} dev eth1 && ip link set eth1 up && ip link set lo up && \
+             ip neigh replace {peer_ip} lladdr {peer_mac} dev eth1 nud permanent"
+        ));
+    }
+    (pod, peer)
+}
+
+fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        Netns::at(path).enter_this_thread();
+        f()
+    })
+}
+
+/// Bytes per second of one TCP stream pod -> peer for `secs`.
+fn tcp_throughput(pod: &Netns, peer: &Netns, secs: f64) -> f64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_ns(peer, move || {
+        let l = std::net::TcpListener::bind("10.99.0.2:5201").expect("bind 5201");
+        tx.send(()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        n
+    });
+    rx.recv().unwrap();
+    let client = in_ns(pod, move || {
+        let mut s = std::net::TcpStream::connect("10.99.0.2:5201").expect("connect");
+        let buf = vec![0x5au8; 128 * 1024];
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < secs {
+            s.write_all(&buf).unwrap();
+        }
+        drop(s);
+        start.elapsed()
+    });
+    let took = client.join().unwrap();
+    let bytes = server.join().unwrap();
+    bytes as f64 / took.as_secs_f64()
+}
+
+/// 64-byte frames (22-byte UDP payloads) per second received by peer, one sender.
+fn udp_pps(pod: &Netns, peer: &Netns, secs: f64) -> f64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_rx = stop.clone();
+    let server = in_ns(peer, move || {
+        let s = std::net::UdpSocket::bind("10.99.0.2:5202").expect("bind 5202");
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        let mut n = 0u64;
+        while !stop_rx.load(std::sync::atomic::Ordering::Relaxed) {
+            if s.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    });
+    rx.recv().unwrap();
+    let client = in_ns(pod, move || {
+        let s = std::net::UdpSocket::bind("10.99.0.1:0").unwrap();
+        s.connect("10.99.0.2:5202").unwrap();
+        let payload = [0x5au8; 22];
+        let start = Instant::now();
+        let mut i = 0u32;
+        loop {
+            let _ = s.send(&payload);
+            i = i.wrapping_add(1);
+            if i % 256 == 0 && start.elapsed().as_secs_f64() >= secs {
+                break;
+            }
+        }
+        start.elapsed()
+    });
+    let took = client.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap() as f64 / took.as_secs_f64()
+}
+
+/// `n` rules that never match the bench flow: deny TCP port 5000 to/from
+/// 172.16.0.0 + i.
+fn rule_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xac10_0000u32 + i)
+}
+
+fn iptables_load(pod: &Netns, n: u32) {
+    let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..n {
+        s.push_str(&format!("-A INPUT -s {}/32 -p tcp --dport 5000 -j DROP\n", rule_addr(i)));
+    }
+    for i in 0..n {
+        s.push_str(&format!("-A OUTPUT -d {}/32 -p tcp --dport 5000 -j DROP\n", rule_addr(i)));
+    }
+    s.push_str("COMMIT\n");
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), s).unwrap();
+    pod.sh(&format!("iptables-restore < {}", f.path().display()));
+}
+
+fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
+    let (pod, peer) = veth_pair();
+    let mut acls = std::collections::BTreeMap::new();
+    for n in [1000u32, 10_000] {
+        let rules: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"action":"deny","cidr":"{}/32","protocol":"tcp","ports":5000}}"#, rule_addr(i)))
+            .collect();
+        acls.insert(n, Acl::parse(&format!(r#"{{"default":"allow","rules":[{}]}}"#, rules.join(","))).unwrap());
+    }
+    #[derive(Clone, Copy)]
+    enum Setup {
+        Bare,
+        Trellis(Option<u32>),
+        Iptables(u32),
+    }
+    let setups = [
+        ("nothing attached", Setup::Bare),
+        ("trellis, accounting only", Setup::Trellis(None)),
+        ("trellis ACL, 1,000 rules", Setup::Trellis(Some(1000))),
+        ("iptables, 1,000 rules", Setup::Iptables(1000)),
+        ("trellis ACL, 10,000 rules", Setup::Trellis(Some(10_000))),
+        ("iptables, 10,000 rules", Setup::Iptables(10_000)),
+    ];
+    let mut tcp: Vec<Vec<f64>> = vec![vec![]; setups.len()];
+    let mut udp: Vec<Vec<f64>> = vec![vec![]; setups.len()];
+    for _ in 0..rounds {
+        for (k, (_, setup)) in setups.iter().enumerate() {
+            let mut slot = None;
+            match *setup {
+                Setup::Bare => {}
+                Setup::Trellis(n) => {
+                    let network = "bench/veth";
+                    dp.set_network_acl(network, n.map(|n| &acls[&n])).expect("ACL");
+                    slot = Some(dp.attach(&pod.path(), &owner(network, "eth1")).expect("attach"));
+                }
+                Setup::Iptables(n) => iptables_load(&pod, n),
+            }
+            tcp[k].push(tcp_throughput(&pod, &peer, secs));
+            udp[k].push(udp_pps(&pod, &peer, secs));
+            if let Some(s) = slot {
+                dp.detach(s).expect("detach");
+            }
+            if let Setup::Iptables(_) = setup {
+                pod.sh("iptables -F INPUT && iptables -F OUTPUT");
+            }
+        }
+    }
+    let t: Vec<f64> = tcp.iter().map(|v| median(v)).collect();
+    let u: Vec<f64> = udp.iter().map(|v| median(v)).collect();
+    println!("\nveth between two namespaces ({rounds} rounds x {secs} s per figure, medians):");
+    println!("  {:<28} {:>12} {:>8} {:>14} {:>8}", "", "TCP Gbit/s", "x bare", "UDP-64 kpps", "x bare");
+    for (k, (label, _)) in setups.iter().enumerate() {
+        println!(
+            "  {:<28} {:>12.2} {:>8.3} {:>14.1} {:>8.3}",
+            label,
+            t[k] * 8.0 / 1e9,
+            t[k] / t[0],
+            u[k] / 1e3,
+            u[k] / u[0]
+        );
+    }
+    println!("  trellis / iptables at 1,000 rules:  TCP {:.2}x, UDP {:.2}x", t[2] / t[3], u[2] / u[3]);
+    println!("  trellis / iptables at 10,000 rules: TCP {:.2}x, UDP {:.2}x", t[4] / t[5], u[4] / u[5]);
+}
+
+fn main() {
+    if !trellis_rig::is_root() {
+        eprintln!("trellis-bench-dataplane needs root (bpffs, network namespaces)");
+        std::process::exit(1);
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rounds: usize = arg("--rounds").unwrap_or(if quick { 1 } else { 5 });
+    let secs: f64 = arg("--seconds").unwrap_or(if quick { 0.3 } else { 2.0 });
+    let repeat = if quick { 10_000 } else { 500_000 };
+    let dir = BpfDir(PathBuf::from(format!("/sys/fs/bpf/{}", trellis_rig::unique("trellis-bench"))));
+    let mut dp = Dataplane::open(&dir.0).expect("load the programs");
+    println!("trellis-bench-dataplane: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    per_packet(&mut dp, rounds.max(3), repeat);
+    if !std::env::args().any(|a| a == "--per-packet") {
+        veth(&mut dp, rounds, secs);
+    }
+}
