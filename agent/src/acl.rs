@@ -10,8 +10,8 @@
 use serde::Deserialize;
 use std::net::IpAddr;
 use trellis_ebpf_common::{
-    AclRule, AclTableV4, AclTableV6, Span, ACL_INTERVALS, ACT_ALLOW, ACT_DENY, DIR_EGRESS,
-    DIR_INGRESS, MAX_ACL_RULES, MAX_RULES_PER_CIDR, PROTO_ANY,
+    AclRule, Span, ACL_INTERVALS, ACT_ALLOW, ACT_DENY, DIR_EGRESS, DIR_INGRESS, MAX_ACL_RULES,
+    MAX_RULES_PER_CIDR, PROTO_ANY,
 };
 
 pub const ACL_ANNOTATION: &str = "trellis.dev/acl";
@@ -405,33 +405,22 @@ impl Acl {
         (out, rules)
     }
 
-    pub fn table_v4(&self, dir: u32) -> Box<AclTableV4> {
-        let (iv, rules) = self.intervals(dir, true);
-        let mut t: Box<AclTableV4> = zeroed_box();
-        t.len = iv.len() as u32;
-        t.default_action = self.default_action();
-        for (i, (start, span)) in iv.into_iter().enumerate() {
-            t.starts[i] = start as u32;
-            t.spans[i] = span;
-        }
-        t.rules[..rules.len()].copy_from_slice(&rules);
-        t
+    /// The four tables (IPv4 ingress, egress, IPv6 ingress, egress: the order of
+    /// `table_index`), each as intervals and the rules their spans point into.
+    pub fn tables(&self) -> [Table; 4] {
+        [
+            (false, DIR_INGRESS),
+            (false, DIR_EGRESS),
+            (true, DIR_INGRESS),
+            (true, DIR_EGRESS),
+        ]
+        .map(|(v6, dir)| {
+            let (intervals, rules) = self.intervals(dir, !v6);
+            Table { intervals, rules }
+        })
     }
 
-    pub fn table_v6(&self, dir: u32) -> Box<AclTableV6> {
-        let (iv, rules) = self.intervals(dir, false);
-        let mut t: Box<AclTableV6> = zeroed_box();
-        t.len = iv.len() as u32;
-        t.default_action = self.default_action();
-        for (i, (start, span)) in iv.into_iter().enumerate() {
-            t.starts[i] = [(start >> 64) as u64, start as u64];
-            t.spans[i] = span;
-        }
-        t.rules[..rules.len()].copy_from_slice(&rules);
-        t
-    }
-
-    fn default_action(&self) -> u32 {
+    pub fn default_action(&self) -> u32 {
         (if self.default_deny {
             ACT_DENY
         } else {
@@ -469,16 +458,16 @@ impl Acl {
     }
 }
 
+/// One compiled table: sorted interval starts with their spans, and the rules.
+pub struct Table {
+    pub intervals: Vec<(u128, Span)>,
+    pub rules: Vec<AclRule>,
+}
+
 struct Prefix {
     start: u128,
     end: u128,
     rules: Vec<AclRule>,
-}
-
-/// A zeroed table on the heap (they are hundreds of KiB: not on the stack).
-fn zeroed_box<T: aya::Pod>() -> Box<T> {
-    // SAFETY: Pod types are plain integers and arrays, valid when all zero.
-    unsafe { Box::<T>::new_zeroed().assume_init() }
 }
 
 /// Looks a packet up in compiled intervals the way the programs do (binary search for
@@ -512,16 +501,14 @@ mod tests {
     }
 
     #[test]
-    fn table_layouts_have_no_padding() {
+    fn map_layouts_have_no_padding() {
         use std::mem::size_of;
-        assert_eq!(
-            size_of::<AclTableV4>(),
-            8 + ACL_INTERVALS * 4 + ACL_INTERVALS * 4 + MAX_ACL_RULES as usize * 8
-        );
-        assert_eq!(
-            size_of::<AclTableV6>(),
-            8 + ACL_INTERVALS * 16 + ACL_INTERVALS * 4 + MAX_ACL_RULES as usize * 8
-        );
+        use trellis_ebpf_common::{AclHeader, IntervalV4, IntervalV6, TableRef};
+        assert_eq!(size_of::<IntervalV4>(), 8);
+        assert_eq!(size_of::<IntervalV6>(), 24);
+        assert_eq!(size_of::<AclRule>(), 8);
+        assert_eq!(size_of::<TableRef>(), 16);
+        assert_eq!(size_of::<AclHeader>(), 4 * 16 + 8);
     }
 
     #[test]
@@ -741,8 +728,12 @@ mod tests {
             })
             .collect();
         let a = acl(&format!(r#"{{"rules":[{}]}}"#, rules.join(",")));
-        let t = a.table_v4(DIR_INGRESS);
-        assert!(t.len as usize <= ACL_INTERVALS);
-        assert_eq!(t.starts[1], u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)));
+        let [t, ..] = a.tables();
+        assert!(t.intervals.len() <= ACL_INTERVALS);
+        assert_eq!(
+            t.intervals[1].0,
+            u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) as u128
+        );
+        assert_eq!(t.rules.len(), MAX_ACL_RULES as usize);
     }
 }

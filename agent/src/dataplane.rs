@@ -11,8 +11,8 @@ use aya::{Ebpf, EbpfLoader};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use trellis_ebpf_common::{
-    acl_key, AclInfo, AclTableV4, AclTableV6, Counters, IfKey, SlotMeta, ACL_HIT_STRIDE,
-    DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS,
+    AclHeader, AclInfo, AclRule, Counters, IfKey, IntervalV4, IntervalV6, SlotMeta, TableRef,
+    ACL_HIT_STRIDE, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS, RULE_SPACE,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
@@ -32,8 +32,15 @@ pub enum DataplaneError {
     Op { what: String, message: String },
     #[error("all {MAX_SLOTS} attachment slots are in use")]
     Full,
-    #[error("network {0}: all {MAX_ACLS} ACL tables are in use by other networks")]
+    #[error("network {0}: all {MAX_ACLS} ACL ids are in use by other networks")]
     AclFull(String),
+    #[error("network {network}: its ACL needs {need} more {what} entries than are free in the shared table space ({cap} in all, the rest held by other networks' ACLs)")]
+    AclSpace {
+        network: String,
+        what: &'static str,
+        need: u32,
+        cap: u32,
+    },
 }
 
 fn op(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
@@ -164,6 +171,93 @@ pub struct Dataplane {
     dir: PathBuf,
     /// Made once: a new loader parses the kernel's BTF (tens of ms) every time.
     loader: EbpfLoader<'static>,
+    /// The ACL table spaces, mapped: IPv4 intervals, IPv6 intervals, rules.
+    iv4: Mapped<IntervalV4>,
+    iv6: Mapped<IntervalV6>,
+    rules: Mapped<AclRule>,
+}
+
+/// A BPF_F_MMAPABLE array map, mapped into the agent: table regions are written as
+/// memory (the programs read the same pages), not one syscall per entry.
+struct Mapped<T> {
+    ptr: *mut T,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by the Dataplane, which is used behind a Mutex.
+unsafe impl<T> Send for Mapped<T> {}
+
+impl<T: Copy> Mapped<T> {
+    fn new(bpf: &Ebpf, name: &str, len: u32) -> Result<Mapped<T>, DataplaneError> {
+        let fd = match bpf.map(name) {
+            Some(aya::maps::Map::Array(d)) => d.fd().as_fd().as_raw_fd(),
+            _ => return Err(DataplaneError::Load(format!("no array map {name}"))),
+        };
+        // Array entries are 8-byte aligned; ours are multiples of 8.
+        assert_eq!(std::mem::size_of::<T>() % 8, 0);
+        let bytes = (len as usize * std::mem::size_of::<T>()).next_multiple_of(4096);
+        // SAFETY: a shared mapping of the map's pages, unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(op(format!("mapping {name}"))(
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        Ok(Mapped {
+            ptr: ptr as *mut T,
+            len: len as usize,
+            bytes,
+        })
+    }
+
+    fn write(&mut self, at: u32, items: &[T]) {
+        assert!(
+            at as usize + items.len() <= self.len,
+            "region within the map"
+        );
+        // SAFETY: in bounds (checked); T is plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(at as usize), items.len())
+        };
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
+    }
+}
+
+/// First fit for `need` entries in a space of `cap` entries, avoiding `used`
+/// (start, len) regions; marks the region used.
+fn first_fit(used: &mut Vec<(u32, u32)>, need: u32, cap: u32) -> Option<u32> {
+    if need == 0 {
+        return Some(0);
+    }
+    used.sort_unstable();
+    let mut at = 0u32;
+    for &(start, len) in used.iter() {
+        if start >= at && start - at >= need {
+            break;
+        }
+        at = at.max(start + len);
+    }
+    if cap - at.min(cap) < need {
+        return None;
+    }
+    used.push((at, need));
+    Some(at)
 }
 
 /// Every slot number as a static, for the loader's `SLOT` override (it borrows the
@@ -207,6 +301,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.btf(None).default_map_pin_directory(dir);
         Ok(Dataplane {
+            iv4: Mapped::new(&bpf, "ACL_IV4", ACL_SPACE)?,
+            iv6: Mapped::new(&bpf, "ACL_IV6", ACL_SPACE)?,
+            rules: Mapped::new(&bpf, "ACL_RULES", RULE_SPACE)?,
             bpf,
             dir: dir.to_path_buf(),
             loader,
@@ -246,8 +343,8 @@ impl Dataplane {
             }
         }
         // The network's rules apply from the first packet the links see.
-        let acl = self.acl_of(&owner.network)?.map(|(id, _)| id);
-        self.set_slot_acl(slot, acl)?;
+        let header = self.acl_entry(&owner.network)?.map(|(_, i)| i.header);
+        self.set_slot_acl(slot, header)?;
         let ifname = owner.ifname.clone();
         let attach_err = |m: String| DataplaneError::Attach {
             ifname: owner.ifname.clone(),
@@ -383,8 +480,8 @@ impl Dataplane {
     pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
         let slot = self.free_slot()?;
         let inst = self.instance(slot)?;
-        let acl = self.acl_of(&owner.network)?.map(|(id, _)| id);
-        self.set_slot_acl(slot, acl)?;
+        let header = self.acl_entry(&owner.network)?.map(|(_, i)| i.header);
+        self.set_slot_acl(slot, header)?;
         self.own(slot, IfKey::default(), owner)?;
         Ok(Probe { slot, inst })
     }
@@ -393,10 +490,11 @@ impl Dataplane {
         self.bpf.map_mut(name).expect("map in the object")
     }
 
-    fn set_slot_acl(&mut self, slot: u32, acl: Option<u32>) -> Result<(), DataplaneError> {
+    /// Points `slot` at ACL header `header` (None: no ACL).
+    fn set_slot_acl(&mut self, slot: u32, header: Option<u32>) -> Result<(), DataplaneError> {
         let mut m: Array<&mut MapData, u32> = Array::try_from(self.map_mut("SLOT_ACL"))
             .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
-        m.set(slot, acl.map(|a| a + 1).unwrap_or(0), 0)
+        m.set(slot, header.map(|h| h + 1).unwrap_or(0), 0)
             .map_err(|e| op("SLOT_ACL map")(e.to_string()))
     }
 
@@ -418,16 +516,21 @@ impl Dataplane {
             .map_err(|e| op("ACL_INFO map")(e.to_string()))
     }
 
-    /// The ACL id and digest `network` has in the maps, if any.
-    pub fn acl_of(&mut self, network: &str) -> Result<Option<(u32, u64)>, DataplaneError> {
+    /// The ACL id and info of `network` in the maps, if any.
+    fn acl_entry(&mut self, network: &str) -> Result<Option<(u32, AclInfo)>, DataplaneError> {
         let info = self.acl_info()?;
         for e in info.iter() {
             let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
             if get(&i.network) == network {
-                return Ok(Some((id, i.digest)));
+                return Ok(Some((id, i)));
             }
         }
         Ok(None)
+    }
+
+    /// The ACL id and digest `network` has in the maps, if any.
+    pub fn acl_of(&mut self, network: &str) -> Result<Option<(u32, u64)>, DataplaneError> {
+        Ok(self.acl_entry(network)?.map(|(id, i)| (id, i.digest)))
     }
 
     /// Networks that have live attachments.
@@ -441,15 +544,43 @@ impl Dataplane {
         Ok(out.into_iter().collect())
     }
 
-    /// Makes `network`'s rules `acl` for every attachment of it, live: each table is
-    /// replaced in one map update (atomic for the programs), nothing is detached.
-    /// None removes the network's ACL. Returns the network's ACL id.
+    /// The regions every ACL's current header holds: IPv4 intervals, IPv6 intervals,
+    /// rules.
+    fn used_regions(&mut self) -> Result<[Vec<(u32, u32)>; 3], DataplaneError> {
+        let infos: Vec<AclInfo> = self
+            .acl_info()?
+            .iter()
+            .map(|e| {
+                e.map(|(_, i)| i)
+                    .map_err(|e| op("ACL_INFO map")(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let hdrs: Array<&mut MapData, AclHeader> = Array::try_from(self.map_mut("ACL_HDR"))
+            .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+        let mut used: [Vec<(u32, u32)>; 3] = Default::default();
+        for i in infos {
+            let h = hdrs
+                .get(&i.header, 0)
+                .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+            for (k, t) in h.tables.iter().enumerate() {
+                used[k / 2].push((t.base, t.len));
+                used[2].push((t.rules, t.nrules));
+            }
+        }
+        Ok(used)
+    }
+
+    /// Makes `network`'s rules `acl` for every attachment of it, live: the new tables
+    /// go into free regions and a header not in use, then each slot is pointed at
+    /// that header (one u32 write each); nothing is detached, and a packet sees the
+    /// old rules or the new, never a mix. None removes the network's ACL. Returns the
+    /// network's ACL id.
     pub fn set_network_acl(
         &mut self,
         network: &str,
         acl: Option<&crate::acl::Acl>,
     ) -> Result<Option<u32>, DataplaneError> {
-        let current = self.acl_of(network)?;
+        let current = self.acl_entry(network)?;
         let Some(acl) = acl else {
             if let Some((id, _)) = current {
                 for slot in self.slots_of(network)? {
@@ -460,8 +591,8 @@ impl Dataplane {
             return Ok(None);
         };
         let digest = acl.digest();
-        if let Some((id, d)) = current {
-            if d == digest {
+        if let Some((id, i)) = current {
+            if i.digest == digest {
                 return Ok(Some(id));
             }
         }
@@ -470,51 +601,94 @@ impl Dataplane {
             None => {
                 let used: std::collections::HashSet<u32> =
                     self.acl_info()?.keys().filter_map(Result::ok).collect();
-                let id = (0..MAX_ACLS)
+                (0..MAX_ACLS)
                     .find(|i| !used.contains(i))
-                    .ok_or_else(|| DataplaneError::AclFull(network.to_string()))?;
-                self.zero_hits(id)?;
-                id
+                    .ok_or_else(|| DataplaneError::AclFull(network.to_string()))?
             }
         };
-        let fill = |this: &mut Self| -> Result<(), DataplaneError> {
-            for dir in [DIR_INGRESS, DIR_EGRESS] {
-                let mut v4: BpfHashMap<&mut MapData, u32, AclTableV4> =
-                    BpfHashMap::try_from(this.map_mut("ACL_V4"))
-                        .map_err(|e| op("ACL_V4 map")(e.to_string()))?;
-                v4.insert(acl_key(id, dir), &*acl.table_v4(dir), 0)
-                    .map_err(|e| {
-                        op(format!("network {network}: writing its IPv4 ACL"))(e.to_string())
-                    })?;
-                let mut v6: BpfHashMap<&mut MapData, u32, AclTableV6> =
-                    BpfHashMap::try_from(this.map_mut("ACL_V6"))
-                        .map_err(|e| op("ACL_V6 map")(e.to_string()))?;
-                v6.insert(acl_key(id, dir), &*acl.table_v6(dir), 0)
-                    .map_err(|e| {
-                        op(format!("network {network}: writing its IPv6 ACL"))(e.to_string())
-                    })?;
-            }
-            let mut info = AclInfo {
-                digest,
-                rules: acl.rules.len() as u32,
-                ..Default::default()
+        // Regions for the new tables, clear of every current table (this network's
+        // too: packets may be reading them until the slots move).
+        let tables = acl.tables();
+        let mut used = self.used_regions()?;
+        let mut header = AclHeader {
+            default_action: acl.default_action(),
+            acl: id,
+            ..Default::default()
+        };
+        const SPACES: [(&str, u32); 3] = [
+            ("IPv4 interval", ACL_SPACE),
+            ("IPv6 interval", ACL_SPACE),
+            ("rule", RULE_SPACE),
+        ];
+        for (k, t) in tables.iter().enumerate() {
+            let (len, nrules) = (t.intervals.len() as u32, t.rules.len() as u32);
+            let full = |space: usize, need: u32| DataplaneError::AclSpace {
+                network: network.to_string(),
+                what: SPACES[space].0,
+                need,
+                cap: SPACES[space].1,
             };
-            put(&mut info.network, network);
-            this.acl_info()?
-                .insert(id, info, 0)
-                .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
-            for slot in this.slots_of(network)? {
-                this.set_slot_acl(slot, Some(id))?;
+            let base =
+                first_fit(&mut used[k / 2], len, ACL_SPACE).ok_or_else(|| full(k / 2, len))?;
+            let rules =
+                first_fit(&mut used[2], nrules, RULE_SPACE).ok_or_else(|| full(2, nrules))?;
+            header.tables[k] = TableRef {
+                base,
+                len,
+                rules,
+                nrules,
+            };
+        }
+        for (k, t) in tables.iter().enumerate() {
+            let r = header.tables[k];
+            if k < 2 {
+                let iv: Vec<IntervalV4> = t
+                    .intervals
+                    .iter()
+                    .map(|&(start, span)| IntervalV4 {
+                        start: start as u32,
+                        span,
+                    })
+                    .collect();
+                self.iv4.write(r.base, &iv);
+            } else {
+                let iv: Vec<IntervalV6> = t
+                    .intervals
+                    .iter()
+                    .map(|&(start, span)| IntervalV6 {
+                        start: [(start >> 64) as u64, start as u64],
+                        span,
+                        _pad: 0,
+                    })
+                    .collect();
+                self.iv6.write(r.base, &iv);
             }
-            Ok(())
+            self.rules.write(r.rules, &t.rules);
+        }
+        // The header not in use (the bpf() call below orders the writes above).
+        let index = match current {
+            Some((_, i)) if i.header == id * 2 => id * 2 + 1,
+            _ => id * 2,
         };
-        if let Err(e) = fill(self) {
-            // A new id leaves nothing behind; an update keeps the old rules where the
-            // kernel kept them (each table is replaced whole or not at all).
-            if current.is_none() {
-                let _ = self.drop_acl(id);
-            }
-            return Err(e);
+        let mut hdrs: Array<&mut MapData, AclHeader> = Array::try_from(self.map_mut("ACL_HDR"))
+            .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+        hdrs.set(index, header, 0)
+            .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+        if current.is_none() {
+            self.zero_hits(id)?;
+        }
+        let mut info = AclInfo {
+            digest,
+            rules: acl.rules.len() as u32,
+            header: index,
+            ..Default::default()
+        };
+        put(&mut info.network, network);
+        self.acl_info()?
+            .insert(id, info, 0)
+            .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+        for slot in self.slots_of(network)? {
+            self.set_slot_acl(slot, Some(index))?;
         }
         Ok(Some(id))
     }
@@ -527,18 +701,8 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Forgets ACL `id`: its regions are free once no ACL_INFO entry names them.
     fn drop_acl(&mut self, id: u32) -> Result<(), DataplaneError> {
-        for name in ["ACL_V4", "ACL_V6"] {
-            for dir in [DIR_INGRESS, DIR_EGRESS] {
-                // The map types differ only in value; deleting needs just the key.
-                let m = self.map_mut(name);
-                let fd = match m {
-                    aya::maps::Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
-                    _ => unreachable!("{name} is a hash map"),
-                };
-                delete_key(fd, acl_key(id, dir));
-            }
-        }
         let _ = self.acl_info()?.remove(&id);
         self.zero_hits(id)
     }
@@ -593,36 +757,6 @@ impl Probe {
             })
             .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))?;
         Ok((r.return_value as i32, r.duration))
-    }
-}
-
-/// BPF_MAP_DELETE_ELEM of a u32 key (absent keys are fine).
-fn delete_key(fd: std::os::fd::RawFd, key: u32) {
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = Attr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: &key as *const u32 as u64,
-        value: 0,
-        flags: 0,
-    };
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    // SAFETY: bpf(2) with a union prefix laid out as the kernel's bpf_attr for map
-    // element commands; it reads `key` only.
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &attr as *const Attr,
-            std::mem::size_of::<Attr>() as u32,
-        );
     }
 }
 

@@ -10,8 +10,7 @@ use aya::{Ebpf, EbpfLoader};
 use std::net::IpAddr;
 use trellis_ebpf_common::AclRule;
 
-static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-bench-lpm"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-bench-lpm"));
 
 pub struct LpmBaseline {
     bpf: Ebpf,
@@ -62,7 +61,11 @@ impl LpmBaseline {
     }
 
     /// As `Probe::run` for the ingress direction.
-    pub fn run(&self, packet: &[u8], repeat: u32) -> Result<(i32, std::time::Duration), DataplaneError> {
+    pub fn run(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
         self.run_program("lpm_ingress", packet, repeat)
     }
 

@@ -66,10 +66,10 @@ pub const MAX_ACLS: u32 = 64;
 pub const MAX_ACL_RULES: u32 = 10_000;
 /// Rules one CIDR may have per direction (the program scans them in order).
 pub const MAX_RULES_PER_CIDR: u32 = 32;
-/// Address intervals a table can hold: every prefix splits at most one interval in
+/// Address intervals one table can have: every prefix splits at most one interval in
 /// three, so n prefixes make at most 2n + 1.
-pub const ACL_INTERVALS: usize = 2 * MAX_ACL_RULES as usize + 2;
-/// Binary search steps over ACL_INTERVALS (2^15 > 20,002).
+pub const ACL_INTERVALS: usize = 2 * MAX_ACL_RULES as usize + 1;
+/// Binary search steps over ACL_INTERVALS (2^15 > 20,001).
 pub const ACL_SEARCH_STEPS: u32 = 15;
 /// Per ACL: a hit counter per rule, then one for the default action.
 pub const ACL_HIT_STRIDE: u32 = MAX_ACL_RULES + 1;
@@ -100,35 +100,57 @@ pub struct Span {
     pub count: u16,
 }
 
-/// Key of the ACL tables: `acl * 2 + direction`.
-pub fn acl_key(acl: u32, dir: u32) -> u32 {
-    acl * 2 + dir
+/// Interval entries each family's table space holds, shared by all ACLs; a table is
+/// a region of it. 262,144 x 8 bytes (IPv4) and x 24 bytes (IPv6).
+pub const ACL_SPACE: u32 = 262_144;
+/// Rule entries in the shared rule space (a rule on both directions takes two).
+pub const RULE_SPACE: u32 = 262_144;
+
+/// One address interval of an IPv4 table: from `start` to the next entry's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntervalV4 {
+    pub start: u32,
+    pub span: Span,
 }
 
-/// One network's rules for one address family and direction, compiled by the agent
-/// into sorted, disjoint address intervals: interval i starts at `starts[i]` and runs
-/// to the next start; `spans[i]` says which rules apply. A lookup is a binary search
-/// (15 steps at most) instead of walking a trie bit by bit. The whole table is one
-/// hash map value, so replacing it is atomic for the programs (RCU).
+/// As IntervalV4; the start is an IPv6 address as (high, low) 64-bit halves.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct AclTableV4 {
-    pub len: u32,
-    pub default_action: u32,
-    pub starts: [u32; ACL_INTERVALS],
-    pub spans: [Span; ACL_INTERVALS],
-    pub rules: [AclRule; MAX_ACL_RULES as usize],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntervalV6 {
+    pub start: [u64; 2],
+    pub span: Span,
+    pub _pad: u32,
 }
 
-/// As AclTableV4; each start is an IPv6 address as (high, low) 64-bit halves.
+/// Where one table (family and direction) of an ACL lives: `len` intervals from
+/// `base` in its family's interval space, its rules from `rules` in the rule space.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct AclTableV6 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableRef {
+    pub base: u32,
     pub len: u32,
+    pub rules: u32,
+    pub nrules: u32,
+}
+
+/// Table index in AclHeader::tables: `family * 2 + direction` (family 0 = IPv4).
+pub fn table_index(v6: bool, dir: u32) -> usize {
+    (v6 as usize) * 2 + dir as usize
+}
+
+/// One version of a network's ACL: its four tables (sorted, disjoint address
+/// intervals; interval i runs to the next start and its span says which rules apply)
+/// and default. Two headers per ACL id (`id * 2 + version`): an update writes the
+/// tables and the header not in use, then points the slots at it, one u32 each.
+/// A lookup is a binary search (15 steps at most) of array entries the verifier
+/// inlines: no hashing, no trie walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AclHeader {
+    pub tables: [TableRef; 4],
     pub default_action: u32,
-    pub starts: [[u64; 2]; ACL_INTERVALS],
-    pub spans: [Span; ACL_INTERVALS],
-    pub rules: [AclRule; MAX_ACL_RULES as usize],
+    pub acl: u32,
 }
 
 /// Which network an ACL id belongs to (pinned, so a restarted agent and `trellis
@@ -139,7 +161,8 @@ pub struct AclInfo {
     pub network: [u8; 128],
     pub digest: u64,
     pub rules: u32,
-    pub _pad: u32,
+    /// The ACL_HDR entry in use.
+    pub header: u32,
 }
 
 impl Default for AclInfo {
@@ -148,7 +171,7 @@ impl Default for AclInfo {
             network: [0; 128],
             digest: 0,
             rules: 0,
-            _pad: 0,
+            header: 0,
         }
     }
 }
@@ -166,11 +189,14 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: an IfKey and byte arrays, no padding.
     unsafe impl aya::Pod for super::SlotMeta {}
-    // SAFETY: integers and arrays of them; the layouts have no implicit padding
-    // (sizes checked in the agent's tests).
-    unsafe impl aya::Pod for super::AclTableV4 {}
+    // SAFETY: integers and arrays of them, no implicit padding (explicit _pad).
+    unsafe impl aya::Pod for super::IntervalV4 {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::AclTableV6 {}
+    unsafe impl aya::Pod for super::IntervalV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TableRef {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AclHeader {}
     // SAFETY: bytes and integers, explicit _pad.
     unsafe impl aya::Pod for super::AclInfo {}
     // SAFETY: two u8 and three u16, no padding.

@@ -10,14 +10,15 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
+    use crate::packet::{parse, Packet};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
     use aya_ebpf::programs::TcContext;
-    use crate::packet::{parse, Packet};
     use trellis_ebpf_common::{
-        acl_key, AclInfo, AclTableV4, AclTableV6, Counters, SlotMeta, Span, ACL_HIT_STRIDE,
-        ACL_SEARCH_STEPS, ACT_DENY, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_ACL_RULES,
-        MAX_RULES_PER_CIDR, MAX_SLOTS, PROTO_ANY, TCX_DROP, TCX_NEXT,
+        table_index, AclHeader, AclInfo, AclRule, Counters, IntervalV4, IntervalV6, SlotMeta, Span,
+        TableRef, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS,
+        MAX_ACLS, MAX_ACL_RULES, MAX_RULES_PER_CIDR, MAX_SLOTS, PROTO_ANY, RULE_SPACE, TCX_DROP,
+        TCX_NEXT,
     };
 
     /// This instance's attachment slot: the agent loads the object once per attachment
@@ -34,22 +35,31 @@ mod tc {
     #[map(name = "META")]
     static META: HashMap<u32, SlotMeta> = HashMap::pinned(MAX_SLOTS, 0);
 
-    /// Slot -> its network's ACL id + 1 (0: no ACL). A map, not a constant, so a NAD
-    /// that gains or loses an ACL changes live attachments.
+    /// Slot -> its network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A
+    /// map, not a constant: a NAD that gains, changes or loses an ACL moves live
+    /// attachments from one header to the next with one write each.
     #[map(name = "SLOT_ACL")]
     static SLOT_ACL: Array<u32> = Array::pinned(MAX_SLOTS, 0);
 
-    /// BPF_F_NO_PREALLOC: a replaced value is freed after an RCU grace period, so a
-    /// program mid-lookup keeps reading the old table, never a half-written one.
-    const NO_PREALLOC: u32 = 1;
+    /// Two versions per ACL id (see AclHeader).
+    #[map(name = "ACL_HDR")]
+    static ACL_HDR: Array<AclHeader> = Array::pinned(MAX_ACLS * 2, 0);
 
-    /// `acl_key(acl, direction)` -> that ACL's IPv4 table.
-    #[map(name = "ACL_V4")]
-    static ACL_V4: HashMap<u32, AclTableV4> = HashMap::pinned(MAX_ACLS * 2, NO_PREALLOC);
+    /// BPF_F_MMAPABLE: the agent writes table regions through a mapping, not one
+    /// syscall per entry.
+    const MMAPABLE: u32 = 1 << 10;
 
-    /// `acl_key(acl, direction)` -> that ACL's IPv6 table.
-    #[map(name = "ACL_V6")]
-    static ACL_V6: HashMap<u32, AclTableV6> = HashMap::pinned(MAX_ACLS * 2, NO_PREALLOC);
+    /// The IPv4 interval space every ACL's IPv4 tables are regions of.
+    #[map(name = "ACL_IV4")]
+    static ACL_IV4: Array<IntervalV4> = Array::pinned(ACL_SPACE, MMAPABLE);
+
+    /// The IPv6 interval space.
+    #[map(name = "ACL_IV6")]
+    static ACL_IV6: Array<IntervalV6> = Array::pinned(ACL_SPACE, MMAPABLE);
+
+    /// The rule space the spans point into.
+    #[map(name = "ACL_RULES")]
+    static ACL_RULES: Array<AclRule> = Array::pinned(RULE_SPACE, MMAPABLE);
 
     /// ACL id -> network and digest; written by userspace only.
     #[map(name = "ACL_INFO")]
@@ -61,29 +71,15 @@ mod tc {
     #[map(name = "RULE_HITS")]
     static RULE_HITS: Array<u64> = Array::pinned(MAX_ACLS * ACL_HIT_STRIDE, 0);
 
+    /// The first rule of `t`'s span that matches the packet: (action, rule id).
     #[inline(always)]
-    fn opaque(mut x: u32) -> u32 {
-        // SAFETY: an empty asm block; it only hides the value from the optimiser.
-        unsafe { core::arch::asm!("/* {0} */", inout(reg) x) };
-        x
-    }
-
-    /// The first rule of the span that matches the packet: (action, hit index).
-    #[inline(always)]
-    fn first_match(
-        rules: &[trellis_ebpf_common::AclRule; MAX_ACL_RULES as usize],
-        span: Span,
-        p: &Packet,
-    ) -> Option<(u8, u32)> {
+    fn first_match(t: &TableRef, span: Span, p: &Packet) -> Option<(u8, u32)> {
         let mut k = 0u32;
         while k < MAX_RULES_PER_CIDR {
             if k >= span.count as u32 {
                 return None;
             }
-            // Opaque to LLVM: otherwise it walks a pointer across iterations, whose
-            // range the verifier cannot bound.
-            let i = opaque(span.first as u32 + k) as usize;
-            let r = rules.get(i)?;
+            let r = ACL_RULES.get(t.rules + span.first as u32 + k)?;
             let proto_ok = r.proto == PROTO_ANY || r.proto == p.proto;
             let ports_ok =
                 r.port_hi == 0 || matches!(p.dport, Some(d) if d >= r.port_lo && d <= r.port_hi);
@@ -95,16 +91,21 @@ mod tc {
         None
     }
 
-    /// Index of the interval holding `addr`: the last start <= addr (starts[0] is 0).
+    /// Index (from the table's base) of the interval holding `addr`: the last start
+    /// <= addr (a table's first start is 0).
     #[inline(always)]
-    fn search<T: PartialOrd + Copy>(starts: &[T], len: u32, addr: T) -> Option<usize> {
-        let mut lo = 0usize;
-        let mut size = len as usize;
+    fn search<T: PartialOrd>(
+        t: &TableRef,
+        addr: T,
+        start_at: impl Fn(u32) -> Option<T>,
+    ) -> Option<u32> {
+        let mut lo = 0u32;
+        let mut size = t.len;
         let mut step = 0;
         while step < ACL_SEARCH_STEPS && size > 1 {
             let half = size / 2;
             let mid = lo + half;
-            if *starts.get(mid)? <= addr {
+            if start_at(t.base + mid)? <= addr {
                 lo = mid;
             }
             size -= half;
@@ -114,24 +115,19 @@ mod tc {
     }
 
     /// The ACL's decision for this packet: (action, hit index), or None to let it pass
-    /// unjudged (not IP, neighbour discovery, no table).
+    /// unjudged (not IP, neighbour discovery).
     #[inline(always)]
-    fn judge(ctx: &TcContext, acl: u32, dir: u32) -> Option<(u8, u32)> {
+    fn judge(ctx: &TcContext, hdr: &AclHeader, dir: u32) -> Option<(u8, u32)> {
         let p = parse(ctx, dir)?;
-        let key = acl_key(acl, dir);
-        if p.v6 {
-            // SAFETY: the value lives until this program returns (RCU).
-            let t = unsafe { ACL_V6.get(&key)? };
-            let i = search(&t.starts, t.len, p.remote6)?;
-            let span = *t.spans.get(i)?;
-            Some(first_match(&t.rules, span, &p).unwrap_or((t.default_action as u8, MAX_ACL_RULES)))
+        let t = hdr.tables.get(table_index(p.v6, dir))?;
+        let span = if p.v6 {
+            let i = search(t, p.remote6, |i| ACL_IV6.get(i).map(|e| e.start))?;
+            ACL_IV6.get(t.base + i)?.span
         } else {
-            // SAFETY: as above.
-            let t = unsafe { ACL_V4.get(&key)? };
-            let i = search(&t.starts, t.len, p.remote4)?;
-            let span = *t.spans.get(i)?;
-            Some(first_match(&t.rules, span, &p).unwrap_or((t.default_action as u8, MAX_ACL_RULES)))
-        }
+            let i = search(t, p.remote4, |i| ACL_IV4.get(i).map(|e| e.start))?;
+            ACL_IV4.get(t.base + i)?.span
+        };
+        Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, MAX_ACL_RULES)))
     }
 
     #[inline(always)]
@@ -139,10 +135,10 @@ mod tc {
         // SAFETY: a constant the loader set; volatile so it is not folded to 0.
         let slot = unsafe { core::ptr::read_volatile(&SLOT) };
         let mut verdict = TCX_NEXT;
-        if let Some(&acl) = SLOT_ACL.get(slot) {
-            if acl != 0 {
-                if let Some((action, hit)) = judge(ctx, acl - 1, dir) {
-                    if let Some(h) = RULE_HITS.get_ptr_mut((acl - 1) * ACL_HIT_STRIDE + hit) {
+        if let Some(&h) = SLOT_ACL.get(slot) {
+            if let Some(hdr) = (h != 0).then(|| ACL_HDR.get(h - 1)).flatten() {
+                if let Some((action, hit)) = judge(ctx, hdr, dir) {
+                    if let Some(h) = RULE_HITS.get_ptr_mut(hdr.acl * ACL_HIT_STRIDE + hit) {
                         // SAFETY: a valid, aligned u64 in the map's value area; BPF's
                         // atomic add (core has no atomic RMW for the BPF target).
                         unsafe {

@@ -104,4 +104,3 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
         _ => None,
     }
 }
-

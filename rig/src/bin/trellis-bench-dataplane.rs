@@ -87,7 +87,11 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
     let mut cases = Vec::new();
     for v6 in [false, true] {
         for n in SIZES {
-            let network = format!("bench/{}-{}", if v6 { "v6" } else { "v4" }, n.map_or(-1, |n| n as i64));
+            let network = format!(
+                "bench/{}-{}",
+                if v6 { "v6" } else { "v4" },
+                n.map_or(-1, |n| n as i64)
+            );
             if let Some(n) = n {
                 let acl = Acl::parse(&acl_json(n, v6)).expect("bench ACL");
                 dp.set_network_acl(&network, Some(&acl)).expect("set ACL");
@@ -100,7 +104,11 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
                 IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) | 7)),
                 IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) | 7)),
             };
-            let local: IpAddr = if v6 { "2001:db8::1".parse().unwrap() } else { "192.0.2.1".parse().unwrap() };
+            let local: IpAddr = if v6 {
+                "2001:db8::1".parse().unwrap()
+            } else {
+                "192.0.2.1".parse().unwrap()
+            };
             let packet = frame(remote, local, TCP, 80, 100);
             let lpm = match n {
                 Some(n) if n > 0 => {
@@ -110,7 +118,13 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
                         l.insert(
                             a,
                             len,
-                            AclRule { proto: 17, action: ACT_DENY, port_lo: 53, port_hi: 53, id: i as u16 },
+                            AclRule {
+                                proto: 17,
+                                action: ACT_DENY,
+                                port_lo: 53,
+                                port_hi: 53,
+                                id: i as u16,
+                            },
                         )
                         .expect("LPM insert");
                     }
@@ -126,17 +140,37 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
                     Some(n) => format!("ACL {n} rules"),
                 }
             );
-            cases.push(Case { label, probe, lpm, packet, ours: vec![], trie: vec![] });
+            cases.push(Case {
+                label,
+                probe,
+                lpm,
+                packet,
+                ours: vec![],
+                trie: vec![],
+            });
         }
     }
     let base = LpmBaseline::load().expect("baseline object");
     let (mut floor, mut counter) = (vec![], vec![]);
     for _ in 0..rounds {
         let pkt = &cases[0].packet;
-        floor.push(base.run_program("floor", pkt, repeat).expect("floor").1.as_nanos() as f64);
-        counter.push(base.run_program("counter_only", pkt, repeat).expect("counter").1.as_nanos() as f64);
+        floor.push(
+            base.run_program("floor", pkt, repeat)
+                .expect("floor")
+                .1
+                .as_nanos() as f64,
+        );
+        counter.push(
+            base.run_program("counter_only", pkt, repeat)
+                .expect("counter")
+                .1
+                .as_nanos() as f64,
+        );
         for c in &mut cases {
-            let (v, d) = c.probe.run(DIR_INGRESS, &c.packet, repeat).expect("test run");
+            let (v, d) = c
+                .probe
+                .run(DIR_INGRESS, &c.packet, repeat)
+                .expect("test run");
             assert_eq!(v, TCX_NEXT, "{}: the bench packet passes", c.label);
             c.ours.push(d.as_nanos() as f64);
             if let Some(l) = &c.lpm {
@@ -147,8 +181,15 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
         }
     }
     println!("\nper packet (BPF_PROG_TEST_RUN, {repeat} runs x {rounds} rounds, median ns):");
-    println!("  {:<32} {:>10} {:>14} {:>8}", "", "trellis", "LPM trie", "ratio");
-    println!("  {:<32} {:>10.1}", "empty program (the floor)", median(&floor));
+    println!(
+        "  {:<32} {:>10} {:>14} {:>8}",
+        "", "trellis", "LPM trie", "ratio"
+    );
+    println!(
+        "  {:<32} {:>10.1}",
+        "empty program (the floor)",
+        median(&floor)
+    );
     println!("  {:<32} {:>10.1}", "one per-CPU counter", median(&counter));
     for c in &cases {
         let ours = median(&c.ours);
@@ -156,7 +197,13 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
             println!("  {:<32} {:>10.1} {:>14} {:>8}", c.label, ours, "-", "-");
         } else {
             let trie = median(&c.trie);
-            println!("  {:<32} {:>10.1} {:>14.1} {:>8.2}", c.label, ours, trie, trie / ours);
+            println!(
+                "  {:<32} {:>10.1} {:>14.1} {:>8.2}",
+                c.label,
+                ours,
+                trie,
+                trie / ours
+            );
         }
     }
     for c in cases {
@@ -187,7 +234,10 @@ fn veth_pair() -> (Netns, Netns) {
     (pod, peer)
 }
 
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_ns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = ns.path();
     std::thread::spawn(move || {
         Netns::at(path).enter_this_thread();
@@ -235,7 +285,8 @@ fn udp_pps(pod: &Netns, peer: &Netns, secs: f64) -> f64 {
     let stop_rx = stop.clone();
     let server = in_ns(peer, move || {
         let s = std::net::UdpSocket::bind("10.99.0.2:5202").expect("bind 5202");
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         tx.send(()).unwrap();
         let mut buf = [0u8; 64];
         let mut n = 0u64;
@@ -277,10 +328,16 @@ fn rule_addr(i: u32) -> Ipv4Addr {
 fn iptables_load(pod: &Netns, n: u32) {
     let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for i in 0..n {
-        s.push_str(&format!("-A INPUT -s {}/32 -p tcp --dport 5000 -j DROP\n", rule_addr(i)));
+        s.push_str(&format!(
+            "-A INPUT -s {}/32 -p tcp --dport 5000 -j DROP\n",
+            rule_addr(i)
+        ));
     }
     for i in 0..n {
-        s.push_str(&format!("-A OUTPUT -d {}/32 -p tcp --dport 5000 -j DROP\n", rule_addr(i)));
+        s.push_str(&format!(
+            "-A OUTPUT -d {}/32 -p tcp --dport 5000 -j DROP\n",
+            rule_addr(i)
+        ));
     }
     s.push_str("COMMIT\n");
     let f = tempfile::NamedTempFile::new().unwrap();
@@ -293,9 +350,21 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     let mut acls = std::collections::BTreeMap::new();
     for n in [1000u32, 10_000] {
         let rules: Vec<String> = (0..n)
-            .map(|i| format!(r#"{{"action":"deny","cidr":"{}/32","protocol":"tcp","ports":5000}}"#, rule_addr(i)))
+            .map(|i| {
+                format!(
+                    r#"{{"action":"deny","cidr":"{}/32","protocol":"tcp","ports":5000}}"#,
+                    rule_addr(i)
+                )
+            })
             .collect();
-        acls.insert(n, Acl::parse(&format!(r#"{{"default":"allow","rules":[{}]}}"#, rules.join(","))).unwrap());
+        acls.insert(
+            n,
+            Acl::parse(&format!(
+                r#"{{"default":"allow","rules":[{}]}}"#,
+                rules.join(",")
+            ))
+            .unwrap(),
+        );
     }
     #[derive(Clone, Copy)]
     enum Setup {
@@ -320,8 +389,12 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
                 Setup::Bare => {}
                 Setup::Trellis(n) => {
                     let network = "bench/veth";
-                    dp.set_network_acl(network, n.map(|n| &acls[&n])).expect("ACL");
-                    slot = Some(dp.attach(&pod.path(), &owner(network, "eth1")).expect("attach"));
+                    dp.set_network_acl(network, n.map(|n| &acls[&n]))
+                        .expect("ACL");
+                    slot = Some(
+                        dp.attach(&pod.path(), &owner(network, "eth1"))
+                            .expect("attach"),
+                    );
                 }
                 Setup::Iptables(n) => iptables_load(&pod, n),
             }
@@ -338,7 +411,10 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     let t: Vec<f64> = tcp.iter().map(|v| median(v)).collect();
     let u: Vec<f64> = udp.iter().map(|v| median(v)).collect();
     println!("\nveth between two namespaces ({rounds} rounds x {secs} s per figure, medians):");
-    println!("  {:<28} {:>12} {:>8} {:>14} {:>8}", "", "TCP Gbit/s", "x bare", "UDP-64 kpps", "x bare");
+    println!(
+        "  {:<28} {:>12} {:>8} {:>14} {:>8}",
+        "", "TCP Gbit/s", "x bare", "UDP-64 kpps", "x bare"
+    );
     for (k, (label, _)) in setups.iter().enumerate() {
         println!(
             "  {:<28} {:>12.2} {:>8.3} {:>14.1} {:>8.3}",
@@ -349,8 +425,16 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
             u[k] / u[0]
         );
     }
-    println!("  trellis / iptables at 1,000 rules:  TCP {:.2}x, UDP {:.2}x", t[2] / t[3], u[2] / u[3]);
-    println!("  trellis / iptables at 10,000 rules: TCP {:.2}x, UDP {:.2}x", t[4] / t[5], u[4] / u[5]);
+    println!(
+        "  trellis / iptables at 1,000 rules:  TCP {:.2}x, UDP {:.2}x",
+        t[2] / t[3],
+        u[2] / u[3]
+    );
+    println!(
+        "  trellis / iptables at 10,000 rules: TCP {:.2}x, UDP {:.2}x",
+        t[4] / t[5],
+        u[4] / u[5]
+    );
 }
 
 fn main() {
@@ -362,9 +446,15 @@ fn main() {
     let rounds: usize = arg("--rounds").unwrap_or(if quick { 1 } else { 5 });
     let secs: f64 = arg("--seconds").unwrap_or(if quick { 0.3 } else { 2.0 });
     let repeat = if quick { 10_000 } else { 500_000 };
-    let dir = BpfDir(PathBuf::from(format!("/sys/fs/bpf/{}", trellis_rig::unique("trellis-bench"))));
+    let dir = BpfDir(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        trellis_rig::unique("trellis-bench")
+    )));
     let mut dp = Dataplane::open(&dir.0).expect("load the programs");
-    println!("trellis-bench-dataplane: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "trellis-bench-dataplane: {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     per_packet(&mut dp, rounds.max(3), repeat);
     if !std::env::args().any(|a| a == "--per-packet") {
         veth(&mut dp, rounds, secs);
