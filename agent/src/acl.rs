@@ -490,7 +490,7 @@ pub fn lookup(
         .map(|r| r.id as usize)
 }
 
-const _: () = assert!(ACL_INTERVALS >= 2 * MAX_ACL_RULES as usize + 1);
+const _: () = assert!(ACL_INTERVALS > 2 * MAX_ACL_RULES as usize);
 
 #[cfg(test)]
 mod tests {
@@ -658,7 +658,7 @@ mod tests {
                 };
                 let addr = from_bits(raw & mask(prefix, max), v4);
                 let proto = [0u8, 6, 17][(g.next() % 3) as usize];
-                let ports = if proto != 0 && g.next() % 2 == 0 {
+                let ports = if proto != 0 && g.next().is_multiple_of(2) {
                     let lo = (g.next() % 100) as u16 + 1;
                     Some((lo, lo + (g.next() % 20) as u16))
                 } else {
@@ -666,7 +666,7 @@ mod tests {
                 };
                 let dirs = ["ingress", "egress", "both"];
                 rules.push(serde_json::json!({
-                    "action": if g.next() % 2 == 0 { "allow" } else { "deny" },
+                    "action": if g.next().is_multiple_of(2) { "allow" } else { "deny" },
                     "cidr": format!("{addr}/{prefix}"),
                     "direction": dirs[(g.next() % 3) as usize],
                     "protocol": match proto { 6 => "tcp", 17 => "udp", _ => "any" },

@@ -194,20 +194,20 @@ impl<T: Copy> Mapped<T> {
             Some(aya::maps::Map::Array(d)) => d.fd().as_fd().as_raw_fd(),
             _ => return Err(DataplaneError::Load(format!("no array map {name}"))),
         };
+        Self::map(fd, name, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    fn map(
+        fd: std::os::fd::RawFd,
+        name: &str,
+        len: u32,
+        prot: libc::c_int,
+    ) -> Result<Mapped<T>, DataplaneError> {
         // Array entries are 8-byte aligned; ours are multiples of 8.
         assert_eq!(std::mem::size_of::<T>() % 8, 0);
         let bytes = (len as usize * std::mem::size_of::<T>()).next_multiple_of(4096);
         // SAFETY: a shared mapping of the map's pages, unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(op(format!("mapping {name}"))(
                 std::io::Error::last_os_error().to_string(),
@@ -218,6 +218,14 @@ impl<T: Copy> Mapped<T> {
             len: len as usize,
             bytes,
         })
+    }
+
+    fn read(&self, at: u32, n: u32) -> &[T] {
+        let end = (at as usize + n as usize).min(self.len);
+        let at = (at as usize).min(end);
+        // SAFETY: in bounds; plain data, written by the agent (torn reads of a region
+        // being rewritten only misname a counter once).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), end - at) }
     }
 
     fn write(&mut self, at: u32, items: &[T]) {
@@ -760,13 +768,23 @@ impl Probe {
     }
 }
 
-/// One network's ACL as counted in the pins: hits per rule (in NAD order), then the
-/// default's.
+/// One network's ACL as counted in the pins: hits per rule (in NAD order) with each
+/// rule's action, then the default's.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AclHits {
     pub network: String,
     pub rules: Vec<u64>,
+    pub actions: Vec<&'static str>,
     pub default: u64,
+    pub default_action: &'static str,
+}
+
+fn action_name(a: u32) -> &'static str {
+    if a == trellis_ebpf_common::ACT_DENY as u32 {
+        "deny"
+    } else {
+        "allow"
+    }
 }
 
 /// Every network ACL's rule hits, from the pins in `dir`.
@@ -780,6 +798,15 @@ pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
             .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
     let hits: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(open("RULE_HITS")?))
         .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
+    let hdrs: Array<MapData, AclHeader> = Array::try_from(aya::maps::Map::Array(open("ACL_HDR")?))
+        .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+    let rules_map = open("ACL_RULES")?;
+    let rules: Mapped<AclRule> = Mapped::map(
+        rules_map.fd().as_fd().as_raw_fd(),
+        "ACL_RULES",
+        RULE_SPACE,
+        libc::PROT_READ,
+    )?;
     let mut out = Vec::new();
     for e in info.iter() {
         let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
@@ -787,17 +814,28 @@ pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
             hits.get(&(id * ACL_HIT_STRIDE + r), 0)
                 .map_err(|e| op("RULE_HITS map")(e.to_string()))
         };
-        let rules = (0..i.rules).map(get_hit).collect::<Result<Vec<_>, _>>()?;
+        let h = hdrs
+            .get(&i.header, 0)
+            .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+        let mut actions = vec!["allow"; i.rules as usize];
+        for t in &h.tables {
+            for r in rules.read(t.rules, t.nrules) {
+                if let Some(a) = actions.get_mut(r.id as usize) {
+                    *a = action_name(r.action as u32);
+                }
+            }
+        }
         out.push(AclHits {
             network: get(&i.network),
-            rules,
+            rules: (0..i.rules).map(get_hit).collect::<Result<Vec<_>, _>>()?,
+            actions,
             default: get_hit(ACL_HIT_STRIDE - 1)?,
+            default_action: action_name(h.default_action),
         });
     }
     out.sort_by(|a, b| a.network.cmp(&b.network));
     Ok(out)
 }
-
 /// Every attachment's counters, from the pins in `dir` (no agent needed).
 pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
     let open = |name: &str| {

@@ -69,6 +69,9 @@ enum Cmd {
         /// Print again every SECS seconds, with rates.
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
+        /// The networks' ACL rule hits instead of the interface counters.
+        #[arg(long)]
+        acl: bool,
     },
     /// List the pods' attachments from the agent's records.
     Attachments {
@@ -92,11 +95,20 @@ fn main() -> anyhow::Result<()> {
         Cmd::Attachments { state_dir, json } => list_attachments(&state_dir, json),
         Cmd::Stats {
             bpffs_dir,
+            network,
+            json,
+            watch,
+            acl: true,
+            ..
+        } => acl_hits(&bpffs_dir, network, json, watch),
+        Cmd::Stats {
+            bpffs_dir,
             namespace,
             pod,
             network,
             json,
             watch,
+            acl: false,
         } => stats(&bpffs_dir, namespace, pod, network, json, watch),
         Cmd::Devices {
             sysfs_root,
@@ -180,6 +192,43 @@ fn stats(
         }
         let Some(secs) = watch else { return Ok(()) };
         prev = Some((t, now));
+        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+    }
+}
+
+/// `trellis stats --acl`: per network ACL, the hits of every rule that matched
+/// something and of the default.
+fn acl_hits(
+    dir: &std::path::Path,
+    network: Option<String>,
+    json: bool,
+    watch: Option<u64>,
+) -> anyhow::Result<()> {
+    loop {
+        let acls: Vec<_> = trellis_agent::dataplane::read_acl_hits(dir)?
+            .into_iter()
+            .filter(|a| network.as_ref().is_none_or(|n| &a.network == n))
+            .collect();
+        if json {
+            println!("{}", serde_json::to_string(&acls)?);
+        } else {
+            println!(
+                "{:<28} {:>8} {:<6} {:>14}",
+                "NETWORK", "RULE", "ACTION", "PACKETS"
+            );
+            for a in &acls {
+                for (i, (h, act)) in a.rules.iter().zip(&a.actions).enumerate() {
+                    if *h > 0 {
+                        println!("{:<28} {:>8} {:<6} {:>14}", a.network, i, act, h);
+                    }
+                }
+                println!(
+                    "{:<28} {:>8} {:<6} {:>14}",
+                    a.network, "default", a.default_action, a.default
+                );
+            }
+        }
+        let Some(secs) = watch else { return Ok(()) };
         std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
     }
 }

@@ -50,6 +50,36 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Rule hits and drops per network ACL; rules that never matched are left out (a
+/// network may have 10,000), the default always shown.
+fn render_acl_hits(out: &mut String, acls: &[crate::dataplane::AclHits]) {
+    let hits = "trellis_acl_rule_hits_total";
+    let drops = "trellis_acl_drops_total";
+    out.push_str(&format!("# HELP {hits} Packets an ACL rule decided (rule: its index in the NAD's rules, or default).
+# TYPE {hits} counter
+"));
+    let mut drop_lines = String::new();
+    for a in acls {
+        let rows = a
+            .rules
+            .iter()
+            .zip(&a.actions)
+            .enumerate()
+            .filter(|(_, (h, _))| **h > 0)
+            .map(|(i, (h, act))| (i.to_string(), *h, *act))
+            .chain([("default".to_string(), a.default, a.default_action)]);
+        for (rule, h, act) in rows {
+            let l = format!("network=\"{}\",rule=\"{rule}\"", label(&a.network));
+            out.push_str(&format!("{hits}{{{l},action=\"{act}\"}} {h}\n"));
+            if act == "deny" {
+                drop_lines.push_str(&format!("{drops}{{{l}}} {h}\n"));
+            }
+        }
+    }
+    out.push_str(&format!("# HELP {drops} Packets an ACL dropped, by the rule that dropped them.\n# TYPE {drops} counter\n"));
+    out.push_str(&drop_lines);
+}
+
 /// The whole exposition.
 pub fn render(
     metrics: &Metrics,
@@ -87,6 +117,10 @@ pub fn render(
                 }
             }
             Err(e) => tracing::warn!("metrics: dataplane counters: {e}"),
+        }
+        match crate::dataplane::read_acl_hits(dir) {
+            Ok(acls) => render_acl_hits(&mut out, &acls),
+            Err(e) => tracing::warn!("metrics: ACL counters: {e}"),
         }
     }
     let name = "trellis_cni_request_duration_seconds";

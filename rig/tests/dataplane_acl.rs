@@ -80,7 +80,7 @@ fn kernel_verdicts_follow_the_rules() {
         // Nested CIDRs inside 10.0.0.0/8 and fd00::/16, ports and protocols mixed.
         let mut rules = Vec::new();
         for _ in 0..(20 + g.next() % 80) {
-            let v4 = g.next() % 2 == 0;
+            let v4 = g.next().is_multiple_of(2);
             let (cidr, max) = if v4 {
                 let p = 8 + (g.next() % 25) as u32;
                 let a = (10u32 << 24 | (g.next() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - p));
@@ -95,12 +95,12 @@ fn kernel_verdicts_follow_the_rules() {
             let proto = ["tcp", "udp", "any"][(g.next() % 3) as usize];
             let dirs = ["ingress", "egress", "both"];
             let mut r = serde_json::json!({
-                "action": if g.next() % 2 == 0 { "allow" } else { "deny" },
+                "action": if g.next().is_multiple_of(2) { "allow" } else { "deny" },
                 "cidr": cidr,
                 "direction": dirs[(g.next() % 3) as usize],
                 "protocol": proto,
             });
-            if proto != "any" && g.next() % 2 == 0 {
+            if proto != "any" && g.next().is_multiple_of(2) {
                 let lo = 1 + g.next() % 1000;
                 r["ports"] = format!("{lo}-{}", lo + g.next() % 100).into();
             }
@@ -114,7 +114,7 @@ fn kernel_verdicts_follow_the_rules() {
         let probe = dp.probe(&owner("p", &network, "net1")).expect("probe");
         let mut drops = [0u64; 2];
         for _ in 0..400 {
-            let v4 = g.next() % 2 == 0;
+            let v4 = g.next().is_multiple_of(2);
             let remote: IpAddr = if v4 {
                 std::net::Ipv4Addr::from(10u32 << 24 | (g.next() as u32 & 0x00ff_ffff)).into()
             } else {
@@ -338,4 +338,59 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
     assert_eq!(std::fs::read_dir(dir.0.join("links")).unwrap().count(), 0);
     assert!(dp.acl_of(network).unwrap().is_none());
     assert_eq!(received(&b.sh("ping -c 1 -W 1 10.88.0.1")), 1);
+}
+
+/// ACLs share one table space; the one that does not fit is refused by name, leaves
+/// nothing behind, and the others keep working.
+#[test]
+fn an_acl_that_does_not_fit_is_refused_cleanly() {
+    require_root!();
+    let dir = BpfDir::new();
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    // 10,000 adjacent IPv4 /24s on both directions: 2 x 10,002 of the 262,144
+    // interval entries (and 20,000 of the 262,144 rule entries).
+    let rules: Vec<String> = (0..10_000)
+        .map(|i| {
+            format!(
+                r#"{{"action":"deny","cidr":"10.{}.{}.0/24"}}"#,
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let big = Acl::parse(&format!(r#"{{"rules":[{}]}}"#, rules.join(","))).unwrap();
+    let mut fitted = Vec::new();
+    let err = loop {
+        let network = format!("pods/big{}", fitted.len());
+        match dp.set_network_acl(&network, Some(&big)) {
+            Ok(_) => fitted.push(network),
+            Err(e) => break (network, e),
+        }
+        assert!(fitted.len() < 20, "the space never ran out");
+    };
+    assert_eq!(fitted.len(), 13, "262,144 / 20,004 entries");
+    let msg = err.1.to_string();
+    assert!(
+        msg.starts_with(&format!("network {}: its ACL needs ", err.0))
+            && msg.contains(
+                "IPv4 interval entries than are free in the shared table space (262144 in all"
+            ),
+        "{msg}"
+    );
+    assert!(dp.acl_of(&err.0).unwrap().is_none(), "nothing left of it");
+    // The fitted ones still judge: a probe on the first drops what its rules deny.
+    let probe = dp.probe(&owner("p", &fitted[0], "net1")).unwrap();
+    let f = frame(
+        "10.0.5.9".parse().unwrap(),
+        "192.0.2.1".parse().unwrap(),
+        TCP,
+        80,
+        80,
+    );
+    assert_eq!(probe.run(DIR_INGRESS, &f, 1).unwrap().0, TCX_DROP);
+    dp.detach(probe.slot).unwrap();
+    // Freed space is reused.
+    dp.set_network_acl(&fitted[1], None).unwrap();
+    dp.set_network_acl(&err.0, Some(&big))
+        .expect("fits after one is removed");
 }

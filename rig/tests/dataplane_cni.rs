@@ -237,6 +237,27 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         .sh(&format!("ping -c 3 -i 0.2 -W 1 {b_ip} || true"))
         .contains(" 0 received"));
     assert_eq!(drops(&stats(&node, "b"), "net1"), (3, 0));
+    // Per rule: `trellis stats --acl` and the agent's metrics.
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args([
+            "stats",
+            "--acl",
+            "--json",
+            "--network",
+            "pods/mv-acl",
+            "--bpffs-dir",
+        ])
+        .arg(&node.bpf_dir)
+        .output()
+        .unwrap();
+    let acl: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(acl[0]["rules"], serde_json::json!([3]), "{acl}");
+    assert_eq!(acl[0]["actions"], serde_json::json!(["deny"]), "{acl}");
+    let text = scrape(&node.host);
+    assert!(
+        text.contains("trellis_acl_drops_total{network=\"pods/mv-acl\",rule=\"0\"} 3\n"),
+        "{text}"
+    );
 
     // The NAD loses its deny rule: within the resync period, pings go through.
     node.add_nad_annotated(

@@ -307,7 +307,7 @@ fn udp_pps(pod: &Netns, peer: &Netns, secs: f64) -> f64 {
         loop {
             let _ = s.send(&payload);
             i = i.wrapping_add(1);
-            if i % 256 == 0 && start.elapsed().as_secs_f64() >= secs {
+            if i.is_multiple_of(256) && start.elapsed().as_secs_f64() >= secs {
                 break;
             }
         }
