@@ -134,3 +134,186 @@ async fn bad_annotations_fail_run_pod_sandbox_with_the_reason() {
         node.host_links()
     );
 }
+
+fn stats(node: &TestNode, pod: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args([
+            "stats",
+            "--json",
+            "--namespace",
+            "pods",
+            "--pod",
+            pod,
+            "--bpffs-dir",
+        ])
+        .arg(&node.bpf_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// (rx packets, tx packets, rx drops) of `ifname` in `stats`.
+fn counted(stats: &[serde_json::Value], network: &str, ifname: &str) -> (u64, u64, u64) {
+    let s = stats
+        .iter()
+        .find(|s| s["owner"]["network"] == network && s["owner"]["ifname"] == ifname)
+        .unwrap_or_else(|| panic!("no {network} {ifname} in {stats:?}"));
+    (
+        s["ingress"]["packets"].as_u64().unwrap(),
+        s["egress"]["packets"].as_u64().unwrap(),
+        s["ingress"]["drops"].as_u64().unwrap(),
+    )
+}
+
+/// (rx packets, tx packets) as the kernel counts them.
+fn kernel(ns: &Netns, ifname: &str) -> (u64, u64) {
+    let v: serde_json::Value =
+        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["rx"]["packets"].as_u64().unwrap(),
+        s["tx"]["packets"].as_u64().unwrap(),
+    )
+}
+
+/// UDP datagrams from `from` to `to` (a receiver in `to_ns`); how many arrived.
+fn udp(from: &Netns, to_ns: &Netns, to: std::net::SocketAddr, count: usize) -> usize {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to_path = to_ns.path();
+    let rx = std::thread::spawn(move || {
+        Netns::at(to_path).enter_this_thread();
+        let s = std::net::UdpSocket::bind(to).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    ready_rx.recv().unwrap();
+    let from_path = from.path();
+    std::thread::spawn(move || {
+        Netns::at(from_path).enter_this_thread();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..count {
+            s.send_to(b"trellis", to).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+    .join()
+    .unwrap();
+    rx.join().unwrap()
+}
+
+/// Pods made by containerd with two extra networks, one with an ACL: `trellis stats`
+/// counts each network's traffic as the kernel does, and the ACL's drops exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_network_counts_and_acl_drops_for_containerd_pods() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.79.4.0/24"));
+    let br = trellis_rig::unique("trx");
+    node.add_nad_annotated(
+        "pods",
+        "br-acl",
+        &node.bridge_conf("br-acl", &br, "10.79.5.0/24"),
+        &[(
+            "trellis.dev/acl".to_string(),
+            json!({"default": "allow", "rules": [
+                {"action": "deny", "direction": "ingress", "cidr": "10.79.5.0/24", "protocol": "udp", "ports": "9000-9099"}
+            ]})
+            .to_string(),
+        )]
+        .into(),
+    );
+    node.start_agent();
+    let ctrd = Containerd::start(&node.host, &node.path("containerd"), &node.socket());
+    let mut cri = ctrd.cri().await;
+    let logs = ctrd.log_dir();
+    let mut pods = Vec::new();
+    for name in ["pod-a", "pod-b"] {
+        let id = cri
+            .run_pod("pods", name, networks("mv-a, br-acl"), &logs)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\nagent: {}", node.agent_log()));
+        let ns = Netns::at(record(&node, &id)["netns"].as_str().unwrap());
+        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        pods.push((id, ns));
+    }
+    // The ACL network is filtered at once; the others attach just after ADD.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stats(&node, "pod-a").len() < 3 || stats(&node, "pod-b").len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", node.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (a, b) = (&pods[0].1, &pods[1].1);
+    let ip = |ns: &Netns, ifname: &str| ns.addrs(ifname)[0].split('/').next().unwrap().to_string();
+    let (b_mv, b_br) = (ip(b, "net1"), ip(b, "net2"));
+
+    let before = (
+        kernel(a, "net1"),
+        counted(&stats(&node, "pod-a"), "pods/mv-a", "net1"),
+        kernel(b, "net2"),
+        counted(&stats(&node, "pod-b"), "pods/br-acl", "net2"),
+    );
+    assert!(a
+        .sh(&format!("ping -c 5 -i 0.2 -W 2 {b_mv}"))
+        .contains("5 received"));
+    assert_eq!(
+        udp(a, b, format!("{b_br}:9050").parse().unwrap(), 4),
+        0,
+        "denied"
+    );
+    assert_eq!(
+        udp(a, b, format!("{b_br}:9100").parse().unwrap(), 3),
+        3,
+        "allowed"
+    );
+    let after = (
+        kernel(a, "net1"),
+        counted(&stats(&node, "pod-a"), "pods/mv-a", "net1"),
+        kernel(b, "net2"),
+        counted(&stats(&node, "pod-b"), "pods/br-acl", "net2"),
+    );
+    // mv-a on pod-a: exactly what the kernel counted, at least the 5 pings each way.
+    let k = (after.0 .0 - before.0 .0, after.0 .1 - before.0 .1);
+    let ours = (after.1 .0 - before.1 .0, after.1 .1 - before.1 .1);
+    assert_eq!(ours, k, "pods/mv-a net1 (rx, tx): trellis vs kernel");
+    assert!(ours.0 >= 5 && ours.1 >= 5, "{ours:?}");
+    // br-acl on pod-b: the 4 denied datagrams are drops (the kernel counted them as
+    // received before tc dropped them), the 3 allowed ones are packets.
+    let drops = after.3 .2 - before.3 .2;
+    assert_eq!(drops, 4);
+    let rx = after.3 .0 - before.3 .0;
+    assert_eq!(
+        rx + drops,
+        after.2 .0 - before.2 .0,
+        "rx + drops = the kernel's rx"
+    );
+    assert!(rx >= 3, "{rx}");
+
+    for (id, _) in &pods {
+        cri.stop_pod(id).await.unwrap();
+        cri.remove_pod(id).await.unwrap();
+    }
+    assert!(stats(&node, "pod-a").is_empty() && stats(&node, "pod-b").is_empty());
+    assert_eq!(
+        std::fs::read_dir(node.bpf_dir.join("links"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
