@@ -14,3 +14,5 @@ echo
 target/release/trellis-bench-devices
 echo
 target/release/trellis-bench-vf
+echo
+target/release/trellis-bench-dataplane

@@ -17,4 +17,5 @@ cargo test --workspace --locked -- --test-threads=2
 target/debug/trellis-bench --pods 4 --cycles 4 >/dev/null
 target/debug/trellis-bench-devices --quick >/dev/null
 target/debug/trellis-bench-vf --rounds 3 >/dev/null
+target/debug/trellis-bench-dataplane --quick >/dev/null
 target/debug/trellis-demo >/dev/null

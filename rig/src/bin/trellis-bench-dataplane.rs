@@ -325,7 +325,9 @@ fn rule_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0xac10_0000u32 + i)
 }
 
-fn iptables_load(pod: &Netns, n: u32) {
+/// The rules as iptables rules in the pod's netns: the nftables backend (Debian's
+/// default `iptables`) or the legacy x_tables one.
+fn iptables_load(pod: &Netns, n: u32, legacy: bool) {
     let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for i in 0..n {
         s.push_str(&format!(
@@ -342,7 +344,12 @@ fn iptables_load(pod: &Netns, n: u32) {
     s.push_str("COMMIT\n");
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), s).unwrap();
-    pod.sh(&format!("iptables-restore < {}", f.path().display()));
+    let cmd = if legacy {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-restore"
+    };
+    pod.sh(&format!("{cmd} < {}", f.path().display()));
 }
 
 fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
@@ -370,15 +377,23 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     enum Setup {
         Bare,
         Trellis(Option<u32>),
-        Iptables(u32),
+        Iptables(u32, bool),
     }
     let setups = [
         ("nothing attached", Setup::Bare),
         ("trellis, accounting only", Setup::Trellis(None)),
         ("trellis ACL, 1,000 rules", Setup::Trellis(Some(1000))),
-        ("iptables, 1,000 rules", Setup::Iptables(1000)),
+        ("iptables (nft), 1,000 rules", Setup::Iptables(1000, false)),
+        ("iptables-legacy, 1,000 rules", Setup::Iptables(1000, true)),
         ("trellis ACL, 10,000 rules", Setup::Trellis(Some(10_000))),
-        ("iptables, 10,000 rules", Setup::Iptables(10_000)),
+        (
+            "iptables (nft), 10,000 rules",
+            Setup::Iptables(10_000, false),
+        ),
+        (
+            "iptables-legacy, 10,000 rules",
+            Setup::Iptables(10_000, true),
+        ),
     ];
     let mut tcp: Vec<Vec<f64>> = vec![vec![]; setups.len()];
     let mut udp: Vec<Vec<f64>> = vec![vec![]; setups.len()];
@@ -396,15 +411,20 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
                             .expect("attach"),
                     );
                 }
-                Setup::Iptables(n) => iptables_load(&pod, n),
+                Setup::Iptables(n, legacy) => iptables_load(&pod, n, legacy),
             }
             tcp[k].push(tcp_throughput(&pod, &peer, secs));
             udp[k].push(udp_pps(&pod, &peer, secs));
             if let Some(s) = slot {
                 dp.detach(s).expect("detach");
             }
-            if let Setup::Iptables(_) = setup {
-                pod.sh("iptables -F INPUT && iptables -F OUTPUT");
+            if let Setup::Iptables(_, legacy) = setup {
+                let cmd = if *legacy {
+                    "iptables-legacy"
+                } else {
+                    "iptables"
+                };
+                pod.sh(&format!("{cmd} -F INPUT && {cmd} -F OUTPUT"));
             }
         }
     }
@@ -412,12 +432,12 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     let u: Vec<f64> = udp.iter().map(|v| median(v)).collect();
     println!("\nveth between two namespaces ({rounds} rounds x {secs} s per figure, medians):");
     println!(
-        "  {:<28} {:>12} {:>8} {:>14} {:>8}",
+        "  {:<30} {:>12} {:>8} {:>14} {:>8}",
         "", "TCP Gbit/s", "x bare", "UDP-64 kpps", "x bare"
     );
     for (k, (label, _)) in setups.iter().enumerate() {
         println!(
-            "  {:<28} {:>12.2} {:>8.3} {:>14.1} {:>8.3}",
+            "  {:<30} {:>12.2} {:>8.3} {:>14.1} {:>8.3}",
             label,
             t[k] * 8.0 / 1e9,
             t[k] / t[0],
@@ -425,16 +445,15 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
             u[k] / u[0]
         );
     }
-    println!(
-        "  trellis / iptables at 1,000 rules:  TCP {:.2}x, UDP {:.2}x",
-        t[2] / t[3],
-        u[2] / u[3]
-    );
-    println!(
-        "  trellis / iptables at 10,000 rules: TCP {:.2}x, UDP {:.2}x",
-        t[4] / t[5],
-        u[4] / u[5]
-    );
+    for (rules, ours, nft, legacy) in [("1,000", 2, 3, 4), ("10,000", 5, 6, 7)] {
+        println!(
+            "  trellis / iptables at {rules} rules: TCP {:.2}x (nft) {:.2}x (legacy), UDP {:.2}x (nft) {:.2}x (legacy)",
+            t[ours] / t[nft],
+            t[ours] / t[legacy],
+            u[ours] / u[nft],
+            u[ours] / u[legacy]
+        );
+    }
 }
 
 fn main() {

@@ -32,10 +32,17 @@ async fn demo() {
     );
     node.add_nad("demo", "data", &node.macvlan_conf("10.90.1.0/24"));
     let br = trellis_rig::unique("trs");
-    node.add_nad(
+    // demo/storage carries an ACL: no SSH from the storage subnet into the pods.
+    node.add_nad_annotated(
         "demo",
         "storage",
         &node.bridge_conf("storage", &br, "10.90.2.0/24"),
+        &[(
+            "trellis.dev/acl".to_string(),
+            r#"{"default":"allow","rules":[{"action":"deny","direction":"ingress","cidr":"10.90.2.0/24","protocol":"tcp","ports":22}]}"#
+                .to_string(),
+        )]
+        .into(),
     );
     node.add_nad(
         "demo",
@@ -43,7 +50,7 @@ async fn demo() {
         &serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":node.master,"mode":"bridge",
                              "capabilities":{"ips":true,"mac":true},"ipam":{"type":"static"}}),
     );
-    println!("networks: cluster (bridge, 10.77.0.0/24), demo/data (macvlan, 10.90.1.0/24), demo/storage (bridge, 10.90.2.0/24), demo/fixed (macvlan, static IPs)");
+    println!("networks: cluster (bridge, 10.77.0.0/24), demo/data (macvlan, 10.90.1.0/24), demo/storage (bridge, 10.90.2.0/24, ACL: deny tcp/22 in from 10.90.2.0/24), demo/fixed (macvlan, static IPs)");
     // Devices: a DPDK vhost-user switch (testpmd) makes a socket; the agent offers it
     // to kubelet as trellis.dev/vhost_user (SR-IOV VFs need real or emulated hardware:
     // see rig/tests/qemu_igb.rs).
@@ -151,6 +158,36 @@ async fn demo() {
             }
         }
     }
+
+    println!("\n-- the demo/storage ACL: TCP to port 22 on pod-b's st0 from pod-a");
+    if let (Some((_, _, a_ns)), Some((_, b_id, _))) = (ids.first(), ids.get(1)) {
+        if let Some((_, dst)) = networks_of(&record(&node, b_id)).get("demo/storage") {
+            // Dropped SYNs time out (124); a reachable closed port would be refused (1).
+            let rc = a_ns
+                .sh(&format!(
+                    "timeout 2 bash -c 'echo > /dev/tcp/{dst}/22' 2>/dev/null; echo $?"
+                ))
+                .trim()
+                .to_string();
+            let dropped = rc == "124";
+            failures += usize::from(!dropped);
+            println!(
+                "  pod-a -> pod-b  {dst}:22  {}",
+                if dropped {
+                    "dropped by the ACL (timed out)"
+                } else {
+                    "NOT dropped"
+                }
+            );
+        }
+    }
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["stats", "--acl", "--bpffs-dir"])
+        .arg(&node.bpf_dir)
+        .output()
+        .expect("trellis stats --acl");
+    println!("trellis stats --acl:");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 
     println!("\n-- trellis stats (eBPF counters on every pod interface, read from the pins)");
     let out = std::process::Command::new(trellis_rig::bins::trellis())
