@@ -126,6 +126,17 @@ pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     })
 }
 
+/// Loads (verifies) the TC classifier `name` of an object.
+pub(crate) fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+    let p: &mut SchedClassifier = bpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    p.load()
+        .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))
+}
+
 /// The netns cookie (SO_NETNS_COOKIE) of the calling thread's namespace.
 fn netns_cookie() -> Result<u64, String> {
     // SAFETY: a socket we close below; getsockopt into a u64.
@@ -296,13 +307,7 @@ impl Dataplane {
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
         for (name, _, _) in PROGRAMS {
-            let p: &mut SchedClassifier = bpf
-                .program_mut(name)
-                .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-            p.load()
-                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+            load_classifier(&mut bpf, name)?;
         }
         // The programs use no CO-RE relocations, so the kernel's BTF (parsed by
         // `new`, ~20 MB in memory) is not needed for the per-attachment loads.
@@ -472,13 +477,7 @@ impl Dataplane {
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
         for (name, _, _) in PROGRAMS {
-            let p: &mut SchedClassifier = inst
-                .program_mut(name)
-                .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-            p.load()
-                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+            load_classifier(&mut inst, name)?;
         }
         Ok(inst)
     }

@@ -29,13 +29,7 @@ impl LpmBaseline {
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
         for name in ["lpm_ingress", "floor", "counter_only"] {
-            let p: &mut SchedClassifier = bpf
-                .program_mut(name)
-                .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-            p.load()
-                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+            crate::dataplane::load_classifier(&mut bpf, name)?;
         }
         Ok(LpmBaseline { bpf })
     }

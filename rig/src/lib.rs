@@ -15,6 +15,7 @@ pub mod node;
 pub mod packets;
 pub mod pause;
 pub mod qemu;
+pub mod traffic;
 
 /// Whether the rig can run here (root is needed for namespaces).
 pub fn is_root() -> bool {

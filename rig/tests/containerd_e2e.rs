@@ -7,6 +7,7 @@ use trellis_rig::containerd::Containerd;
 use trellis_rig::netns::Netns;
 use trellis_rig::node::TestNode;
 use trellis_rig::require_root;
+use trellis_rig::traffic::{counter, interface, kernel_counts as kernel, trellis_stats, udp};
 
 fn record(node: &TestNode, sandbox: &str) -> serde_json::Value {
     node.record(sandbox)
@@ -136,85 +137,17 @@ async fn bad_annotations_fail_run_pod_sandbox_with_the_reason() {
 }
 
 fn stats(node: &TestNode, pod: &str) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(trellis_rig::bins::trellis())
-        .args([
-            "stats",
-            "--json",
-            "--namespace",
-            "pods",
-            "--pod",
-            pod,
-            "--bpffs-dir",
-        ])
-        .arg(&node.bpf_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    trellis_stats(&node.bpf_dir, &["--namespace", "pods", "--pod", pod])
 }
 
-/// (rx packets, tx packets, rx drops) of `ifname` in `stats`.
+/// (rx packets, tx packets, rx drops) of `ifname` on `network` in `stats`.
 fn counted(stats: &[serde_json::Value], network: &str, ifname: &str) -> (u64, u64, u64) {
-    let s = stats
-        .iter()
-        .find(|s| s["owner"]["network"] == network && s["owner"]["ifname"] == ifname)
-        .unwrap_or_else(|| panic!("no {network} {ifname} in {stats:?}"));
+    let s = interface(stats, Some(network), ifname);
     (
-        s["ingress"]["packets"].as_u64().unwrap(),
-        s["egress"]["packets"].as_u64().unwrap(),
-        s["ingress"]["drops"].as_u64().unwrap(),
+        counter(s, "ingress", "packets"),
+        counter(s, "egress", "packets"),
+        counter(s, "ingress", "drops"),
     )
-}
-
-/// (rx packets, tx packets) as the kernel counts them.
-fn kernel(ns: &Netns, ifname: &str) -> (u64, u64) {
-    let v: serde_json::Value =
-        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
-    let s = &v[0]["stats64"];
-    (
-        s["rx"]["packets"].as_u64().unwrap(),
-        s["tx"]["packets"].as_u64().unwrap(),
-    )
-}
-
-/// UDP datagrams from `from` to `to` (a receiver in `to_ns`); how many arrived.
-fn udp(from: &Netns, to_ns: &Netns, to: std::net::SocketAddr, count: usize) -> usize {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to_path = to_ns.path();
-    let rx = std::thread::spawn(move || {
-        Netns::at(to_path).enter_this_thread();
-        let s = std::net::UdpSocket::bind(to).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
-        ready_tx.send(()).unwrap();
-        let mut n = 0;
-        let mut buf = [0u8; 64];
-        while s.recv(&mut buf).is_ok() {
-            n += 1;
-        }
-        n
-    });
-    ready_rx.recv().unwrap();
-    let from_path = from.path();
-    std::thread::spawn(move || {
-        Netns::at(from_path).enter_this_thread();
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..count {
-            s.send_to(b"trellis", to).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    })
-    .join()
-    .unwrap();
-    rx.join().unwrap()
 }
 
 /// Pods made by containerd with two extra networks, one with an ACL: `trellis stats`

@@ -12,6 +12,7 @@ use trellis_ebpf_common::{DIR_EGRESS, DIR_INGRESS, TCX_DROP, TCX_NEXT};
 use trellis_rig::netns::Netns;
 use trellis_rig::packets::{frame, ICMP, ICMPV6, TCP, UDP};
 use trellis_rig::require_root;
+use trellis_rig::traffic::udp;
 
 struct BpfDir(PathBuf);
 
@@ -197,45 +198,6 @@ fn pair() -> (Netns, Netns) {
         ));
     }
     (a, b)
-}
-
-/// Sends `count` UDP datagrams from `from` to `to` and counts what arrives there
-/// (a receiver in `to_ns`, waiting up to a second after the last).
-fn udp(from_ns: &Netns, to_ns: &Netns, to: std::net::SocketAddr, count: usize) -> usize {
-    let to_path = to_ns.path();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let rx = std::thread::spawn(move || {
-        Netns::at(to_path).enter_this_thread();
-        let s = std::net::UdpSocket::bind(to).expect("bind receiver");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
-        ready_tx.send(()).unwrap();
-        let mut n = 0;
-        let mut buf = [0u8; 64];
-        while s.recv(&mut buf).is_ok() {
-            n += 1;
-        }
-        n
-    });
-    ready_rx.recv().unwrap();
-    let from_path = from_ns.path();
-    std::thread::spawn(move || {
-        Netns::at(from_path).enter_this_thread();
-        let any: std::net::SocketAddr = if to.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
-        };
-        let s = std::net::UdpSocket::bind(any).unwrap();
-        for _ in 0..count {
-            // A denied datagram is dropped after the send returns.
-            s.send_to(b"trellis", to).expect("send");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    })
-    .join()
-    .unwrap();
-    rx.join().unwrap()
 }
 
 fn received(out: &str) -> usize {

@@ -6,45 +6,16 @@ use serde_json::Value;
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode};
 use trellis_rig::require_root;
+use trellis_rig::traffic::{counter, interface, kernel_counts, trellis_stats};
 
 fn stats(node: &TestNode, pod: &str) -> Vec<Value> {
-    let out = std::process::Command::new(trellis_rig::bins::trellis())
-        .args(["stats", "--json", "--pod", pod, "--bpffs-dir"])
-        .arg(&node.bpf_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    trellis_stats(&node.bpf_dir, &["--pod", pod])
 }
 
-/// (rx packets, tx packets) as the kernel counts them on `ifname`.
-fn kernel_counts(ns: &Netns, ifname: &str) -> (u64, u64) {
-    let v: Value =
-        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
-    let s = &v[0]["stats64"];
-    (
-        s["rx"]["packets"].as_u64().unwrap(),
-        s["tx"]["packets"].as_u64().unwrap(),
-    )
-}
-
-fn ours(stats: &[Value], ifname: &str) -> (u64, u64) {
-    let s = stats
-        .iter()
-        .find(|s| s["owner"]["ifname"] == ifname)
-        .unwrap_or_else(|| panic!("no {ifname} in {stats:?}"));
-    (
-        s["ingress"]["packets"].as_u64().unwrap(),
-        s["egress"]["packets"].as_u64().unwrap(),
-    )
+/// (rx, tx) of `ifname`: `what` is packets or drops.
+fn ours(stats: &[Value], ifname: &str, what: &str) -> (u64, u64) {
+    let s = interface(stats, None, ifname);
+    (counter(s, "ingress", what), counter(s, "egress", what))
 }
 
 #[test]
@@ -90,11 +61,17 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         .all(|s| s["owner"]["namespace"] == "pods" && s["owner"]["container"] == "ca"));
 
     let b_ip = b.addrs("net1")[0].split('/').next().unwrap().to_string();
-    let (k0, o0) = (kernel_counts(&a, "net1"), ours(&stats(&node, "a"), "net1"));
+    let (k0, o0) = (
+        kernel_counts(&a, "net1"),
+        ours(&stats(&node, "a"), "net1", "packets"),
+    );
     assert!(a
         .sh(&format!("ping -c 5 -i 0.2 -W 2 {b_ip}"))
         .contains("5 received"));
-    let (k1, o1) = (kernel_counts(&a, "net1"), ours(&stats(&node, "a"), "net1"));
+    let (k1, o1) = (
+        kernel_counts(&a, "net1"),
+        ours(&stats(&node, "a"), "net1", "packets"),
+    );
     let kernel = (k1.0 - k0.0, k1.1 - k0.1);
     let counted = (o1.0 - o0.0, o1.1 - o0.1);
     assert_eq!(counted, kernel, "trellis (rx, tx) vs the kernel's");
@@ -180,17 +157,6 @@ fn acl_annotation(acl: Value) -> std::collections::BTreeMap<String, String> {
     [("trellis.dev/acl".to_string(), acl.to_string())].into()
 }
 
-fn drops(stats: &[Value], ifname: &str) -> (u64, u64) {
-    let s = stats
-        .iter()
-        .find(|s| s["owner"]["ifname"] == ifname)
-        .unwrap_or_else(|| panic!("no {ifname} in {stats:?}"));
-    (
-        s["ingress"]["drops"].as_u64().unwrap(),
-        s["egress"]["drops"].as_u64().unwrap(),
-    )
-}
-
 /// A network with an ACL in its NAD: filtered from the moment ADD returns, a NAD edit
 /// changes the live pods' rules, an agent restart keeps them, an invalid ACL fails
 /// the ADD and leaves nothing.
@@ -236,7 +202,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
     assert!(a
         .sh(&format!("ping -c 3 -i 0.2 -W 1 {b_ip} || true"))
         .contains(" 0 received"));
-    assert_eq!(drops(&stats(&node, "b"), "net1"), (3, 0));
+    assert_eq!(ours(&stats(&node, "b"), "net1", "drops"), (3, 0));
     // Per rule: `trellis stats --acl` and the agent's metrics.
     let out = std::process::Command::new(trellis_rig::bins::trellis())
         .args([
@@ -282,7 +248,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
     {
         assert!(std::time::Instant::now() < deadline, "{}", node.agent_log());
     }
-    let before = drops(&stats(&node, "b"), "net1").0;
+    let before = ours(&stats(&node, "b"), "net1", "drops").0;
     node.stop_agent();
     assert!(a
         .sh(&format!("ping -c 2 -i 0.2 -W 1 {b_ip} || true"))
@@ -292,7 +258,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
     assert!(a
         .sh(&format!("ping -c 2 -i 0.2 -W 1 {b_ip} || true"))
         .contains(" 0 received"));
-    assert_eq!(drops(&stats(&node, "b"), "net1").0, before + 4);
+    assert_eq!(ours(&stats(&node, "b"), "net1", "drops").0, before + 4);
 
     // An invalid ACL: ADD fails naming the rule, and nothing of the pod is left.
     node.add_nad_annotated(

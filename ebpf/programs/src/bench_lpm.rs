@@ -10,7 +10,7 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod lpm {
-    use crate::packet::parse;
+    use crate::packet::{count, parse};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
     use aya_ebpf::maps::PerCpuArray;
@@ -48,15 +48,8 @@ mod lpm {
             }
         }
         if let Some(c) = LPM_STATS.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot.
-            unsafe {
-                if verdict == TCX_DROP {
-                    (*c).drops += 1;
-                } else {
-                    (*c).packets += 1;
-                    (*c).bytes += ctx.len() as u64;
-                }
-            }
+            // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
+            unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
         }
         verdict
     }

@@ -10,7 +10,7 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
-    use crate::packet::{parse, Packet};
+    use crate::packet::{count, parse, Packet};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
     use aya_ebpf::programs::TcContext;
@@ -152,15 +152,8 @@ mod tc {
             }
         }
         if let Some(c) = STATS.get_ptr_mut(slot * 2 + dir) {
-            // SAFETY: per-CPU slot, no other writer on this CPU while we run.
-            unsafe {
-                if verdict == TCX_DROP {
-                    (*c).drops += 1;
-                } else {
-                    (*c).packets += 1;
-                    (*c).bytes += ctx.len() as u64;
-                }
-            }
+            // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
+            unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
         }
         verdict
     }

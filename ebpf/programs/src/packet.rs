@@ -1,7 +1,7 @@
 //! Packet parsing shared by the programs: what an ACL looks at.
 
 use aya_ebpf::programs::TcContext;
-use trellis_ebpf_common::DIR_INGRESS;
+use trellis_ebpf_common::{Counters, DIR_INGRESS};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -102,5 +102,22 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
             })
         }
         _ => None,
+    }
+}
+
+/// Counts one packet in `c`: as a drop, or as a packet and its bytes.
+///
+/// # Safety
+/// `c` points at a per-CPU map entry that nothing else writes while the program runs.
+#[inline(always)]
+pub unsafe fn count(c: *mut Counters, dropped: bool, len: u32) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        if dropped {
+            (*c).drops += 1;
+        } else {
+            (*c).packets += 1;
+            (*c).bytes += len as u64;
+        }
     }
 }

@@ -1,0 +1,94 @@
+//! Traffic and counters for the dataplane tests: datagrams between namespaces, the
+//! kernel's interface counters, and `trellis stats` as JSON.
+
+use crate::netns::Netns;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Sends `count` UDP datagrams from a socket in `from` to `to`, and counts what a
+/// receiver bound to `to` in `to_ns` gets (waiting up to a second after the last).
+pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to_path = to_ns.path();
+    let rx = std::thread::spawn(move || {
+        Netns::at(to_path).enter_this_thread();
+        let s = std::net::UdpSocket::bind(to).expect("bind receiver");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while s.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    ready_rx.recv().unwrap();
+    let from_path = from.path();
+    std::thread::spawn(move || {
+        Netns::at(from_path).enter_this_thread();
+        let any: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = std::net::UdpSocket::bind(any).unwrap();
+        for _ in 0..count {
+            // A denied datagram is dropped after the send returns.
+            s.send_to(b"trellis", to).expect("send");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+    .join()
+    .unwrap();
+    rx.join().unwrap()
+}
+
+/// (rx packets, tx packets) as the kernel counts them on `ifname` in `ns`.
+pub fn kernel_counts(ns: &Netns, ifname: &str) -> (u64, u64) {
+    let v: Value =
+        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["rx"]["packets"].as_u64().unwrap(),
+        s["tx"]["packets"].as_u64().unwrap(),
+    )
+}
+
+/// `trellis stats --json <filter> --bpffs-dir <dir>`: one entry per interface.
+pub fn trellis_stats(dir: &Path, filter: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(crate::bins::trellis())
+        .arg("stats")
+        .arg("--json")
+        .args(filter)
+        .arg("--bpffs-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The entry of `ifname` (on `network`, if given) in `trellis_stats` output.
+pub fn interface<'a>(stats: &'a [Value], network: Option<&str>, ifname: &str) -> &'a Value {
+    stats
+        .iter()
+        .find(|s| {
+            s["owner"]["ifname"] == ifname && network.is_none_or(|n| s["owner"]["network"] == n)
+        })
+        .unwrap_or_else(|| panic!("no {ifname} ({network:?}) in {stats:?}"))
+}
+
+/// A counter of a `trellis_stats` entry: `dir` ingress/egress, `what` packets/bytes/drops.
+pub fn counter(entry: &Value, dir: &str, what: &str) -> u64 {
+    entry[dir][what].as_u64().unwrap()
+}
