@@ -2,10 +2,11 @@
 //! 1. per packet, through BPF_PROG_TEST_RUN: the TCX program with accounting only, and
 //!    with an ACL of 0, 100 and 10,000 rules (IPv4, IPv6), against the same parse and
 //!    accounting with the rules in a kernel LPM trie;
-//! 2. on a veth between two namespaces this bench makes: TCP single-stream throughput
+//! 2. on a veth between two namespaces this bench makes (two pods of one network, so
+//!    both ends get the network's programs and rules): TCP single-stream throughput
 //!    and 64-byte UDP packets per second with nothing attached, with the programs
 //!    (accounting only), and with 1,000 and 10,000 rules as a trellis ACL and as the
-//!    same rules in iptables.
+//!    same rules in iptables (nft and legacy).
 //!
 //! Root. Prints figures; asserts nothing about speed.
 //! `trellis-bench-dataplane [--rounds N] [--seconds S] [--quick] [--per-packet]`
@@ -211,8 +212,8 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
     }
 }
 
-/// Two namespaces on a veth: "pod" (10.99.0.1, where programs and rules go) and
-/// "peer" (10.99.0.2).
+/// Two namespaces on a veth, two pods of one network: "pod" (10.99.0.1, the sender)
+/// and "peer" (10.99.0.2); programs and rules go on both.
 fn veth_pair() -> (Netns, Netns) {
     let pod = Netns::new("tbp");
     let peer = Netns::new("tbq");
@@ -320,7 +321,7 @@ fn udp_pps(pod: &Netns, peer: &Netns, secs: f64) -> f64 {
 }
 
 /// `n` rules that never match the bench flow: deny TCP port 5000 to/from
-/// 172.16.0.0 + i.
+/// 172.16.0.0 + i (/32s).
 fn rule_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0xac10_0000u32 + i)
 }
@@ -399,23 +400,30 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     let mut udp: Vec<Vec<f64>> = vec![vec![]; setups.len()];
     for _ in 0..rounds {
         for (k, (_, setup)) in setups.iter().enumerate() {
-            let mut slot = None;
+            // Both ends are pods of the network: each gets the programs and rules.
+            let mut slots = Vec::new();
             match *setup {
                 Setup::Bare => {}
                 Setup::Trellis(n) => {
                     let network = "bench/veth";
                     dp.set_network_acl(network, n.map(|n| &acls[&n]))
                         .expect("ACL");
-                    slot = Some(
-                        dp.attach(&pod.path(), &owner(network, "eth1"))
-                            .expect("attach"),
-                    );
+                    for ns in [&pod, &peer] {
+                        slots.push(
+                            dp.attach(&ns.path(), &owner(network, "eth1"))
+                                .expect("attach"),
+                        );
+                    }
                 }
-                Setup::Iptables(n, legacy) => iptables_load(&pod, n, legacy),
+                Setup::Iptables(n, legacy) => {
+                    for ns in [&pod, &peer] {
+                        iptables_load(ns, n, legacy);
+                    }
+                }
             }
             tcp[k].push(tcp_throughput(&pod, &peer, secs));
             udp[k].push(udp_pps(&pod, &peer, secs));
-            if let Some(s) = slot {
+            for s in slots {
                 dp.detach(s).expect("detach");
             }
             if let Setup::Iptables(_, legacy) = setup {
@@ -424,7 +432,9 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
                 } else {
                     "iptables"
                 };
-                pod.sh(&format!("{cmd} -F INPUT && {cmd} -F OUTPUT"));
+                for ns in [&pod, &peer] {
+                    ns.sh(&format!("{cmd} -F INPUT && {cmd} -F OUTPUT"));
+                }
             }
         }
     }
