@@ -128,3 +128,78 @@ fn a_dir_not_on_bpffs_is_refused_by_name() {
     let err = Dataplane::open(&d.path().join("x")).err().unwrap();
     assert!(err.to_string().contains("is not on a bpffs"), "{err}");
 }
+
+/// (rx bytes, tx bytes, rx packets, tx packets) as the kernel counts them.
+fn kernel_bytes(ns: &Netns, ifname: &str) -> [u64; 4] {
+    let v: serde_json::Value =
+        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
+    let s = &v[0]["stats64"];
+    let n = |d: &str, k: &str| s[d][k].as_u64().unwrap();
+    [
+        n("rx", "bytes"),
+        n("tx", "bytes"),
+        n("rx", "packets"),
+        n("tx", "packets"),
+    ]
+}
+
+#[test]
+fn a_tcp_transfer_of_known_size_is_counted_as_the_kernel_counts_it() {
+    require_root!();
+    let dir = BpfDir(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        trellis_rig::unique("trellis-test")
+    )));
+    let (a, b) = pair();
+    let owner = Owner {
+        namespace: "pods".into(),
+        pod: "a".into(),
+        network: "pods/net-a".into(),
+        ifname: "a0".into(),
+        container: "c1".into(),
+    };
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    let slot = dp.attach(&a.path(), &owner).expect("attach");
+    const SIZE: usize = 4 << 20;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let b_path = b.path();
+    let server = std::thread::spawn(move || {
+        Netns::at(b_path).enter_this_thread();
+        let l = std::net::TcpListener::bind("10.88.0.2:7001").unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut c, &mut got).unwrap();
+        got.len()
+    });
+    ready_rx.recv().unwrap();
+    let (k0, s0) = (kernel_bytes(&a, "a0"), stats_of(&dir.0, slot));
+    let a_path = a.path();
+    std::thread::spawn(move || {
+        Netns::at(a_path).enter_this_thread();
+        let mut c = std::net::TcpStream::connect("10.88.0.2:7001").unwrap();
+        std::io::Write::write_all(&mut c, &vec![0x5a; SIZE]).unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(server.join().unwrap(), SIZE);
+    let (k1, s1) = (kernel_bytes(&a, "a0"), stats_of(&dir.0, slot));
+    let ours = [
+        s1.ingress.bytes - s0.ingress.bytes,
+        s1.egress.bytes - s0.egress.bytes,
+        s1.ingress.packets - s0.ingress.packets,
+        s1.egress.packets - s0.egress.packets,
+    ];
+    let kernel: Vec<u64> = (0..4).map(|i| k1[i] - k0[i]).collect();
+    assert_eq!(
+        ours.to_vec(),
+        kernel,
+        "(rx, tx bytes, rx, tx packets): trellis vs the kernel"
+    );
+    // The 4 MiB and every header went out; what came back is ACKs and the handshake.
+    assert!(
+        ours[1] > SIZE as u64 && ours[1] < SIZE as u64 * 11 / 10,
+        "{ours:?}"
+    );
+    dp.detach(slot).unwrap();
+}
