@@ -186,7 +186,14 @@ pub struct Dataplane {
     iv4: Mapped<IntervalV4>,
     iv6: Mapped<IntervalV6>,
     rules: Mapped<AclRule>,
+    /// When table regions were last given up (slots moved off them): they are not
+    /// written again until every program that may still be reading them has returned.
+    freed_at: Option<std::time::Instant>,
 }
+
+/// Longer than any program run (a TC program is not preempted and runs for
+/// microseconds): after this, nothing reads a region the slots moved off.
+const REGION_QUIET: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A BPF_F_MMAPABLE array map, mapped into the agent: table regions are written as
 /// memory (the programs read the same pages), not one syscall per entry.
@@ -317,6 +324,7 @@ impl Dataplane {
             iv4: Mapped::new(&bpf, "ACL_IV4", ACL_SPACE)?,
             iv6: Mapped::new(&bpf, "ACL_IV6", ACL_SPACE)?,
             rules: Mapped::new(&bpf, "ACL_RULES", RULE_SPACE)?,
+            freed_at: None,
             bpf,
             dir: dir.to_path_buf(),
             loader,
@@ -594,6 +602,7 @@ impl Dataplane {
                     self.set_slot_acl(slot, None)?;
                 }
                 self.drop_acl(id)?;
+                self.freed_at = Some(std::time::Instant::now());
             }
             return Ok(None);
         };
@@ -617,6 +626,10 @@ impl Dataplane {
         // too: packets may be reading them until the slots move).
         let tables = acl.tables();
         let mut used = self.used_regions()?;
+        // Free regions may have been read by a program until just now.
+        if let Some(t) = self.freed_at.take() {
+            std::thread::sleep(REGION_QUIET.saturating_sub(t.elapsed()));
+        }
         let mut header = AclHeader {
             default_action: acl.default_action(),
             acl: id,
@@ -696,6 +709,10 @@ impl Dataplane {
             .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
         for slot in self.slots_of(network)? {
             self.set_slot_acl(slot, Some(index))?;
+        }
+        if current.is_some() {
+            // The previous version's regions are free from here on.
+            self.freed_at = Some(std::time::Instant::now());
         }
         Ok(Some(id))
     }
