@@ -150,10 +150,23 @@ impl Invoker {
             .stderr(Stdio::piped())
             // Own process group, so a timeout kills whatever the plugin started too.
             .process_group(0);
-        let mut child = cmd.spawn().map_err(|source| InvokeError::Spawn {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // ETXTBSY: the binary is still open for writing somewhere (being installed, or a
+        // fork of this process that has not exec'd yet held the writer's fd); it passes.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10 * tries));
+                }
+                r => {
+                    break r.map_err(|source| InvokeError::Spawn {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                }
+            }
+        };
         let pid = child.id() as i32;
         let mut child_stdin = child.stdin.take().expect("piped");
         let input = stdin.to_vec();
