@@ -303,8 +303,8 @@ impl Acl {
 
     /// A stable digest of the rules: changes when the NAD's ACL does.
     pub fn digest(&self) -> u64 {
-        // FNV-1a over the canonical debug form: stable across runs (unlike
-        // DefaultHasher's seeds, which would not matter, but this is simpler to trust).
+        // FNV-1a over the checked rules' debug form: the same ACL gives the same
+        // digest in every agent process (it is kept in a pinned map across restarts).
         let mut h: u64 = 0xcbf29ce484222325;
         for b in format!("{self:?}").bytes() {
             h ^= b as u64;
@@ -470,31 +470,45 @@ struct Prefix {
     rules: Vec<AclRule>,
 }
 
-/// Looks a packet up in compiled intervals the way the programs do (binary search for
-/// the last start <= address, then the span's first matching rule).
-pub fn lookup(
-    intervals: &[(u128, Span)],
-    rules: &[AclRule],
-    addr: u128,
-    proto: u8,
-    dport: Option<u16>,
-) -> Option<usize> {
-    let i = intervals.partition_point(|(s, _)| *s <= addr) - 1;
-    let span = intervals[i].1;
-    rules[span.first as usize..(span.first + span.count) as usize]
-        .iter()
-        .find(|r| {
-            (r.proto == PROTO_ANY || r.proto == proto)
-                && (r.port_hi == 0 || dport.is_some_and(|d| d >= r.port_lo && d <= r.port_hi))
-        })
-        .map(|r| r.id as usize)
-}
-
 const _: () = assert!(ACL_INTERVALS > 2 * MAX_ACL_RULES as usize);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Looks a packet up in compiled intervals the way the programs do (binary search for
+    /// the last start <= address, then the span's first matching rule).
+    fn lookup(
+        intervals: &[(u128, Span)],
+        rules: &[AclRule],
+        addr: u128,
+        proto: u8,
+        dport: Option<u16>,
+    ) -> Option<usize> {
+        let i = intervals.partition_point(|(s, _)| *s <= addr) - 1;
+        let span = intervals[i].1;
+        rules[span.first as usize..(span.first + span.count) as usize]
+            .iter()
+            .find(|r| {
+                (r.proto == PROTO_ANY || r.proto == proto)
+                    && (r.port_hi == 0 || dport.is_some_and(|d| d >= r.port_lo && d <= r.port_hi))
+            })
+            .map(|r| r.id as usize)
+    }
+
+    /// `n` deny rules on adjacent IPv4 /24s from 10.0.0.0/24.
+    fn adjacent_24s(n: u32) -> String {
+        let rules: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"action":"deny","cidr":"10.{}.{}.0/24"}}"#,
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        format!(r#"{{"rules":[{}]}}"#, rules.join(","))
+    }
 
     fn acl(s: &str) -> Acl {
         Acl::parse(s).unwrap()
@@ -572,16 +586,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rule 0: unknown field `port`"), "{e}");
-        let many: Vec<String> = (0..=MAX_ACL_RULES)
-            .map(|i| {
-                format!(
-                    r#"{{"action":"deny","cidr":"10.{}.{}.0/24"}}"#,
-                    i / 256,
-                    i % 256
-                )
-            })
-            .collect();
-        let e = Acl::parse(&format!(r#"{{"rules":[{}]}}"#, many.join(",")))
+        let e = Acl::parse(&adjacent_24s(MAX_ACL_RULES + 1))
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -718,16 +723,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_rules_fit_one_table() {
-        let rules: Vec<String> = (0..MAX_ACL_RULES)
-            .map(|i| {
-                format!(
-                    r#"{{"action":"deny","cidr":"10.{}.{}.0/24"}}"#,
-                    i / 256,
-                    i % 256
-                )
-            })
-            .collect();
-        let a = acl(&format!(r#"{{"rules":[{}]}}"#, rules.join(",")));
+        let a = acl(&adjacent_24s(MAX_ACL_RULES));
         let [t, ..] = a.tables();
         assert!(t.intervals.len() <= ACL_INTERVALS);
         assert_eq!(

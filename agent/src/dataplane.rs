@@ -12,7 +12,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use trellis_ebpf_common::{
     AclHeader, AclInfo, AclRule, Counters, IfKey, IntervalV4, IntervalV6, SlotMeta, TableRef,
-    ACL_HIT_STRIDE, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS, RULE_SPACE,
+    ACL_HIT_DEFAULT, ACL_HIT_STRIDE, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS,
+    RULE_SPACE,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
@@ -186,6 +187,8 @@ pub struct Dataplane {
     iv4: Mapped<IntervalV4>,
     iv6: Mapped<IntervalV6>,
     rules: Mapped<AclRule>,
+    /// The rule hit counters, mapped (an ACL's are zeroed as memory).
+    hits: Mapped<u64>,
     /// When table regions were last given up (slots moved off them): they are not
     /// written again until every program that may still be reading them has returned.
     freed_at: Option<std::time::Instant>,
@@ -213,6 +216,11 @@ impl<T: Copy> Mapped<T> {
             _ => return Err(DataplaneError::Load(format!("no array map {name}"))),
         };
         Self::map(fd, name, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// A pinned map opened by `trellis stats`, mapped read-only.
+    fn read_only(map: &MapData, name: &str, len: u32) -> Result<Mapped<T>, DataplaneError> {
+        Self::map(map.fd().as_fd().as_raw_fd(), name, len, libc::PROT_READ)
     }
 
     fn map(
@@ -324,6 +332,7 @@ impl Dataplane {
             iv4: Mapped::new(&bpf, "ACL_IV4", ACL_SPACE)?,
             iv6: Mapped::new(&bpf, "ACL_IV6", ACL_SPACE)?,
             rules: Mapped::new(&bpf, "ACL_RULES", RULE_SPACE)?,
+            hits: Mapped::new(&bpf, "RULE_HITS", MAX_ACLS * ACL_HIT_STRIDE)?,
             freed_at: None,
             bpf,
             dir: dir.to_path_buf(),
@@ -438,10 +447,11 @@ impl Dataplane {
         let network = self.meta()?.get(&slot, 0).ok().map(|m| get(&m.network));
         let _ = self.meta()?.remove(&slot);
         self.set_slot_acl(slot, None)?;
-        // The last attachment of a network takes its ACL tables with it.
+        // The last attachment of a network takes its ACL tables with it (only then
+        // are the other slots looked through).
         if let Some(network) = network {
-            if self.slots_of(&network)?.is_empty() {
-                self.set_network_acl(&network, None)?;
+            if self.acl_entry(&network)?.is_some() {
+                self.forget_unused_acl(&network)?;
             }
         }
         Ok(())
@@ -695,7 +705,7 @@ impl Dataplane {
         hdrs.set(index, header, 0)
             .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
         if current.is_none() {
-            self.zero_hits(id)?;
+            self.zero_hits(id);
         }
         let mut info = AclInfo {
             digest,
@@ -728,24 +738,13 @@ impl Dataplane {
     /// Forgets ACL `id`: its regions are free once no ACL_INFO entry names them.
     fn drop_acl(&mut self, id: u32) -> Result<(), DataplaneError> {
         let _ = self.acl_info()?.remove(&id);
-        self.zero_hits(id)
+        self.zero_hits(id);
+        Ok(())
     }
 
-    fn zero_hits(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let mut hits: Array<&mut MapData, u64> = Array::try_from(self.map_mut("RULE_HITS"))
-            .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
-        for i in 0..ACL_HIT_STRIDE {
-            let idx = id * ACL_HIT_STRIDE + i;
-            if hits
-                .get(&idx, 0)
-                .map_err(|e| op("RULE_HITS map")(e.to_string()))?
-                != 0
-            {
-                hits.set(idx, 0, 0)
-                    .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
-            }
-        }
-        Ok(())
+    fn zero_hits(&mut self, id: u32) {
+        self.hits
+            .write(id * ACL_HIT_STRIDE, &vec![0; ACL_HIT_STRIDE as usize]);
     }
 }
 
@@ -765,23 +764,32 @@ impl Probe {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        use aya::programs::{TestRun, TestRunOptions};
-        let name = PROGRAMS[dir as usize].0;
-        let p: &SchedClassifier = self
-            .inst
-            .program(name)
-            .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))?;
-        Ok((r.return_value as i32, r.duration))
+        test_run(&self.inst, PROGRAMS[dir as usize].0, packet, repeat)
     }
+}
+
+/// Runs `packet` `repeat` times through the loaded classifier `name` of `bpf`
+/// (BPF_PROG_TEST_RUN): its return value and the kernel's mean time per run.
+pub(crate) fn test_run(
+    bpf: &Ebpf,
+    name: &str,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<(i32, std::time::Duration), DataplaneError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let p: &SchedClassifier = bpf
+        .program(name)
+        .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        })
+        .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))?;
+    Ok((r.return_value as i32, r.duration))
 }
 
 /// One network's ACL as counted in the pins: hits per rule (in NAD order) with each
@@ -803,33 +811,28 @@ fn action_name(a: u32) -> &'static str {
     }
 }
 
+/// The map pinned as `name` in `dir`.
+fn open_pin(dir: &Path, name: &str) -> Result<MapData, DataplaneError> {
+    MapData::from_pin(dir.join(name))
+        .map_err(|e| op(format!("reading {}/{name}", dir.display()))(e.to_string()))
+}
+
 /// Every network ACL's rule hits, from the pins in `dir`.
 pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
-    let open = |name: &str| {
-        MapData::from_pin(dir.join(name))
-            .map_err(|e| op(format!("reading {}/{name}", dir.display()))(e.to_string()))
-    };
+    let open = |name: &str| open_pin(dir, name);
     let info: BpfHashMap<MapData, u32, AclInfo> =
         BpfHashMap::try_from(aya::maps::Map::HashMap(open("ACL_INFO")?))
             .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
-    let hits: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(open("RULE_HITS")?))
-        .map_err(|e| op("RULE_HITS map")(e.to_string()))?;
     let hdrs: Array<MapData, AclHeader> = Array::try_from(aya::maps::Map::Array(open("ACL_HDR")?))
         .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
-    let rules_map = open("ACL_RULES")?;
-    let rules: Mapped<AclRule> = Mapped::map(
-        rules_map.fd().as_fd().as_raw_fd(),
-        "ACL_RULES",
-        RULE_SPACE,
-        libc::PROT_READ,
-    )?;
+    // Rules and hits as memory: an ACL has up to 10,001 counters, not a syscall each.
+    let rules: Mapped<AclRule> = Mapped::read_only(&open("ACL_RULES")?, "ACL_RULES", RULE_SPACE)?;
+    let hits: Mapped<u64> =
+        Mapped::read_only(&open("RULE_HITS")?, "RULE_HITS", MAX_ACLS * ACL_HIT_STRIDE)?;
     let mut out = Vec::new();
     for e in info.iter() {
         let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
-        let get_hit = |r: u32| {
-            hits.get(&(id * ACL_HIT_STRIDE + r), 0)
-                .map_err(|e| op("RULE_HITS map")(e.to_string()))
-        };
+        let counters = hits.read(id * ACL_HIT_STRIDE, ACL_HIT_STRIDE);
         let h = hdrs
             .get(&i.header, 0)
             .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
@@ -843,21 +846,19 @@ pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
         }
         out.push(AclHits {
             network: get(&i.network),
-            rules: (0..i.rules).map(get_hit).collect::<Result<Vec<_>, _>>()?,
+            rules: counters[..i.rules as usize].to_vec(),
             actions,
-            default: get_hit(ACL_HIT_STRIDE - 1)?,
+            default: counters[ACL_HIT_DEFAULT as usize],
             default_action: action_name(h.default_action),
         });
     }
     out.sort_by(|a, b| a.network.cmp(&b.network));
     Ok(out)
 }
+
 /// Every attachment's counters, from the pins in `dir` (no agent needed).
 pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
-    let open = |name: &str| {
-        MapData::from_pin(dir.join(name))
-            .map_err(|e| op(format!("reading {}/{name}", dir.display()))(e.to_string()))
-    };
+    let open = |name: &str| open_pin(dir, name);
     let meta: BpfHashMap<MapData, u32, SlotMeta> =
         BpfHashMap::try_from(aya::maps::Map::HashMap(open("META")?))
             .map_err(|e| op("META map")(e.to_string()))?;

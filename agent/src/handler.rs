@@ -300,19 +300,16 @@ impl Handler {
                     continue;
                 }
             };
-            let acl = match nad.metadata.annotations.get(crate::acl::ACL_ANNOTATION) {
-                None => None,
-                Some(a) => match crate::acl::Acl::parse(a) {
-                    Ok(acl) => Some(acl),
-                    Err(e) => {
-                        let msg = e.to_string();
-                        if reported.get(&network) != Some(&msg) {
-                            tracing::warn!(%network, "keeping the current rules: NetworkAttachmentDefinition {}: {msg}", nad.qualified_name());
-                            reported.insert(network.clone(), msg);
-                        }
-                        continue;
+            let acl = match nad.acl() {
+                Ok(acl) => acl,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if reported.get(&network) != Some(&msg) {
+                        tracing::warn!(%network, "keeping the current rules: NetworkAttachmentDefinition {}: {msg}", nad.qualified_name());
+                        reported.insert(network.clone(), msg);
                     }
-                },
+                    continue;
+                }
             };
             reported.remove(&network);
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
@@ -534,6 +531,28 @@ impl Handler {
         Ok(())
     }
 
+    /// The NAD's ACL, checked; refused where the dataplane that would enforce it is off.
+    fn nad_acl(
+        &self,
+        nad: &crate::nad::NetworkAttachmentDefinition,
+        network: &str,
+        ifname: &str,
+    ) -> Result<Option<crate::acl::Acl>, CniError> {
+        let acl = nad.acl().map_err(|e| {
+            invalid(format!(
+                "network {network} ({ifname}): NetworkAttachmentDefinition {}: {e}",
+                nad.qualified_name()
+            ))
+        })?;
+        if acl.is_some() && self.dataplane.is_none() {
+            return Err(invalid(format!(
+                "network {network} ({ifname}) has an ACL ({}) but the agent's eBPF dataplane is off ([dataplane] enabled = false): refusing to attach it unfiltered",
+                crate::acl::ACL_ANNOTATION
+            )));
+        }
+        Ok(acl)
+    }
+
     fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
         let nad = self
             .source
@@ -559,28 +578,7 @@ impl Handler {
                 }
             }
         }
-        let acl = match nad.metadata.annotations.get(crate::acl::ACL_ANNOTATION) {
-            None => None,
-            Some(a) => {
-                let acl = crate::acl::Acl::parse(a).map_err(|e| {
-                    invalid(format!(
-                        "network {} ({}): NetworkAttachmentDefinition {}: {e}",
-                        sel.qualified_name(),
-                        sel.interface,
-                        nad.qualified_name()
-                    ))
-                })?;
-                if self.dataplane.is_none() {
-                    return Err(invalid(format!(
-                        "network {} ({}) has an ACL ({}) but the agent's eBPF dataplane is off ([dataplane] enabled = false): refusing to attach it unfiltered",
-                        sel.qualified_name(),
-                        sel.interface,
-                        crate::acl::ACL_ANNOTATION
-                    )));
-                }
-                Some(acl)
-            }
-        };
+        let acl = self.nad_acl(&nad, &sel.qualified_name(), &sel.interface)?;
         Ok(Planned {
             acl,
             network: sel.qualified_name(),

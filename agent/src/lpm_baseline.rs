@@ -5,7 +5,6 @@
 use crate::dataplane::DataplaneError;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::MapData;
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use std::net::IpAddr;
 use trellis_ebpf_common::AclRule;
@@ -71,19 +70,6 @@ impl LpmBaseline {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        let p: &SchedClassifier = self
-            .bpf
-            .program(name)
-            .expect("loaded")
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(|e| err(name)(format!("BPF_PROG_TEST_RUN: {e}")))?;
-        Ok((r.return_value as i32, r.duration))
+        crate::dataplane::test_run(&self.bpf, name, packet, repeat)
     }
 }

@@ -55,9 +55,7 @@ fn label(v: &str) -> String {
 fn render_acl_hits(out: &mut String, acls: &[crate::dataplane::AclHits]) {
     let hits = "trellis_acl_rule_hits_total";
     let drops = "trellis_acl_drops_total";
-    out.push_str(&format!("# HELP {hits} Packets an ACL rule decided (rule: its index in the NAD's rules, or default).
-# TYPE {hits} counter
-"));
+    out.push_str(&format!("# HELP {hits} Packets an ACL rule decided (rule: its index in the NAD's rules, or default).\n# TYPE {hits} counter\n"));
     let mut drop_lines = String::new();
     for a in acls {
         let rows = a

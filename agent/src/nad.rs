@@ -69,6 +69,15 @@ impl NetworkAttachmentDefinition {
             .map(String::as_str)
     }
 
+    /// The network's ACL (`trellis.dev/acl`), checked; None without the annotation.
+    pub fn acl(&self) -> Result<Option<crate::acl::Acl>, crate::acl::AclError> {
+        self.metadata
+            .annotations
+            .get(crate::acl::ACL_ANNOTATION)
+            .map(|a| crate::acl::Acl::parse(a))
+            .transpose()
+    }
+
     /// The delegate configuration; a conf without a name takes the NAD's.
     pub fn conf_list(&self) -> Result<NetConfList, NadError> {
         if self.spec.config.trim().is_empty() {

@@ -41,3 +41,22 @@ pub fn unique(prefix: &str) -> String {
     let n = N.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{:x}{n}", std::process::id() % 0xfffff)
 }
+
+/// A dir of its own under /sys/fs/bpf for a test's or bench's dataplane pins,
+/// removed (with everything pinned in it) on drop.
+pub struct BpfDir(pub std::path::PathBuf);
+
+impl BpfDir {
+    pub fn new(prefix: &str) -> BpfDir {
+        BpfDir(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique(prefix)
+        )))
+    }
+}
+
+impl Drop for BpfDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -179,6 +179,13 @@ impl TestNode {
         self.agent = None;
     }
 
+    /// TCX links the agent's dataplane has pinned (two per attached interface).
+    pub fn link_pins(&self) -> usize {
+        std::fs::read_dir(self.bpf_dir.join("links"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// Writes a NetworkAttachmentDefinition file.
     pub fn add_nad(&self, namespace: &str, name: &str, config: &Value) {
         self.add_nad_annotated(namespace, name, config, &BTreeMap::new())

@@ -1,10 +1,49 @@
-//! Traffic and counters for the dataplane tests: datagrams between namespaces, the
-//! kernel's interface counters, and `trellis stats` as JSON.
+//! Traffic and counters for the dataplane tests and bench: a veth between two
+//! namespaces, datagrams between them, the kernel's interface counters, and
+//! `trellis stats` as JSON.
 
 use crate::netns::Netns;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
+
+/// Two namespaces joined by a veth (`ifnames` on the two sides), with `<v4>.1/24` and
+/// `<v4>.2/24` and static IPv4 neighbours, so only the packets a test sends cross. With
+/// `v6` (a /64 prefix such as `fd00:88::`) also `<v6>1/64` and `<v6>2/64` without DAD,
+/// their neighbours found by ND; without it IPv6 is off.
+pub fn veth_pair(prefix: &str, ifnames: [&str; 2], v4: &str, v6: Option<&str>) -> (Netns, Netns) {
+    let ns = [Netns::new(prefix), Netns::new(prefix)];
+    let mac = |i: usize| format!("02:00:00:00:00:{:02x}", i + 1);
+    ns[0].sh(&format!(
+        "ip link add {} type veth peer name {} netns {}",
+        ifnames[0], ifnames[1], ns[1].name
+    ));
+    for i in 0..2 {
+        let (ifname, peer) = (ifnames[i], 1 - i);
+        let ipv6 = match v6 {
+            Some(p) => format!(
+                "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 && \
+                 ip addr add {p}{}/64 dev {ifname} nodad",
+                i + 1
+            ),
+            None => {
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
+                    .to_string()
+            }
+        };
+        ns[i].sh(&format!(
+            "ip link set {ifname} address {} && {ipv6} && \
+             ip addr add {v4}.{}/24 dev {ifname} && ip link set {ifname} up && ip link set lo up && \
+             ip neigh replace {v4}.{} lladdr {} dev {ifname} nud permanent",
+            mac(i),
+            i + 1,
+            peer + 1,
+            mac(peer)
+        ));
+    }
+    let [a, b] = ns;
+    (a, b)
+}
 
 /// Sends `count` UDP datagrams from a socket in `from` to `to`, and counts what a
 /// receiver bound to `to` in `to_ns` gets (waiting up to a second after the last).
@@ -91,4 +130,13 @@ pub fn interface<'a>(stats: &'a [Value], network: Option<&str>, ifname: &str) ->
 /// A counter of a `trellis_stats` entry: `dir` ingress/egress, `what` packets/bytes/drops.
 pub fn counter(entry: &Value, dir: &str, what: &str) -> u64 {
     entry[dir][what].as_u64().unwrap()
+}
+
+/// The counters of `slot`, read from the pins in `dir`.
+pub fn slot_stats(dir: &Path, slot: u32) -> trellis_agent::dataplane::SlotStats {
+    trellis_agent::dataplane::read_stats(dir)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.slot == slot)
+        .unwrap_or_else(|| panic!("slot {slot} not in the pins"))
 }

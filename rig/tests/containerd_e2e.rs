@@ -243,10 +243,5 @@ async fn per_network_counts_and_acl_drops_for_containerd_pods() {
         cri.remove_pod(id).await.unwrap();
     }
     assert!(stats(&node, "pod-a").is_empty() && stats(&node, "pod-b").is_empty());
-    assert_eq!(
-        std::fs::read_dir(node.bpf_dir.join("links"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(node.link_pins(), 0);
 }

@@ -2,65 +2,29 @@
 //! counters equal the packets and bytes sent, survive the loader going away (pins),
 //! are read from the pins alone, and detach leaves nothing of that attachment.
 
-use std::path::PathBuf;
 use trellis_agent::dataplane::{check_bpffs, read_stats, Dataplane, DataplaneError, Owner};
 use trellis_rig::netns::Netns;
 use trellis_rig::require_root;
+use trellis_rig::traffic::{slot_stats, veth_pair};
+use trellis_rig::BpfDir;
 
-struct BpfDir(PathBuf);
-
-impl Drop for BpfDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Two namespaces joined by a veth, IPv4 only, with static neighbours (so only the
-/// packets the test sends cross).
-fn pair() -> (Netns, Netns) {
-    let a = Netns::new("tra");
-    let b = Netns::new("trb");
-    a.sh(&format!(
-        "ip link add a0 type veth peer name b0 netns {} && ip link set a0 address 02:00:00:00:0a:01",
-        b.name
-    ));
-    b.sh("ip link set b0 address 02:00:00:00:0b:01");
-    for (ns, ifname, ip, peer_ip, peer_mac) in [
-        (&a, "a0", "10.88.0.1/24", "10.88.0.2", "02:00:00:00:0b:01"),
-        (&b, "b0", "10.88.0.2/24", "10.88.0.1", "02:00:00:00:0a:01"),
-    ] {
-        ns.sh(&format!(
-            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 && \
-             ip addr add {ip} dev {ifname} && ip link set {ifname} up && \
-             ip neigh replace {peer_ip} lladdr {peer_mac} dev {ifname} nud permanent"
-        ));
-    }
-    (a, b)
-}
-
-fn stats_of(dir: &std::path::Path, slot: u32) -> trellis_agent::dataplane::SlotStats {
-    read_stats(dir)
-        .unwrap()
-        .into_iter()
-        .find(|s| s.slot == slot)
-        .unwrap_or_else(|| panic!("slot {slot} not in the pins"))
-}
-
-#[test]
-fn counters_match_the_traffic_and_survive_the_loader() {
-    require_root!();
-    let dir = BpfDir(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        trellis_rig::unique("trellis-test")
-    )));
-    let (a, _b) = pair();
-    let owner = Owner {
+/// Pod a's attachment on a0.
+fn owner_a() -> Owner {
+    Owner {
         namespace: "pods".into(),
         pod: "a".into(),
         network: "pods/net-a".into(),
         ifname: "a0".into(),
         container: "c1".into(),
-    };
+    }
+}
+
+#[test]
+fn counters_match_the_traffic_and_survive_the_loader() {
+    require_root!();
+    let dir = BpfDir::new("trellis-test");
+    let (a, _b) = veth_pair("tra", ["a0", "b0"], "10.88.0", None);
+    let owner = owner_a();
     let slot = {
         let mut dp = Dataplane::open(&dir.0).expect("load");
         dp.attach(&a.path(), &owner).expect("attach")
@@ -69,7 +33,7 @@ fn counters_match_the_traffic_and_survive_the_loader() {
     assert!(a
         .sh("ping -c 5 -i 0.2 -W 2 10.88.0.2")
         .contains("5 received"));
-    let s = stats_of(&dir.0, slot);
+    let s = slot_stats(&dir.0, slot);
     assert_eq!(s.owner, owner);
     // ICMP echo of 84 IP bytes + 14 Ethernet = 98 at tc, 5 out and 5 back.
     assert_eq!((s.egress.packets, s.egress.bytes), (5, 490), "{s:?}");
@@ -80,11 +44,11 @@ fn counters_match_the_traffic_and_survive_the_loader() {
     assert!(a
         .sh("ping -c 3 -i 0.2 -W 2 10.88.0.2")
         .contains("3 received"));
-    let s = stats_of(&dir.0, slot);
+    let s = slot_stats(&dir.0, slot);
     assert_eq!((s.egress.packets, s.ingress.packets), (8, 8), "{s:?}");
 
     // A second attachment gets its own slot and counters.
-    let (c, _d) = pair();
+    let (c, _d) = veth_pair("tra", ["a0", "b0"], "10.88.0", None);
     let other = Owner {
         pod: "c".into(),
         ..owner.clone()
@@ -94,8 +58,8 @@ fn counters_match_the_traffic_and_survive_the_loader() {
     assert!(c
         .sh("ping -c 2 -i 0.2 -W 2 10.88.0.2")
         .contains("2 received"));
-    assert_eq!(stats_of(&dir.0, slot2).egress.packets, 2);
-    assert_eq!(stats_of(&dir.0, slot).egress.packets, 8);
+    assert_eq!(slot_stats(&dir.0, slot2).egress.packets, 2);
+    assert_eq!(slot_stats(&dir.0, slot).egress.packets, 8);
 
     // Detach: its link pins and map entries go, the other attachment stays.
     dp.detach(slot).expect("detach");
@@ -146,18 +110,9 @@ fn kernel_bytes(ns: &Netns, ifname: &str) -> [u64; 4] {
 #[test]
 fn a_tcp_transfer_of_known_size_is_counted_as_the_kernel_counts_it() {
     require_root!();
-    let dir = BpfDir(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        trellis_rig::unique("trellis-test")
-    )));
-    let (a, b) = pair();
-    let owner = Owner {
-        namespace: "pods".into(),
-        pod: "a".into(),
-        network: "pods/net-a".into(),
-        ifname: "a0".into(),
-        container: "c1".into(),
-    };
+    let dir = BpfDir::new("trellis-test");
+    let (a, b) = veth_pair("tra", ["a0", "b0"], "10.88.0", None);
+    let owner = owner_a();
     let mut dp = Dataplane::open(&dir.0).expect("load");
     let slot = dp.attach(&a.path(), &owner).expect("attach");
     const SIZE: usize = 4 << 20;
@@ -173,7 +128,7 @@ fn a_tcp_transfer_of_known_size_is_counted_as_the_kernel_counts_it() {
         got.len()
     });
     ready_rx.recv().unwrap();
-    let (k0, s0) = (kernel_bytes(&a, "a0"), stats_of(&dir.0, slot));
+    let (k0, s0) = (kernel_bytes(&a, "a0"), slot_stats(&dir.0, slot));
     let a_path = a.path();
     std::thread::spawn(move || {
         Netns::at(a_path).enter_this_thread();
@@ -183,7 +138,7 @@ fn a_tcp_transfer_of_known_size_is_counted_as_the_kernel_counts_it() {
     .join()
     .unwrap();
     assert_eq!(server.join().unwrap(), SIZE);
-    let (k1, s1) = (kernel_bytes(&a, "a0"), stats_of(&dir.0, slot));
+    let (k1, s1) = (kernel_bytes(&a, "a0"), slot_stats(&dir.0, slot));
     let ours = [
         s1.ingress.bytes - s0.ingress.bytes,
         s1.egress.bytes - s0.egress.bytes,

@@ -5,31 +5,14 @@
 //! restart) keeps rules and counters.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use trellis_agent::acl::Acl;
-use trellis_agent::dataplane::{read_acl_hits, read_stats, Dataplane, Owner, SlotStats};
+use trellis_agent::dataplane::{read_acl_hits, read_stats, Dataplane, Owner};
 use trellis_ebpf_common::{DIR_EGRESS, DIR_INGRESS, TCX_DROP, TCX_NEXT};
-use trellis_rig::netns::Netns;
 use trellis_rig::packets::{frame, ICMP, ICMPV6, TCP, UDP};
 use trellis_rig::require_root;
-use trellis_rig::traffic::udp;
-
-struct BpfDir(PathBuf);
-
-impl BpfDir {
-    fn new() -> BpfDir {
-        BpfDir(PathBuf::from(format!(
-            "/sys/fs/bpf/{}",
-            trellis_rig::unique("trellis-acl")
-        )))
-    }
-}
-
-impl Drop for BpfDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use trellis_rig::traffic::{slot_stats, udp, veth_pair};
+use trellis_rig::BpfDir;
 
 fn owner(pod: &str, network: &str, ifname: &str) -> Owner {
     Owner {
@@ -39,14 +22,6 @@ fn owner(pod: &str, network: &str, ifname: &str) -> Owner {
         ifname: ifname.into(),
         container: format!("c-{pod}"),
     }
-}
-
-fn stats_of(dir: &Path, slot: u32) -> SlotStats {
-    read_stats(dir)
-        .unwrap()
-        .into_iter()
-        .find(|s| s.slot == slot)
-        .unwrap_or_else(|| panic!("slot {slot} not in the pins"))
 }
 
 fn hits_of(dir: &Path, network: &str) -> (Vec<u64>, u64) {
@@ -72,7 +47,7 @@ impl Lcg {
 #[test]
 fn kernel_verdicts_follow_the_rules() {
     require_root!();
-    let dir = BpfDir::new();
+    let dir = BpfDir::new("trellis-acl");
     let mut dp = Dataplane::open(&dir.0).expect("load");
     let mut g = Lcg(11);
     let local4: IpAddr = "192.0.2.1".parse().unwrap();
@@ -147,7 +122,7 @@ fn kernel_verdicts_follow_the_rules() {
                 drops[dir as usize] += deny as u64;
             }
         }
-        let s = stats_of(&dir.0, probe.slot);
+        let s = slot_stats(&dir.0, probe.slot);
         assert_eq!((s.ingress.drops, s.egress.drops), (drops[0], drops[1]));
         let (hits, default_hits) = hits_of(&dir.0, &network);
         assert_eq!(hits.iter().sum::<u64>() + default_hits, 800);
@@ -160,44 +135,6 @@ fn kernel_verdicts_follow_the_rules() {
             "the last attachment of a network takes its ACL with it"
         );
     }
-}
-
-/// Two namespaces joined by a veth, IPv4 and IPv6 (no DAD, static IPv4 neighbours; IPv6
-/// neighbours are found by ND, which an ACL must let through).
-fn pair() -> (Netns, Netns) {
-    let a = Netns::new("tra");
-    let b = Netns::new("trb");
-    a.sh(&format!(
-        "ip link add a0 type veth peer name b0 netns {} && ip link set a0 address 02:00:00:00:0a:01",
-        b.name
-    ));
-    b.sh("ip link set b0 address 02:00:00:00:0b:01");
-    for (ns, ifname, ip, ip6, peer_ip, peer_mac) in [
-        (
-            &a,
-            "a0",
-            "10.88.0.1/24",
-            "fd00:88::1/64",
-            "10.88.0.2",
-            "02:00:00:00:0b:01",
-        ),
-        (
-            &b,
-            "b0",
-            "10.88.0.2/24",
-            "fd00:88::2/64",
-            "10.88.0.1",
-            "02:00:00:00:0a:01",
-        ),
-    ] {
-        ns.sh(&format!(
-            "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 && \
-             ip addr add {ip} dev {ifname} && ip addr add {ip6} dev {ifname} nodad && \
-             ip link set {ifname} up && \
-             ip neigh replace {peer_ip} lladdr {peer_mac} dev {ifname} nud permanent"
-        ));
-    }
-    (a, b)
 }
 
 fn received(out: &str) -> usize {
@@ -217,8 +154,9 @@ fn link_ino(dir: &Path, slot: u32, which: &str) -> u64 {
 #[test]
 fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
     require_root!();
-    let dir = BpfDir::new();
-    let (a, b) = pair();
+    let dir = BpfDir::new("trellis-acl");
+    // IPv6 neighbours are found by ND, which an ACL must let through.
+    let (a, b) = veth_pair("tra", ["a0", "b0"], "10.88.0", Some("fd00:88::"));
     let network = "pods/acl-net";
     let rules = |icmp_in: bool| {
         let mut r = vec![
@@ -254,7 +192,7 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
         received(&b.sh("ping -6 -c 3 -i 0.2 -W 1 fd00:88::1 || true")),
         0
     );
-    let s = stats_of(&dir.0, slot);
+    let s = slot_stats(&dir.0, slot);
     assert_eq!((s.ingress.drops, s.egress.drops), (4 + 3, 6), "{s:?}");
     let (hits, _) = hits_of(&dir.0, network);
     assert_eq!(hits, vec![6, 3, 4], "hits per rule in NAD order");
@@ -270,7 +208,7 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
         ),
         "nothing was detached"
     );
-    assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7);
+    assert_eq!(slot_stats(&dir.0, slot).ingress.drops, 7);
     // And back.
     dp.set_network_acl(network, Some(&rules(true))).unwrap();
 
@@ -290,7 +228,7 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
         received(&b.sh("ping -c 2 -i 0.2 -W 1 10.88.0.1 || true")),
         0
     );
-    assert_eq!(stats_of(&dir.0, slot).ingress.drops, 7 + 4);
+    assert_eq!(slot_stats(&dir.0, slot).ingress.drops, 7 + 4);
     assert_eq!(hits_of(&dir.0, network).0[2], 4 + 4);
 
     // DEL: the slot, its links and the network's ACL (its last attachment) are gone.
@@ -307,7 +245,7 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
 #[test]
 fn an_acl_that_does_not_fit_is_refused_cleanly() {
     require_root!();
-    let dir = BpfDir::new();
+    let dir = BpfDir::new("trellis-acl");
     let mut dp = Dataplane::open(&dir.0).expect("load");
     // 10,000 adjacent IPv4 /24s on both directions: 2 x 10,002 of the 262,144
     // interval entries (and 20,000 of the 262,144 rule entries).

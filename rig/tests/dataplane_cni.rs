@@ -18,20 +18,14 @@ fn ours(stats: &[Value], ifname: &str, what: &str) -> (u64, u64) {
     (counter(s, "ingress", what), counter(s, "egress", what))
 }
 
-#[test]
-fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
-    require_root!();
-    let mut node = TestNode::new();
-    node.dataplane = true;
-    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
-    node.start_agent();
+/// Pods a (container ca) and b (cb) in namespaces of their own (IPv4 only, so no
+/// neighbour discovery chatter lands between two readings), each ADDed through the shim
+/// with the network `nad`; `after_add` runs after each ADD with the pod's name.
+fn add_pods_a_and_b(node: &TestNode, nad: &str, after_add: impl Fn(&str)) -> (Netns, Netns, Value) {
     let (a, b) = (Netns::new("trp"), Netns::new("trp"));
-    // IPv4 only, so no neighbour discovery chatter lands between two readings.
-    for ns in [&a, &b] {
-        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
-    }
-    let conf = node.shim_conf(Some(&networks_annotation("mv-a")));
+    let conf = node.shim_conf(Some(&networks_annotation(nad)));
     for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
         node.shim(
             "ADD",
             c,
@@ -40,7 +34,19 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
             &conf,
         )
         .expect_ok("ADD");
+        after_add(name);
     }
+    (a, b, conf)
+}
+
+#[test]
+fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
+    node.start_agent();
+    let (a, b, conf) = add_pods_a_and_b(&node, "mv-a", |_| {});
     // The programs attach in the background, just after ADD returns.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while stats(&node, "a").len() < 2 || stats(&node, "b").len() < 2 {
@@ -97,9 +103,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         "{text}"
     );
 
-    let pins_before = std::fs::read_dir(node.bpf_dir.join("links"))
-        .unwrap()
-        .count();
+    let pins_before = node.link_pins();
     assert_eq!(pins_before, 8, "2 pods x 2 interfaces x 2 directions");
     node.shim(
         "DEL",
@@ -111,12 +115,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
     .expect_ok("DEL");
     assert!(stats(&node, "a").is_empty());
     assert_eq!(stats(&node, "b").len(), 2);
-    assert_eq!(
-        std::fs::read_dir(node.bpf_dir.join("links"))
-            .unwrap()
-            .count(),
-        4
-    );
+    assert_eq!(node.link_pins(), 4);
     node.shim(
         "DEL",
         "cb",
@@ -125,12 +124,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         &conf,
     )
     .expect_ok("DEL");
-    assert_eq!(
-        std::fs::read_dir(node.bpf_dir.join("links"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(node.link_pins(), 0);
 }
 
 /// `GET /metrics` from the agent, which listens on 0.0.0.0:9105 in the node's netns.
@@ -176,20 +170,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         &acl_annotation(deny_icmp_in.clone()),
     );
     node.start_agent();
-    let (a, b) = (Netns::new("tra"), Netns::new("tra"));
-    for ns in [&a, &b] {
-        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
-    }
-    let conf = node.shim_conf(Some(&networks_annotation("mv-acl")));
-    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
-        node.shim(
-            "ADD",
-            c,
-            &ns.path().to_string_lossy(),
-            ("pods", name),
-            &conf,
-        )
-        .expect_ok("ADD");
+    let (a, b, conf) = add_pods_a_and_b(&node, "mv-acl", |name| {
         // Attached before ADD returned (no waiting here).
         assert!(
             stats(&node, name)
@@ -197,7 +178,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
                 .any(|s| s["owner"]["ifname"] == "net1"),
             "the ACL network is filtered when ADD returns"
         );
-    }
+    });
     let b_ip = b.addrs("net1")[0].split('/').next().unwrap().to_string();
     assert!(a
         .sh(&format!("ping -c 3 -i 0.2 -W 1 {b_ip} || true"))
@@ -271,9 +252,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         ]})),
     );
     let c = Netns::new("tra");
-    let links_before = std::fs::read_dir(node.bpf_dir.join("links"))
-        .unwrap()
-        .count();
+    let links_before = node.link_pins();
     let bad = node.shim_conf(Some(&networks_annotation("mv-bad")));
     let (_, msg) = node
         .shim(
@@ -289,12 +268,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         "{msg}"
     );
     assert!(stats(&node, "c").is_empty());
-    assert_eq!(
-        std::fs::read_dir(node.bpf_dir.join("links"))
-            .unwrap()
-            .count(),
-        links_before
-    );
+    assert_eq!(node.link_pins(), links_before);
     assert!(c.links().iter().all(|l| l == "lo"), "{:?}", c.links());
     assert!(!node.records().iter().any(|r| r.contains("cc")));
 
@@ -308,12 +282,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         )
         .expect_ok("DEL");
     }
-    assert_eq!(
-        std::fs::read_dir(node.bpf_dir.join("links"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(node.link_pins(), 0);
     let hits = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["stats", "--json", "--bpffs-dir"])
         .arg(&node.bpf_dir)

@@ -73,6 +73,8 @@ pub const ACL_INTERVALS: usize = 2 * MAX_ACL_RULES as usize + 1;
 pub const ACL_SEARCH_STEPS: u32 = 15;
 /// Per ACL: a hit counter per rule, then one for the default action.
 pub const ACL_HIT_STRIDE: u32 = MAX_ACL_RULES + 1;
+/// The default action's hit counter within an ACL's stride.
+pub const ACL_HIT_DEFAULT: u32 = MAX_ACL_RULES;
 
 pub const ACT_ALLOW: u8 = 0;
 pub const ACT_DENY: u8 = 1;

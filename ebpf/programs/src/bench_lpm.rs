@@ -10,14 +10,12 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod lpm {
-    use crate::packet::{count, parse};
+    use crate::packet::{count, parse, rule_matches};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
     use aya_ebpf::maps::PerCpuArray;
     use aya_ebpf::programs::TcContext;
-    use trellis_ebpf_common::{
-        AclRule, Counters, ACT_DENY, DIR_INGRESS, PROTO_ANY, TCX_DROP, TCX_NEXT,
-    };
+    use trellis_ebpf_common::{AclRule, Counters, ACT_DENY, DIR_INGRESS, TCX_DROP, TCX_NEXT};
 
     #[map(name = "LPM_V4")]
     static LPM_V4: LpmTrie<[u8; 4], AclRule> = LpmTrie::with_max_entries(65536, 0);
@@ -39,10 +37,7 @@ mod lpm {
                 LPM_V4.get(&Key::new(32, p.remote4.to_be_bytes()))
             };
             if let Some(r) = rule {
-                let proto_ok = r.proto == PROTO_ANY || r.proto == p.proto;
-                let ports_ok = r.port_hi == 0
-                    || matches!(p.dport, Some(d) if d >= r.port_lo && d <= r.port_hi);
-                if proto_ok && ports_ok && r.action == ACT_DENY {
+                if rule_matches(r, &p) && r.action == ACT_DENY {
                     verdict = TCX_DROP;
                 }
             }

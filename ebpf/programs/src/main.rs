@@ -1,6 +1,7 @@
 //! TCX programs for every kernel interface an attachment makes: accounting per
-//! attachment slot and direction, and the network's ACL. Built for the BPF target only; on the host this is
-//! an empty program so that workspace-wide builds and lints pass.
+//! attachment slot and direction, and the network's ACL. Built for the BPF target
+//! only; on the host this is an empty program so that workspace-wide builds and lints
+//! pass.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
@@ -10,14 +11,14 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
-    use crate::packet::{count, parse, Packet};
+    use crate::packet::{count, parse, rule_matches, Packet};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
         table_index, AclHeader, AclInfo, AclRule, Counters, IntervalV4, IntervalV6, SlotMeta, Span,
-        TableRef, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS,
-        MAX_ACLS, MAX_ACL_RULES, MAX_RULES_PER_CIDR, MAX_SLOTS, PROTO_ANY, RULE_SPACE, TCX_DROP,
+        TableRef, ACL_HIT_DEFAULT, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY,
+        DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, RULE_SPACE, TCX_DROP,
         TCX_NEXT,
     };
 
@@ -67,9 +68,10 @@ mod tc {
 
     /// `acl * ACL_HIT_STRIDE + rule` -> packets that rule decided (the last one of each
     /// ACL is its default). Shared across CPUs (atomic adds): per-CPU copies of
-    /// 640,064 counters would cost too much memory.
+    /// 640,064 counters would cost too much memory. Mapped by the agent and `trellis
+    /// stats`, which zero and read an ACL's counters as memory.
     #[map(name = "RULE_HITS")]
-    static RULE_HITS: Array<u64> = Array::pinned(MAX_ACLS * ACL_HIT_STRIDE, 0);
+    static RULE_HITS: Array<u64> = Array::pinned(MAX_ACLS * ACL_HIT_STRIDE, MMAPABLE);
 
     /// The first rule of `t`'s span that matches the packet: (action, rule id).
     #[inline(always)]
@@ -80,10 +82,7 @@ mod tc {
                 return None;
             }
             let r = ACL_RULES.get(t.rules + span.first as u32 + k)?;
-            let proto_ok = r.proto == PROTO_ANY || r.proto == p.proto;
-            let ports_ok =
-                r.port_hi == 0 || matches!(p.dport, Some(d) if d >= r.port_lo && d <= r.port_hi);
-            if proto_ok && ports_ok {
+            if rule_matches(r, p) {
                 return Some((r.action, r.id as u32));
             }
             k += 1;
@@ -127,7 +126,7 @@ mod tc {
             let i = search(t, p.remote4, |i| ACL_IV4.get(i).map(|e| e.start))?;
             ACL_IV4.get(t.base + i)?.span
         };
-        Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, MAX_ACL_RULES)))
+        Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, ACL_HIT_DEFAULT)))
     }
 
     #[inline(always)]

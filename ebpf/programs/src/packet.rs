@@ -1,7 +1,7 @@
 //! Packet parsing shared by the programs: what an ACL looks at.
 
 use aya_ebpf::programs::TcContext;
-use trellis_ebpf_common::{Counters, DIR_INGRESS};
+use trellis_ebpf_common::{AclRule, Counters, DIR_INGRESS, PROTO_ANY};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -120,4 +120,11 @@ pub unsafe fn count(c: *mut Counters, dropped: bool, len: u32) {
             (*c).bytes += len as u64;
         }
     }
+}
+
+/// Whether `r`'s protocol (0: any) and destination port range (0-0: any) match `p`.
+#[inline(always)]
+pub fn rule_matches(r: &AclRule, p: &Packet) -> bool {
+    (r.proto == PROTO_ANY || r.proto == p.proto)
+        && (r.port_hi == 0 || matches!(p.dport, Some(d) if d >= r.port_lo && d <= r.port_hi))
 }

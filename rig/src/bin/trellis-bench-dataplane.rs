@@ -13,7 +13,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use trellis_agent::acl::Acl;
 use trellis_agent::dataplane::{Dataplane, Owner};
@@ -22,6 +21,8 @@ use trellis_ebpf_common::{AclRule, ACT_DENY, DIR_INGRESS, TCX_NEXT};
 use trellis_rig::figures::percentiles;
 use trellis_rig::netns::Netns;
 use trellis_rig::packets::{frame, TCP};
+use trellis_rig::traffic::veth_pair;
+use trellis_rig::BpfDir;
 
 fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::args()
@@ -55,13 +56,6 @@ fn acl_json(n: u32, v6: bool) -> String {
         })
         .collect();
     format!(r#"{{"default":"allow","rules":[{}]}}"#, rules.join(","))
-}
-
-struct BpfDir(PathBuf);
-impl Drop for BpfDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn owner(network: &str, ifname: &str) -> Owner {
@@ -212,29 +206,6 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
     }
 }
 
-/// Two namespaces on a veth, two pods of one network: "pod" (10.99.0.1, the sender)
-/// and "peer" (10.99.0.2); programs and rules go on both.
-fn veth_pair() -> (Netns, Netns) {
-    let pod = Netns::new("tbp");
-    let peer = Netns::new("tbq");
-    pod.sh(&format!(
-        "ip link add eth1 type veth peer name eth1 netns {} && ip link set eth1 address 02:00:00:00:99:01",
-        peer.name
-    ));
-    peer.sh("ip link set eth1 address 02:00:00:00:99:02");
-    for (ns, ip, peer_ip, peer_mac) in [
-        (&pod, "10.99.0.1/24", "10.99.0.2", "02:00:00:00:99:02"),
-        (&peer, "10.99.0.2/24", "10.99.0.1", "02:00:00:00:99:01"),
-    ] {
-        ns.sh(&format!(
-            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 && \
-             ip addr add {ip} dev eth1 && ip link set eth1 up && ip link set lo up && \
-             ip neigh replace {peer_ip} lladdr {peer_mac} dev eth1 nud permanent"
-        ));
-    }
-    (pod, peer)
-}
-
 fn in_ns<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
@@ -354,7 +325,9 @@ fn iptables_load(pod: &Netns, n: u32, legacy: bool) {
 }
 
 fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
-    let (pod, peer) = veth_pair();
+    // Two pods of one network: "pod" (10.99.0.1, the sender) and "peer" (10.99.0.2);
+    // programs and rules go on both.
+    let (pod, peer) = veth_pair("tbp", ["eth1", "eth1"], "10.99.0", None);
     let mut acls = std::collections::BTreeMap::new();
     for n in [1000u32, 10_000] {
         let rules: Vec<String> = (0..n)
@@ -475,10 +448,7 @@ fn main() {
     let rounds: usize = arg("--rounds").unwrap_or(if quick { 1 } else { 5 });
     let secs: f64 = arg("--seconds").unwrap_or(if quick { 0.3 } else { 2.0 });
     let repeat = if quick { 10_000 } else { 500_000 };
-    let dir = BpfDir(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        trellis_rig::unique("trellis-bench")
-    )));
+    let dir = BpfDir::new("trellis-bench");
     let mut dp = Dataplane::open(&dir.0).expect("load the programs");
     println!(
         "trellis-bench-dataplane: {} CPUs",
