@@ -429,7 +429,7 @@ impl Handler {
         let pod_ns = pod.map(|p| p.namespace.as_str()).unwrap_or("default");
         let mut default_rc = runtime_config.clone();
         default_rc.remove(POD_ANNOTATIONS_CAPABILITY);
-        let (network, conf) = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
+        let (network, conf, acl) = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
             Some(a) => {
                 let sel = selection::parse_default_network(a, pod_ns)
                     .map_err(|e| invalid(e.to_string()))?;
@@ -437,11 +437,13 @@ impl Handler {
                     .source
                     .get_nad(&sel.namespace, &sel.name)
                     .map_err(from_source_err)?;
-                (nad.qualified_name(), nad.conf_list().map_err(from_nad_err)?)
+                let network = nad.qualified_name();
+                let acl = self.nad_acl(&nad, &network, &env.ifname)?;
+                (network, nad.conf_list().map_err(from_nad_err)?, acl)
             }
             None => {
                 let conf = self.load_default_network()?;
-                (conf.name.clone(), conf)
+                (conf.name.clone(), conf, None)
             }
         };
         let mut plan = vec![Planned {
@@ -453,7 +455,7 @@ impl Handler {
             default_route: Vec::new(),
             resource: None,
             device: None,
-            acl: None,
+            acl,
         }];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)

@@ -290,3 +290,62 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&hits.stdout).trim(), "[]");
 }
+
+/// A pod whose cluster network is a NAD (`v1.multus-cni.io/default-network`) with an
+/// ACL: its eth0 is filtered when ADD returns, like any other ACL network.
+#[test]
+fn a_default_network_nad_with_an_acl_is_filtered_at_add() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    node.add_nad_annotated(
+        "pods",
+        "cluster-acl",
+        &node.macvlan_conf("10.78.4.0/24"),
+        &acl_annotation(serde_json::json!({"default": "allow", "rules": [
+            {"action": "deny", "direction": "ingress", "cidr": "10.78.4.0/24", "protocol": "icmp"}
+        ]})),
+    );
+    node.start_agent();
+    let (a, b) = (Netns::new("trp"), Netns::new("trp"));
+    let ann: std::collections::BTreeMap<String, String> = [(
+        "v1.multus-cni.io/default-network".to_string(),
+        "pods/cluster-acl".to_string(),
+    )]
+    .into();
+    let conf = node.shim_conf(Some(&ann));
+    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        node.shim(
+            "ADD",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", name),
+            &conf,
+        )
+        .expect_ok("ADD");
+        let s = stats(&node, name);
+        assert!(
+            s.iter()
+                .any(|s| s["owner"]["ifname"] == "eth0"
+                    && s["owner"]["network"] == "pods/cluster-acl"),
+            "eth0 filtered when ADD returns: {s:?}"
+        );
+    }
+    let b_ip = b.addrs("eth0")[0].split('/').next().unwrap().to_string();
+    assert!(a
+        .sh(&format!("ping -c 2 -i 0.2 -W 1 {b_ip} || true"))
+        .contains(" 0 received"));
+    assert_eq!(ours(&stats(&node, "b"), "eth0", "drops"), (2, 0));
+    for (c, ns, name) in [("ca", &a, "a"), ("cb", &b, "b")] {
+        node.shim(
+            "DEL",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", name),
+            &conf,
+        )
+        .expect_ok("DEL");
+    }
+    assert_eq!(node.link_pins(), 0);
+}
