@@ -524,7 +524,7 @@ impl Dataplane {
     }
 
     /// Slots whose owner is on `network`.
-    fn slots_of(&mut self, network: &str) -> Result<Vec<u32>, DataplaneError> {
+    pub fn slots_of(&mut self, network: &str) -> Result<Vec<u32>, DataplaneError> {
         let meta = self.meta()?;
         let mut out = Vec::new();
         for e in meta.iter() {

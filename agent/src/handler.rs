@@ -21,6 +21,10 @@ use trellis_cni::{CniEnv, CniError, CniResult, Command, ErrorCode, NetConfList, 
 /// The runtimeConfig key under which containerd passes the pod's annotations.
 pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
+/// The spelling libcni also sends for the same list.
+pub const VALID_ATTACHMENTS_ALIAS: &str = "cni.dev/attachments";
+/// The longest a PodResources call may take (kubelet answers in milliseconds).
+const POD_RESOURCES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Handler {
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -33,6 +37,13 @@ pub struct Handler {
     source: Arc<dyn NetworkSource>,
     records: RecordStore,
     locks: ContainerLocks,
+    /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
+    /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
+    gc_gate: std::sync::RwLock<()>,
+    /// Per network, when the NAD read whose ACL is in the maps began: an ACL read
+    /// earlier (an ADD planned before a NAD edit the sync applied) is not written over
+    /// it. The NAD is the last writer.
+    acl_read_at: Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 /// One network to attach, fully resolved before anything is changed.
@@ -48,7 +59,14 @@ struct Planned {
     /// The device from that pool, put in the delegate's `deviceID`.
     device: Option<String>,
     /// The NAD's ACL (`trellis.dev/acl`).
-    acl: Option<crate::acl::Acl>,
+    acl: Option<PlannedAcl>,
+}
+
+/// A network's ACL as an ADD read it, and when that read began.
+#[derive(Clone)]
+struct PlannedAcl {
+    acl: crate::acl::Acl,
+    read_at: std::time::Instant,
 }
 
 /// The parts of the shim's own conf the agent uses.
@@ -108,6 +126,8 @@ impl Handler {
             source,
             records: RecordStore::open(&config.state_dir)?,
             locks: ContainerLocks::default(),
+            gc_gate: std::sync::RwLock::new(()),
+            acl_read_at: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -137,14 +157,37 @@ impl Handler {
         std::thread::Builder::new()
             .name("trellis-dataplane".into())
             .spawn(move || {
-                for id in rx {
-                    let _lock = h.locks.lock(&id);
-                    // Gone already (DEL came first): nothing to attach.
-                    let Ok(Some(mut record)) = h.records.load(&id) else {
-                        continue;
+                // Containers whose lock was busy (a DEL or a hung delegate holding it)
+                // wait here without stalling the others.
+                let mut waiting: std::collections::VecDeque<String> = Default::default();
+                loop {
+                    let next = if waiting.is_empty() {
+                        rx.recv().map_err(|_| ())
+                    } else {
+                        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
+                            r => Ok(r.ok()),
+                        }
+                        .map(|id| id.unwrap_or_default())
                     };
-                    if let Err(e) = h.attach_dataplane(&mut record) {
-                        tracing::warn!(container = %id, "{}", e.msg);
+                    let Ok(id) = next else { return };
+                    if !id.is_empty() {
+                        waiting.push_back(id);
+                    }
+                    waiting.extend(rx.try_iter());
+                    for _ in 0..waiting.len() {
+                        let id = waiting.pop_front().expect("counted");
+                        let Some(_lock) = h.locks.try_lock(&id) else {
+                            waiting.push_back(id);
+                            continue;
+                        };
+                        // Gone already (DEL came first): nothing to attach.
+                        let Ok(Some(mut record)) = h.records.load(&id) else {
+                            continue;
+                        };
+                        if let Err(e) = h.attach_dataplane(&mut record) {
+                            tracing::warn!(container = %id, "{}", e.msg);
+                        }
                     }
                 }
             })
@@ -170,14 +213,14 @@ impl Handler {
     fn attach_with_acls(
         &self,
         record: &mut Record,
-        acls: &[Option<crate::acl::Acl>],
+        acls: &[Option<PlannedAcl>],
     ) -> Result<(), CniError> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, acl) in acls.iter().enumerate() {
-            let Some(acl) = acl else { continue };
+        for (i, planned) in acls.iter().enumerate() {
+            let Some(planned) = planned else { continue };
             let a = &record.attachments[i];
             let network = a.network.clone();
             let fail = |e: crate::dataplane::DataplaneError| {
@@ -186,7 +229,9 @@ impl Handler {
                     format!("network {} ({}): ACL: {e}", a.network, a.ifname),
                 )
             };
-            dp.set_network_acl(&network, Some(acl)).map_err(fail)?;
+            // Rules read from the NAD after this ADD read it are newer: kept.
+            self.set_acl_read_at(&mut dp, &network, Some(&planned.acl), planned.read_at)
+                .map_err(fail)?;
             let attached = self.attach_one(&mut dp, record, i, true);
             if attached.is_err() {
                 // A network whose only attachment this was keeps no tables.
@@ -195,6 +240,25 @@ impl Handler {
             attached?;
         }
         Ok(())
+    }
+
+    /// Writes `acl` as `network`'s rules, unless rules from a NAD read that began
+    /// after `read_at` are in place already (the NAD is the last writer). The caller
+    /// holds the dataplane.
+    fn set_acl_read_at(
+        &self,
+        dp: &mut crate::dataplane::Dataplane,
+        network: &str,
+        acl: Option<&crate::acl::Acl>,
+        read_at: std::time::Instant,
+    ) -> Result<bool, crate::dataplane::DataplaneError> {
+        let mut reads = self.acl_read_at.lock().unwrap_or_else(|p| p.into_inner());
+        if reads.get(network).is_some_and(|t| *t > read_at) {
+            return Ok(false);
+        }
+        dp.set_network_acl(network, acl)?;
+        reads.insert(network.to_string(), read_at);
+        Ok(true)
     }
 
     /// Attaches attachment `i` if its interface is a kernel netdev in the pod; with
@@ -288,11 +352,16 @@ impl Handler {
                 return;
             }
         };
+        self.acl_read_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| networks.contains(n));
         for network in networks {
             // The cluster default network (from a conf file) has no NAD.
             let Some((ns, name)) = network.split_once('/') else {
                 continue;
             };
+            let read_at = std::time::Instant::now();
             let nad = match self.source.get_nad(ns, name) {
                 Ok(n) => n,
                 Err(e) => {
@@ -313,12 +382,18 @@ impl Handler {
             };
             reported.remove(&network);
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            // Its last attachment went while the NAD was read: an ACL set now would
+            // hold an id that no DEL frees.
+            if !dp.slots_of(&network).is_ok_and(|s| !s.is_empty()) {
+                continue;
+            }
             let current = dp.acl_of(&network).ok().flatten().map(|(_, d)| d);
             if current == acl.as_ref().map(|a| a.digest()) {
                 continue;
             }
-            match dp.set_network_acl(&network, acl.as_ref()) {
-                Ok(_) => tracing::info!(
+            match self.set_acl_read_at(&mut dp, &network, acl.as_ref(), read_at) {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
                     %network,
                     rules = acl.as_ref().map(|a| a.rules.len()).unwrap_or(0),
                     "ACL updated from its NetworkAttachmentDefinition"
@@ -332,7 +407,8 @@ impl Handler {
         &self.records
     }
 
-    /// Answers one shim request; never panics on bad input.
+    /// Answers one shim request. A panic anywhere in it is answered as an error, and
+    /// an ADD that panicked is undone.
     pub fn handle(&self, req: &Request) -> Response {
         let requested = serde_json::from_str::<Value>(&req.stdin)
             .ok()
@@ -342,7 +418,10 @@ impl Handler {
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        match self.dispatch(req) {
+        let answered =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dispatch(req)))
+                .unwrap_or_else(|panic| Err(self.after_panic(req, panic)));
+        match answered {
             Ok(v) => Response {
                 ok: true,
                 stdout: v.map(|v| v.to_string()).unwrap_or_default(),
@@ -367,6 +446,32 @@ impl Handler {
         }
     }
 
+    /// The error for a request that panicked; an ADD's attachments are torn down as
+    /// its rollback would have.
+    fn after_panic(&self, req: &Request, panic: Box<dyn std::any::Any + Send>) -> CniError {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        tracing::error!("request panicked: {what}");
+        let err = CniError::new(
+            ErrorCode::Io,
+            format!("internal error in the trellis agent (a bug; please report it): {what}"),
+        );
+        let env = match CniEnv::from_vars(&req.env) {
+            Ok(env) if env.command == Command::Add => env,
+            _ => return err,
+        };
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        let _lock = self.locks.lock(&env.container_id);
+        match self.records.load(&env.container_id) {
+            Ok(Some(record)) => self.roll_back(record, err),
+            Ok(None) => err,
+            Err(e) => err.with_details(format!("rollback: {e}")),
+        }
+    }
+
     fn dispatch(&self, req: &Request) -> Result<Option<Value>, CniError> {
         if req.stdin.len() > MAX_STDIN {
             return Err(CniError::new(
@@ -381,9 +486,9 @@ impl Handler {
         let conf = parse_shim_conf(&req.stdin)?;
         let started = std::time::Instant::now();
         let out = match env.command {
-            Command::Add => self.add(&env, &conf).map(Some),
-            Command::Del => self.del(&env).map(|_| None),
-            Command::Check => self.check(&env, &conf).map(|_| None),
+            Command::Add => self.shared(|| self.add(&env, &conf)).map(Some),
+            Command::Del => self.shared(|| self.del(&env)).map(|_| None),
+            Command::Check => self.shared(|| self.check(&env, &conf)).map(|_| None),
             Command::Gc => self.gc(&conf).map(|_| None),
             Command::Status => self.status().map(|_| None),
             Command::Version => unreachable!("answered above"),
@@ -398,6 +503,12 @@ impl Handler {
             "cni request"
         );
         out
+    }
+
+    /// Runs `f` while no GC runs.
+    fn shared<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        f()
     }
 
     fn load_default_network(&self) -> Result<NetConfList, CniError> {
@@ -433,12 +544,15 @@ impl Handler {
             Some(a) => {
                 let sel = selection::parse_default_network(a, pod_ns)
                     .map_err(|e| invalid(e.to_string()))?;
+                let read_at = std::time::Instant::now();
                 let nad = self
                     .source
                     .get_nad(&sel.namespace, &sel.name)
                     .map_err(from_source_err)?;
                 let network = nad.qualified_name();
-                let acl = self.nad_acl(&nad, &network, &env.ifname)?;
+                let acl = self
+                    .nad_acl(&nad, &network, &env.ifname)?
+                    .map(|acl| PlannedAcl { acl, read_at });
                 (network, nad.conf_list().map_err(from_nad_err)?, acl)
             }
             None => {
@@ -498,12 +612,28 @@ impl Handler {
             .map_err(|e| CniError::new(ErrorCode::Io, e.to_string()))?;
         for (resource, idxs) in by_resource {
             let ids = rt
-                .block_on(trellis_device_plugin::podresources::pod_devices(
-                    &self.pod_resources,
-                    &pod.namespace,
-                    &pod.name,
-                    &resource,
-                ))
+                .block_on(async {
+                    tokio::time::timeout(
+                        POD_RESOURCES_TIMEOUT,
+                        trellis_device_plugin::podresources::pod_devices(
+                            &self.pod_resources,
+                            &pod.namespace,
+                            &pod.name,
+                            &resource,
+                        ),
+                    )
+                    .await
+                })
+                .map_err(|_| {
+                    CniError::new(
+                        ErrorCode::TryAgainLater,
+                        format!(
+                            "kubelet PodResources API at {} did not answer within {} s",
+                            self.pod_resources.display(),
+                            POD_RESOURCES_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?
                 .map_err(|e| CniError::new(ErrorCode::TryAgainLater, e.to_string()))?;
             if ids.len() < idxs.len() {
                 let p = &plan[idxs[ids.len()]];
@@ -556,6 +686,7 @@ impl Handler {
     }
 
     fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
+        let read_at = std::time::Instant::now();
         let nad = self
             .source
             .get_nad(&sel.namespace, &sel.name)
@@ -580,7 +711,9 @@ impl Handler {
                 }
             }
         }
-        let acl = self.nad_acl(&nad, &sel.qualified_name(), &sel.interface)?;
+        let acl = self
+            .nad_acl(&nad, &sel.qualified_name(), &sel.interface)?
+            .map(|acl| PlannedAcl { acl, read_at });
         Ok(Planned {
             acl,
             network: sel.qualified_name(),
@@ -634,9 +767,10 @@ impl Handler {
             cni_args: env.args.to_string(),
             attachments: Vec::new(),
             network_status: None,
+            added_at_ms: None,
         };
         // Networks with an ACL are attached (and filtered) before ADD returns.
-        let acls: Vec<Option<crate::acl::Acl>> = plan.iter().map(|p| p.acl.clone()).collect();
+        let acls: Vec<Option<PlannedAcl>> = plan.iter().map(|p| p.acl.clone()).collect();
         for p in plan {
             record.attachments.push(Attachment {
                 network: p.network.clone(),
@@ -697,6 +831,7 @@ impl Handler {
         };
         let status = network_status::build(&record.attachments);
         record.network_status = Some(status.clone());
+        record.added_at_ms = Some(crate::records::now_ms());
         if let Err(e) = self.records.save(&record) {
             return Err(self.roll_back(record, from_record_err(e)));
         }
@@ -853,6 +988,10 @@ impl Handler {
 
     fn gc(&self, shim: &ShimConf) -> Result<(), CniError> {
         let valid = valid_attachments(&shim.raw)?;
+        let requested_ms = crate::records::now_ms();
+        // No ADD, DEL or CHECK runs while GC does: what it reads stays true. An ADD
+        // under way when the request came finishes first, and is newer than the list.
+        let _gate = self.gc_gate.write().unwrap_or_else(|p| p.into_inner());
         let (records, corrupt) = self.records.list().map_err(from_record_err)?;
         let mut failures: Vec<String> = corrupt.iter().map(ToString::to_string).collect();
         let mut confs: BTreeMap<String, NetConfList> = BTreeMap::new();
@@ -866,7 +1005,8 @@ impl Handler {
                     confs.insert(a.conf.to_string(), c);
                 }
             }
-            if valid.contains(&(r.container_id.clone(), r.ifname.clone())) {
+            let newer = r.added_at_ms.is_some_and(|t| t >= requested_ms);
+            if newer || valid.contains(&(r.container_id.clone(), r.ifname.clone())) {
                 live.push(r);
                 continue;
             }
@@ -972,11 +1112,20 @@ fn pod_ref(env: &CniEnv) -> Option<PodRef> {
     })
 }
 
+/// The attachments GC must keep. Without the list GC cannot tell live from stale,
+/// so it is an error, never an empty list (that would tear down every pod).
 fn valid_attachments(raw: &Map<String, Value>) -> Result<Vec<(String, String)>, CniError> {
-    let list = match raw.get(VALID_ATTACHMENTS_KEY) {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(l)) => l,
-        Some(_) => return Err(invalid(format!("{VALID_ATTACHMENTS_KEY} must be a list"))),
+    let (key, list) = match [VALID_ATTACHMENTS_KEY, VALID_ATTACHMENTS_ALIAS]
+        .into_iter()
+        .find_map(|k| raw.get(k).map(|v| (k, v)))
+    {
+        Some((k, Value::Array(l))) => (k, l),
+        Some((k, _)) => return Err(invalid(format!("{k} must be a list"))),
+        None => {
+            return Err(invalid(format!(
+                "GC needs the list of attachments to keep ({VALID_ATTACHMENTS_KEY}); without it nothing is collected"
+            )))
+        }
     };
     list.iter()
         .enumerate()
@@ -985,7 +1134,7 @@ fn valid_attachments(raw: &Map<String, Value>) -> Result<Vec<(String, String)>, 
             match (get("containerID"), get("ifname")) {
                 (Some(c), Some(i)) => Ok((c, i)),
                 _ => Err(invalid(format!(
-                    "{VALID_ATTACHMENTS_KEY}[{i}] needs string containerID and ifname"
+                    "{key}[{i}] needs string containerID and ifname"
                 ))),
             }
         })
@@ -1023,10 +1172,22 @@ struct ContainerGuard<'a> {
 }
 
 impl ContainerLocks {
+    /// The lock if no one holds it now.
+    fn try_lock(&self, id: &str) -> Option<ContainerGuard<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(id.to_string()) {
+            return None;
+        }
+        Some(ContainerGuard {
+            locks: self,
+            id: id.to_string(),
+        })
+    }
+
     fn lock(&self, id: &str) -> ContainerGuard<'_> {
-        let mut busy = self.busy.lock().expect("container locks");
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         while busy.contains(id) {
-            busy = self.freed.wait(busy).expect("container locks");
+            busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
         }
         busy.insert(id.to_string());
         ContainerGuard {
@@ -1041,7 +1202,7 @@ impl Drop for ContainerGuard<'_> {
         self.locks
             .busy
             .lock()
-            .expect("container locks")
+            .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
         self.locks.freed.notify_all();
     }

@@ -59,13 +59,28 @@ pub struct Record {
     /// The network-status annotation value, once ADD finished.
     #[serde(default)]
     pub network_status: Option<Value>,
+    /// When its ADD finished (ms since the Unix epoch): GC leaves alone a container
+    /// added after the runtime made its list of valid attachments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_at_ms: Option<u64>,
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Records as files, one per container. Each file is a journal of JSON snapshots, one
 /// per line, newest last: a save appends a line (creating an inode per save costs ten
-/// times more than an append on ext4, and ADD saves before every delegate), and a
-/// torn last line (power loss mid-write) leaves the snapshot before it in force. A
-/// file that has grown past `COMPACT_AT` is rewritten with only the newest snapshot.
+/// times more than an append on ext4, and ADD saves before every delegate). A line
+/// counts only once its newline is written: an agent killed mid-write leaves an
+/// unterminated tail, which is ignored, and the next save starts on a line of its
+/// own. Every save is on disk (fdatasync) before it returns, because it is written
+/// before the change it describes. A file that has grown past `COMPACT_AT` is
+/// rewritten with only the newest snapshot. Files are 0600, the dir 0700.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     dir: PathBuf,
@@ -73,13 +88,72 @@ pub struct RecordStore {
 
 const COMPACT_AT: u64 = 256 << 10;
 
+/// Creates `dir` (and its parents) and makes it 0700: records name every pod on the
+/// node and hold its delegates' configs.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes `bytes` to `path` whole or not at all: a 0600 temp file, synced, renamed
+/// over `path`, and the dir synced so the rename survives a crash.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The newest complete snapshot in a journal: lines without their newline are not
+/// there yet; a complete line that does not parse is skipped for the one before.
+fn newest<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, String> {
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(end) => &bytes[..end],
+        None => return Ok(None),
+    };
+    let mut last_err = None;
+    for line in complete.split(|b| *b == b'\n').rev() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice(line) {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) => {
+                last_err.get_or_insert(e);
+            }
+        }
+    }
+    match last_err {
+        Some(e) => Err(e.to_string()),
+        None => Ok(None),
+    }
+}
+
 impl RecordStore {
     pub fn open(state_dir: &Path) -> Result<RecordStore, RecordError> {
         let dir = state_dir.join("containers");
-        std::fs::create_dir_all(&dir).map_err(|source| RecordError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        for d in [state_dir, dir.as_path()] {
+            private_dir(d).map_err(|source| RecordError::Io {
+                path: d.to_path_buf(),
+                source,
+            })?;
+        }
         Ok(RecordStore { dir })
     }
 
@@ -97,30 +171,12 @@ impl RecordStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(RecordError::Io { path, source }),
         };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(None);
-        }
-        let mut last_err = None;
-        for line in bytes.split(|b| *b == b'\n').rev() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice(line) {
-                Ok(r) => return Ok(Some(r)),
-                Err(e) => {
-                    last_err.get_or_insert(e);
-                }
-            }
-        }
-        Err(RecordError::Corrupt {
-            path,
-            message: last_err.map(|e| e.to_string()).unwrap_or_default(),
-        })
+        newest(&bytes).map_err(|message| RecordError::Corrupt { path, message })
     }
 
     pub fn save(&self, record: &Record) -> Result<(), RecordError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let path = self.path(&record.container_id);
         let io = |source| RecordError::Io {
             path: path.clone(),
@@ -129,19 +185,28 @@ impl RecordStore {
         let mut line = serde_json::to_vec(record).expect("record serialises");
         line.push(b'\n');
         let mut f = std::fs::OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
-        if f.metadata().map_err(io)?.len() < COMPACT_AT {
-            // One write(2): a process killed mid-save never leaves half a line.
-            return f.write_all(&line).map_err(io);
+        let len = f.metadata().map_err(io)?.len();
+        if len >= COMPACT_AT {
+            drop(f);
+            return write_atomic(&path, &line).map_err(io);
         }
-        drop(f);
-        let tmp = self.dir.join(format!(".{}.tmp", record.container_id));
-        std::fs::write(&tmp, &line).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        if len > 0 {
+            // A torn tail (agent killed mid-write) must not swallow this snapshot.
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1).map_err(io)?;
+            if last[0] != b'\n' {
+                line.insert(0, b'\n');
+            }
+        }
+        // One write(2), on disk before the change it describes is made.
+        f.write_all(&line).map_err(io)?;
+        f.sync_data().map_err(io)
     }
 
     pub fn remove(&self, container_id: &str) -> Result<(), RecordError> {
@@ -199,6 +264,7 @@ mod tests {
             cni_args: String::new(),
             attachments: vec![],
             network_status: None,
+            added_at_ms: None,
         };
         assert!(s.load("c1").unwrap().is_none());
         s.save(&r).unwrap();
@@ -213,12 +279,37 @@ mod tests {
         bytes.extend_from_slice(b"{\"container_id\":\"c1\",\"net");
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(s.load("c1").unwrap().unwrap(), r2);
+        // A torn tail that happens to parse is not there yet either.
+        let torn = serde_json::to_vec(&r).unwrap();
+        std::fs::write(
+            &p,
+            [std::fs::read(&p).unwrap(), b"\n".to_vec(), torn].concat(),
+        )
+        .unwrap();
+        assert_eq!(s.load("c1").unwrap().unwrap(), r2);
+        // The next save starts on a line of its own, not glued to the torn bytes.
+        let mut r3 = r.clone();
+        r3.pod_name = "n3".into();
+        std::fs::write(
+            &p,
+            [std::fs::read(&p).unwrap(), b"{\"contai".to_vec()].concat(),
+        )
+        .unwrap();
+        s.save(&r3).unwrap();
+        assert_eq!(s.load("c1").unwrap().unwrap(), r3);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(&d.path().join("containers")), 0o700);
+        // Only a torn first snapshot: nothing recorded yet.
+        std::fs::write(d.path().join("containers/torn.json"), b"{\"container_id\"").unwrap();
+        assert!(s.load("torn").unwrap().is_none());
         // A file with no snapshot at all holds nothing.
         std::fs::write(d.path().join("containers/empty.json"), "").unwrap();
         assert!(s.load("empty").unwrap().is_none());
-        std::fs::write(d.path().join("containers/bad.json"), "{").unwrap();
+        std::fs::write(d.path().join("containers/bad.json"), "{\n").unwrap();
         let (good, bad) = s.list().unwrap();
-        assert_eq!(good, [r2.clone()]);
+        assert_eq!(good, [r3.clone()]);
         assert_eq!(bad.len(), 1);
         s.remove("c1").unwrap();
         s.remove("c1").unwrap();
@@ -239,6 +330,7 @@ mod tests {
             cni_args: "x".repeat(100 << 10),
             attachments: vec![],
             network_status: None,
+            added_at_ms: None,
         };
         let p = d.path().join("containers/big.json");
         let mut sizes = Vec::new();

@@ -95,14 +95,26 @@ impl NetConfList {
         };
         for (i, p) in plugins.iter().enumerate() {
             match p.get("type") {
-                Some(Value::String(t)) if valid_type(t) => {}
-                Some(Value::String(t)) => {
-                    return Err(field(
-                        &format!("plugins[{i}].type"),
-                        format!("{t:?} is not a plugin binary name"),
-                    ))
-                }
+                Some(Value::String(t)) => check_plugin_name(t)
+                    .map_err(|reason| field(&format!("plugins[{i}].type"), reason))?,
                 _ => return Err(ConfError::Missing("type")),
+            }
+            // The IPAM plugin is exec'd by name too (by the agent for its own types,
+            // by the delegate for the rest): the same rule.
+            match p.get("ipam") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(ipam)) => match ipam.get("type") {
+                    None => {}
+                    Some(Value::String(t)) => check_plugin_name(t)
+                        .map_err(|reason| field(&format!("plugins[{i}].ipam.type"), reason))?,
+                    Some(_) => {
+                        return Err(field(
+                            &format!("plugins[{i}].ipam.type"),
+                            "must be a string",
+                        ))
+                    }
+                },
+                Some(_) => return Err(field(&format!("plugins[{i}].ipam"), "must be an object")),
             }
             if let Some(c) = p.get("capabilities") {
                 if !c.is_object() {
@@ -193,8 +205,18 @@ impl NetConfList {
     }
 }
 
-fn valid_type(t: &str) -> bool {
-    !t.is_empty() && !t.contains('/') && t != "." && t != ".."
+/// A plugin name is a bare file name in the CNI bin dirs: never a path, so no
+/// config can make the agent (root) exec a file outside them.
+pub fn check_plugin_name(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("is empty; it must name a plugin binary".into());
+    }
+    if t.contains('/') || t.contains('\0') || t.contains("..") || t == "." {
+        return Err(format!(
+            "{t:?} is not a plugin binary name (no '/', '..' or NUL: a plugin is a file in the CNI bin dirs)"
+        ));
+    }
+    Ok(())
 }
 
 /// The version of a document: the highest supported of `cniVersions` (1.1.0), else
@@ -269,7 +291,31 @@ mod tests {
             (br#"{"cniVersion":"1.0.0","name":"x"}"#, "type"),
             (
                 br#"{"cniVersion":"1.0.0","name":"x","type":"../sh"}"#,
-                "plugin binary name",
+                "plugins[0].type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","type":""}"#,
+                "plugins[0].type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","type":"a\u0000b"}"#,
+                "plugins[0].type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","type":"sriov","ipam":{"type":"/tmp/x.sh"}}"#,
+                "plugins[0].ipam.type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"a"},{"type":"b","ipam":{"type":"..x"}}]}"#,
+                "plugins[1].ipam.type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","type":"b","ipam":{"type":7}}"#,
+                "plugins[0].ipam.type",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","name":"x","type":"b","ipam":"host-local"}"#,
+                "plugins[0].ipam",
             ),
             (
                 br#"{"cniVersion":"1.0.0","name":"x","plugins":[]}"#,

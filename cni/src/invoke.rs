@@ -18,6 +18,8 @@ const MAX_PLUGIN_OUTPUT: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
+    #[error("CNI plugin name {plugin:?}: {reason}")]
+    BadName { plugin: String, reason: String },
     #[error("CNI plugin {plugin:?} not found in {dirs}")]
     NotFound { plugin: String, dirs: String },
     #[error("cannot run CNI plugin {path}: {source}")]
@@ -58,7 +60,9 @@ impl InvokeError {
     pub fn to_cni_error(&self, context: &str) -> CniError {
         let code = match self {
             InvokeError::Plugin { error, .. } => error.code,
-            InvokeError::NotFound { .. } => crate::ErrorCode::InvalidNetworkConfig as u32,
+            InvokeError::NotFound { .. } | InvokeError::BadName { .. } => {
+                crate::ErrorCode::InvalidNetworkConfig as u32
+            }
             _ => crate::ErrorCode::Io as u32,
         };
         CniError {
@@ -67,6 +71,34 @@ impl InvokeError {
             msg: format!("{context}: {self}"),
             details: String::new(),
         }
+    }
+
+    /// Whether the failed plugin may have left something that a DEL must undo: one
+    /// killed on timeout, crashed, or answered garbage did not clean up. One that
+    /// reported its error cleaned up after itself (CNI spec), and one never started
+    /// made nothing.
+    pub fn needs_del(&self) -> bool {
+        matches!(
+            self,
+            InvokeError::Timeout { .. }
+                | InvokeError::Crashed { .. }
+                | InvokeError::BadResult { .. }
+        )
+    }
+}
+
+/// How long to wait for a killed plugin's pipes to close: a process that left the
+/// plugin's process group may hold them open for ever.
+const AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -102,7 +134,13 @@ pub struct Invoker {
 }
 
 impl Invoker {
+    /// The binary for `plugin`: a bare file name looked up in the bin dirs, never a
+    /// path (checked here too, whatever the caller checked).
     pub fn find(&self, plugin: &str) -> Result<PathBuf, InvokeError> {
+        crate::conf::check_plugin_name(plugin).map_err(|reason| InvokeError::BadName {
+            plugin: plugin.to_string(),
+            reason,
+        })?;
         self.bin_dirs
             .iter()
             .map(|d| d.join(plugin))
@@ -175,10 +213,11 @@ impl Invoker {
             let _ = child_stdin.write_all(&input);
         });
         let mut child_stderr = child.stderr.take().expect("piped");
-        let stderr_reader = std::thread::spawn(move || {
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = (&mut child_stderr).take(64 << 10).read_to_end(&mut buf);
-            buf
+            let _ = err_tx.send(buf);
         });
         let mut child_stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -196,7 +235,9 @@ impl Invoker {
             Err(_) => {
                 // SAFETY: kill(2) on the plugin's own process group; no memory involved.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
-                let _ = rx.recv();
+                // Reaped once its stdout closes; a process that escaped the group and
+                // holds the pipe is not waited for (its reader thread ends with it).
+                let _ = rx.recv_timeout(AFTER_KILL);
                 return Err(InvokeError::Timeout {
                     plugin: plugin.to_string(),
                     command: command.as_str(),
@@ -218,14 +259,14 @@ impl Invoker {
                 error: Box::new(error),
             });
         }
-        let stderr = stderr_reader.join().unwrap_or_default();
+        let stderr = err_rx.recv_timeout(AFTER_KILL).unwrap_or_default();
         let mut output = String::from_utf8_lossy(&out).trim().to_string();
         let err = String::from_utf8_lossy(&stderr);
         if !err.trim().is_empty() {
             output.push_str(" stderr: ");
             output.push_str(err.trim());
         }
-        output.truncate(2000);
+        truncate_utf8(&mut output, 2000);
         Err(InvokeError::Crashed {
             plugin: plugin.to_string(),
             command: command.as_str(),
@@ -235,8 +276,9 @@ impl Invoker {
     }
 
     /// ADD through the whole list; returns the last plugin's result (in the list's
-    /// version), or the error with how many plugins need a DEL (a plugin that fails ADD
-    /// cleans up after itself; the ones before it do not).
+    /// version), or the error with how many plugins need a DEL: those before the
+    /// failing one, and the failing one too unless it reported its error (see
+    /// `InvokeError::needs_del`).
     pub fn add_list(
         &self,
         list: &NetConfList,
@@ -254,7 +296,7 @@ impl Invoker {
                     target,
                     stdin.to_string().as_bytes(),
                 )
-                .map_err(|e| (i, e))?;
+                .map_err(|e| (i + usize::from(e.needs_del()), e))?;
             // Exit 0 with a bad result: the plugin did its work, so it needs a DEL too.
             let bad = |source| {
                 (
@@ -478,6 +520,83 @@ mod tests {
         assert!(
             stat.is_empty() || stat.contains(") Z"),
             "sleep still running: {stat}"
+        );
+    }
+
+    #[test]
+    fn names_that_are_paths_never_run() {
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("ran");
+        script(d.path(), "x.sh", &format!("touch {}", marker.display()));
+        let abs = d.path().join("x.sh").display().to_string();
+        let dotdot = format!(
+            "../{}/x.sh",
+            d.path().file_name().unwrap().to_string_lossy()
+        );
+        for name in [abs.as_str(), dotdot.as_str(), "", ".", "..", "a\0b"] {
+            let e = invoker(d.path(), 1000)
+                .exec(name, CniCommand::Add, &Target::default(), b"{}")
+                .unwrap_err();
+            assert!(matches!(e, InvokeError::BadName { .. }), "{name:?}: {e}");
+            assert_eq!(e.to_cni_error("x").code, 7);
+            assert!(!e.needs_del());
+        }
+        assert!(!marker.exists(), "a path was exec'd");
+    }
+
+    #[test]
+    fn multibyte_output_is_cut_on_a_char_boundary() {
+        let d = tempfile::tempdir().unwrap();
+        script(
+            d.path(),
+            "utf8",
+            &format!("printf '{}\\303\\251'; exit 3", "a".repeat(1999)),
+        );
+        let e = invoker(d.path(), 5000)
+            .exec("utf8", CniCommand::Add, &Target::default(), b"{}")
+            .unwrap_err();
+        assert!(matches!(e, InvokeError::Crashed { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_plugin_that_ran_is_counted_for_del() {
+        let d = tempfile::tempdir().unwrap();
+        script(d.path(), "crash", "cat >/dev/null; exit 3");
+        script(d.path(), "slow", "sleep 30");
+        script(
+            d.path(),
+            "fails",
+            r#"cat >/dev/null; echo '{"code":7,"msg":"no"}'; exit 1"#,
+        );
+        let t = Target::default();
+        for (ty, done) in [("crash", 1), ("slow", 1), ("fails", 0), ("missing", 0)] {
+            let list = NetConfList::parse(
+                format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"{ty}"}}"#).as_bytes(),
+                None,
+            )
+            .unwrap();
+            let (n, e) = invoker(d.path(), 300)
+                .add_list(&list, &t, &Map::new())
+                .unwrap_err();
+            assert_eq!(n, done, "{ty}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_hung_grandchild_holding_the_pipes_does_not_hang_the_call() {
+        let d = tempfile::tempdir().unwrap();
+        // setsid: the grandchild leaves the plugin's process group, so the kill
+        // misses it, and it keeps stdout and stderr open.
+        script(d.path(), "escape", "setsid sleep 20 & sleep 30");
+        let start = std::time::Instant::now();
+        let e = invoker(d.path(), 300)
+            .exec("escape", CniCommand::Add, &Target::default(), b"{}")
+            .unwrap_err();
+        assert!(matches!(e, InvokeError::Timeout { .. }), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
         );
     }
 

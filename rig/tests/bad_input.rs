@@ -26,7 +26,8 @@ fn node() -> TestNode {
         "old-version",
         &json!({"cniVersion": "0.2.0", "type": "macvlan"}),
     );
-    node.add_plugin_script("sleeper", "sleep 30");
+    // Hangs on ADD only: the agent kills it and DELs it (it may have made something).
+    node.add_plugin_script("sleeper", r#"[ "$CNI_COMMAND" = ADD ] && sleep 30; exit 0"#);
     node.add_nad(
         "pods",
         "slow",

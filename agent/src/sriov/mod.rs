@@ -93,7 +93,7 @@ fn temp_name(device: &str) -> String {
 impl SriovPlugin {
     pub fn new(sysfs_root: &Path, state_dir: &Path, ipam: Invoker) -> std::io::Result<SriovPlugin> {
         let dir = state_dir.join("vfs");
-        std::fs::create_dir_all(&dir)?;
+        crate::records::private_dir(&dir)?;
         Ok(SriovPlugin {
             sysfs: Sysfs::new(sysfs_root),
             dir,
@@ -136,9 +136,8 @@ impl SriovPlugin {
 
     fn save(&self, r: &VfRecord) -> Result<(), CniError> {
         let p = self.record_path(&r.device);
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(r).expect("record serialises"))
-            .and_then(|_| std::fs::rename(&tmp, &p))
+        // On disk before the change it describes is made.
+        crate::records::write_atomic(&p, &serde_json::to_vec(r).expect("record serialises"))
             .map_err(|e| io_err(format!("cannot save VF record {}: {e}", p.display())))
     }
 
