@@ -36,6 +36,9 @@ pub struct Handler {
     invoker: Invoker,
     source: Arc<dyn NetworkSource>,
     records: RecordStore,
+    /// The device plugin's pools: a device reaches an attachment only if a pool
+    /// serves it. None: no pools on this node, so no device is handed out.
+    device_pools: Option<Arc<Mutex<trellis_device_plugin::manager::Status>>>,
     locks: ContainerLocks,
     /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
     /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
@@ -105,12 +108,14 @@ impl Handler {
             timeout: config.delegate_timeout(),
             in_process: None,
         };
+        let records = RecordStore::open(&config.state_dir)?;
         let sriov =
             crate::sriov::SriovPlugin::new(&config.sysfs_root, &config.state_dir, invoker.clone())
                 .map_err(|source| RecordError::Io {
                     path: config.state_dir.join("vfs"),
                     source,
                 })?;
+        sriov.sweep(&records);
         let vhost = crate::vhostuser::VhostUserPlugin::new(invoker.clone());
         invoker.in_process = Some(Arc::new(crate::builtins::Builtins(vec![
             Arc::new(sriov),
@@ -124,11 +129,21 @@ impl Handler {
             pod_resources: config.pod_resources_socket.clone(),
             invoker,
             source,
-            records: RecordStore::open(&config.state_dir)?,
+            records,
+            device_pools: None,
             locks: ContainerLocks::default(),
             gc_gate: std::sync::RwLock::new(()),
             acl_read_at: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The running device plugin's pools (`ManagerHandle::status`).
+    pub fn with_device_pools(
+        mut self,
+        pools: Arc<Mutex<trellis_device_plugin::manager::Status>>,
+    ) -> Handler {
+        self.device_pools = Some(pools);
+        self
     }
 
     /// Turns on the eBPF dataplane (loaded and checked by the caller).
@@ -584,69 +599,106 @@ impl Handler {
     }
 
     /// Networks backed by a resource pool get the devices kubelet allocated to the pod
-    /// from that pool, one each, in annotation order; a `deviceID` already in the NAD
-    /// config wins.
+    /// from that pool, one each, in annotation order. A `deviceID` written in the NAD
+    /// config is untrusted: it is used only if it is a device of a pool of this node
+    /// (the NAD's `resourceName` pool, if it names one) and, where kubelet's
+    /// PodResources API is there, one kubelet allocated to this pod.
     fn assign_devices(&self, pod: Option<&PodRef>, plan: &mut [Planned]) -> Result<(), CniError> {
         let mut by_resource: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut given: Vec<(usize, String, String)> = Vec::new();
         for (i, p) in plan.iter_mut().enumerate() {
-            let given = p.conf.plugins.iter().find_map(|pl| {
-                pl.get("deviceID")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            });
-            if let Some(d) = given {
-                p.device = Some(d);
+            let mut ids = Vec::new();
+            for (k, pl) in p.conf.plugins.iter().enumerate() {
+                match pl.get("deviceID") {
+                    None => {}
+                    Some(Value::String(d)) => {
+                        ids.push((format!("plugins[{k}].deviceID"), d.clone()))
+                    }
+                    Some(_) => {
+                        return Err(invalid(format!(
+                            "network {} ({}): plugins[{k}].deviceID must be a string",
+                            p.network, p.ifname
+                        )))
+                    }
+                }
+            }
+            if let Some((_, d)) = ids.first() {
+                p.device = Some(d.clone());
             } else if let Some(r) = &p.resource {
                 by_resource.entry(r.clone()).or_default().push(i);
             }
+            given.extend(ids.into_iter().map(|(field, d)| (i, field, d)));
         }
-        if by_resource.is_empty() {
+        if by_resource.is_empty() && given.is_empty() {
             return Ok(());
         }
-        let pod = pod.ok_or_else(|| {
-            invalid("networks with a resourceName need the pod's name (K8S_POD_NAMESPACE, K8S_POD_NAME in CNI_ARGS)")
-        })?;
+        // PodResources answers per resource; asked once each.
+        let mut allocations: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let kubelet = self.pod_resources.exists();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| CniError::new(ErrorCode::Io, e.to_string()))?;
+        let mut allocated = |resource: &str| -> Result<Vec<String>, CniError> {
+            if let Some(ids) = allocations.get(resource) {
+                return Ok(ids.clone());
+            }
+            let pod = pod.ok_or_else(|| {
+                invalid("networks with devices need the pod's name (K8S_POD_NAMESPACE, K8S_POD_NAME in CNI_ARGS)")
+            })?;
+            let ids = self.pod_devices(&rt, pod, resource)?;
+            allocations.insert(resource.to_string(), ids.clone());
+            Ok(ids)
+        };
+        for (i, field, id) in given {
+            let p = &plan[i];
+            let ctx = format!("network {} ({}): {field} {id:?}", p.network, p.ifname);
+            let pool = self
+                .pool_of(&id)
+                .map_err(|why| invalid(format!("{ctx}: {why}")))?;
+            if let Some(r) = p.resource.as_deref().filter(|r| *r != pool) {
+                return Err(invalid(format!(
+                    "{ctx}: is a device of pool {pool}, not of the NAD's resourceName {r}"
+                )));
+            }
+            if kubelet && !allocated(&pool)?.contains(&id) {
+                return Err(invalid(format!(
+                    "{ctx}: kubelet did not allocate this device of {pool} to the pod (it must be requested as a resource)"
+                )));
+            }
+        }
         for (resource, idxs) in by_resource {
-            let ids = rt
-                .block_on(async {
-                    tokio::time::timeout(
-                        POD_RESOURCES_TIMEOUT,
-                        trellis_device_plugin::podresources::pod_devices(
-                            &self.pod_resources,
-                            &pod.namespace,
-                            &pod.name,
-                            &resource,
-                        ),
-                    )
-                    .await
-                })
-                .map_err(|_| {
-                    CniError::new(
-                        ErrorCode::TryAgainLater,
-                        format!(
-                            "kubelet PodResources API at {} did not answer within {} s",
-                            self.pod_resources.display(),
-                            POD_RESOURCES_TIMEOUT.as_secs()
-                        ),
-                    )
-                })?
-                .map_err(|e| CniError::new(ErrorCode::TryAgainLater, e.to_string()))?;
+            let ids = allocated(&resource)?;
             if ids.len() < idxs.len() {
                 let p = &plan[idxs[ids.len()]];
                 return Err(invalid(format!(
-                    "network {} ({}): pod {pod} was allocated {} device(s) of {resource} but asks for {} network(s) from it",
+                    "network {} ({}): pod {} was allocated {} device(s) of {resource} but asks for {} network(s) from it",
                     p.network,
                     p.ifname,
+                    pod.map(ToString::to_string).unwrap_or_default(),
                     ids.len(),
                     idxs.len()
                 )));
             }
             for (i, id) in idxs.into_iter().zip(ids) {
                 let p = &mut plan[i];
+                // Kubelet hands out what the pools offered; a device no pool serves now
+                // (the pool config changed since) is not used.
+                match self.pool_of(&id) {
+                    Ok(pool) if pool == resource => {}
+                    Ok(pool) => {
+                        return Err(invalid(format!(
+                            "network {} ({}): device {id} allocated for {resource} is now in pool {pool}",
+                            p.network, p.ifname
+                        )))
+                    }
+                    Err(why) => {
+                        return Err(invalid(format!(
+                            "network {} ({}): device {id} allocated for {resource}: {why}",
+                            p.network, p.ifname
+                        )))
+                    }
+                }
                 // Into the plugin that takes devices (the first, in a conflist).
                 let first = p
                     .conf
@@ -661,6 +713,50 @@ impl Handler {
             }
         }
         Ok(())
+    }
+
+    /// The pool that serves device `id`, or why there is none.
+    fn pool_of(&self, id: &str) -> Result<String, String> {
+        let Some(pools) = &self.device_pools else {
+            return Err("this node has no device pools ([devices] is not configured), so no device is given to pods".into());
+        };
+        let pools = pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .pool_of(id)
+            .map(str::to_string)
+            .ok_or_else(|| "is not a device of any pool of this node".into())
+    }
+
+    /// Device IDs of `resource` kubelet allocated to `pod`, asked with a deadline.
+    fn pod_devices(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        pod: &PodRef,
+        resource: &str,
+    ) -> Result<Vec<String>, CniError> {
+        rt.block_on(async {
+            tokio::time::timeout(
+                POD_RESOURCES_TIMEOUT,
+                trellis_device_plugin::podresources::pod_devices(
+                    &self.pod_resources,
+                    &pod.namespace,
+                    &pod.name,
+                    resource,
+                ),
+            )
+            .await
+        })
+        .map_err(|_| {
+            CniError::new(
+                ErrorCode::TryAgainLater,
+                format!(
+                    "kubelet PodResources API at {} did not answer within {} s",
+                    self.pod_resources.display(),
+                    POD_RESOURCES_TIMEOUT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| CniError::new(ErrorCode::TryAgainLater, e.to_string()))
     }
 
     /// The NAD's ACL, checked; refused where the dataplane that would enforce it is off.

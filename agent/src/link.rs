@@ -65,6 +65,61 @@ pub struct VfSettings {
     pub rate: Option<(u32, u32)>,
 }
 
+impl VfSettings {
+    /// Each setting on its own, in the order `Netlink::set_vf` applies them.
+    pub fn parts(&self) -> Vec<VfSettings> {
+        let one = VfSettings::default;
+        let mut out = Vec::new();
+        if self.mac.is_some() {
+            out.push(VfSettings {
+                mac: self.mac,
+                ..one()
+            });
+        }
+        if self.vlan.is_some() {
+            out.push(VfSettings {
+                vlan: self.vlan,
+                ..one()
+            });
+        }
+        if self.spoofchk.is_some() {
+            out.push(VfSettings {
+                spoofchk: self.spoofchk,
+                ..one()
+            });
+        }
+        if self.trust.is_some() {
+            out.push(VfSettings {
+                trust: self.trust,
+                ..one()
+            });
+        }
+        if self.link_state.is_some() {
+            out.push(VfSettings {
+                link_state: self.link_state,
+                ..one()
+            });
+        }
+        if self.rate.is_some() {
+            out.push(VfSettings {
+                rate: self.rate,
+                ..one()
+            });
+        }
+        out
+    }
+
+    /// `other`'s settings laid over these.
+    pub fn merge(&mut self, other: &VfSettings) {
+        self.mac = other.mac.or(self.mac);
+        self.vlan = other.vlan.or(self.vlan);
+        self.spoofchk = other.spoofchk.or(self.spoofchk);
+        self.trust = other.trust.or(self.trust);
+        self.link_state = other.link_state.or(self.link_state);
+        self.rate = other.rate.or(self.rate);
+    }
+}
+
 /// Changes to make to a link in one request; `None` leaves a property alone.
 #[derive(Debug, Default)]
 pub struct LinkChange<'a> {

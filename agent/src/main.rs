@@ -299,6 +299,9 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         .transpose()
         .context("starting the device plugin")?;
     let mut handler = Handler::new(&config, source).context("opening the state dir")?;
+    if let Some(d) = &_devices {
+        handler = handler.with_device_pools(d.status.clone());
+    }
     if config.dataplane.enabled {
         let dp = trellis_agent::dataplane::Dataplane::open(&config.dataplane.bpffs_dir).context(
             "starting the eBPF dataplane (set [dataplane] enabled = false to run without it)",

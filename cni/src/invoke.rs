@@ -28,6 +28,12 @@ pub enum InvokeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("CNI plugin {plugin:?} ({command}) failed and could not undo all it did (a DEL is owed): {error}")]
+    Unfinished {
+        plugin: String,
+        command: &'static str,
+        error: Box<CniError>,
+    },
     #[error("CNI plugin {plugin:?} ({command}) did not finish within {secs} s and was killed")]
     Timeout {
         plugin: String,
@@ -59,7 +65,7 @@ impl InvokeError {
     /// The CNI error to hand on: a plugin's own code is kept, the rest are I/O failures.
     pub fn to_cni_error(&self, context: &str) -> CniError {
         let code = match self {
-            InvokeError::Plugin { error, .. } => error.code,
+            InvokeError::Plugin { error, .. } | InvokeError::Unfinished { error, .. } => error.code,
             InvokeError::NotFound { .. } | InvokeError::BadName { .. } => {
                 crate::ErrorCode::InvalidNetworkConfig as u32
             }
@@ -83,6 +89,7 @@ impl InvokeError {
             InvokeError::Timeout { .. }
                 | InvokeError::Crashed { .. }
                 | InvokeError::BadResult { .. }
+                | InvokeError::Unfinished { .. }
         )
     }
 }

@@ -202,6 +202,33 @@ impl FixtureSysfs {
         self.add_netdev(addr, netdev, 1);
     }
 
+    /// A VF whose netdev is `netdev`, of a stand-in PF (`<bus>:00.0`, made on first
+    /// use, with no netdev, so no PF-side VF settings): with a real link of that name
+    /// (a veth), it stands in for a VF in tests.
+    pub fn add_standin_vf(&self, vf_addr: &str, netdev: &str) {
+        let (bus, _) = vf_addr.rsplit_once(':').expect("PCI address");
+        let pf = format!("{bus}:00.0");
+        let pd = self.dev_dir(&pf);
+        if !pd.exists() {
+            let d = self.add_device(&pf, 0x8086, 0x10c9, 0x020000, 0);
+            write(&d.join("sriov_totalvfs"), "64");
+            std::fs::create_dir_all(self.root().join("bus/pci/drivers/standin-pf")).unwrap();
+            symlink("../../../bus/pci/drivers/standin-pf", d.join("driver")).unwrap();
+        }
+        let n = std::fs::read_dir(&pd)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("virtfn"))
+            .count();
+        write(&pd.join("sriov_numvfs"), &(n + 1).to_string());
+        let vd = self.add_device(vf_addr, 0x8086, 0x10ca, 0x020000, 0);
+        symlink(format!("../{pf}"), vd.join("physfn")).unwrap();
+        symlink(format!("../{vf_addr}"), pd.join(format!("virtfn{n}"))).unwrap();
+        std::fs::create_dir_all(self.root().join("bus/pci/drivers/veth")).unwrap();
+        symlink("../../../bus/pci/drivers/veth", vd.join("driver")).unwrap();
+        self.add_netdev(vf_addr, netdev, 1);
+    }
+
     /// A device of another class (storage, display, ...), which discovery skips.
     pub fn add_other(&self, addr: &str, class: u32) {
         self.add_device(addr, 0x8086, 0x2922, class, -1);

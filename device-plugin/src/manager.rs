@@ -77,6 +77,17 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
+impl Status {
+    /// The pool (`prefix/name`) that serves device `id` (a PCI address or a socket
+    /// path, compared whole), if any.
+    pub fn pool_of(&self, id: &str) -> Option<&str> {
+        self.devices
+            .iter()
+            .find(|(_, devs)| devs.iter().any(|d| d.id == id))
+            .map(|(pool, _)| pool.as_str())
+    }
+}
+
 /// The running manager; stops (servers down, sockets removed) when dropped.
 pub struct ManagerHandle {
     stop: Option<oneshot::Sender<()>>,
@@ -454,7 +465,15 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
         .enable_all()
         .build()
         .map_err(io_err("device plugin runtime"))?;
-    let status = Arc::new(Mutex::new(Status::default()));
+    // The pools are known before start returns: the CNI side checks devices
+    // against them from the first ADD on.
+    let status = Arc::new(Mutex::new(Status {
+        devices: first
+            .iter()
+            .map(|p| (p.resource.full_name(), p.devices.clone()))
+            .collect(),
+        ..Default::default()
+    }));
     let (stop_tx, mut stop_rx) = oneshot::channel();
     let st = status.clone();
     let thread = std::thread::Builder::new()

@@ -104,6 +104,20 @@ fn a_vhost_user_network_hands_the_pod_its_socket() {
         "pod_resources_socket = {:?}\n",
         node.path("pod-resources.sock")
     );
+    // The node's vhost-user pool: the agent hands out only sockets a pool serves.
+    let pools = node.path("pools.json");
+    std::fs::write(
+        &pools,
+        format!(
+            r#"{{"resourceList":[{{"resourceName":"vhu","resourcePrefix":"trellis.dev","deviceType":"vhostUser",
+                "selectors":{{"socketDirs":[{sockets:?}],"namePattern":"vhu-*.sock"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    node.devices_toml = Some(format!(
+        "[devices]\nconfig = {pools:?}\nplugin_dir = {:?}\n",
+        node.path("device-plugins")
+    ));
     let nad = serde_json::json!({
         "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
         "metadata": {"name": "vhu-net", "namespace": "pods",

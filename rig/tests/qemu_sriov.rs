@@ -2,7 +2,8 @@
 //! the real shim) puts VF 0 and VF 1 into two pod netns with the requested MAC and VLAN
 //! (the PF's `vf` lines show them), static IPs, and traffic between the pods across the
 //! NIC; DEL puts each VF back in the host with its original name and MAC and the PF's
-//! settings as they were.
+//! settings as they were. A NAD naming the PF is refused (the PF stays in the host),
+//! and a VF ADD the driver refuses (igb has no link_state) leaves the VF free.
 
 use std::time::Duration;
 use trellis_rig::qemu::{GuestKernel, Initramfs};
@@ -16,7 +17,12 @@ enabled = true
 [networks]
 source = "files"
 dir = "/etc/trellis/networks"
+[devices]
+config = "/etc/trellis/devices.json"
 "#;
+
+/// Every 82576 VF, whatever its driver (igbvf, or vfio-pci for DPDK).
+const DEVICES: &str = r#"{"resourceList":[{"resourceName":"igbvf","selectors":{"vendors":["8086"],"devices":["10ca"]}}]}"#;
 
 const SCRIPT: &str = r#"
 IP=/sbin/ip
@@ -73,6 +79,24 @@ sleep 1
 echo "=== after"
 echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
 $IP link show "$PFNET"
+echo "=== pf-refused"
+cat > /etc/trellis/networks/pf.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"pf","namespace":"pods"},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"sriov\",\"name\":\"pf\",\"deviceID\":\"$PF\"}"}}
+EOF
+call ADD c6 pod0 'pf'
+echo "pf in host: $(ls $PFDIR/net)"
+$IP netns exec pod0 $IP -o link
+echo "=== link-state"
+cat > /etc/trellis/networks/ls.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"ls","namespace":"pods"},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"sriov\",\"name\":\"ls\",\"deviceID\":\"$VF0\",\"vlan\":300,\"link_state\":\"enable\"}"}}
+EOF
+call ADD c5 pod0 'ls'
+echo "vf state: [$(ls /run/trellis/state/vfs)]"
+$IP link show "$PFNET" | grep "vf 0 "
 echo "=== pf-net"
 cat > /etc/trellis/networks/plain.json <<EOF
 {"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
@@ -136,6 +160,7 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
         img.program_at(format!("/usr/lib/cni/{p}"), &format!("usr/lib/cni/{p}"));
     }
     img.text("etc/trellis/agent.toml", AGENT, 0o644);
+    img.text("etc/trellis/devices.json", DEVICES, 0o644);
     img.text(
         "etc/trellis/default.conflist",
         r#"{"cniVersion":"1.0.0","name":"cluster","plugins":[{"type":"loopback"}]}"#,
@@ -212,6 +237,23 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     let pf_after = vf_line(&after, 0);
     assert_eq!(pf_after, pf_before, "PF-side settings of VF 0 not restored");
     assert!(!section("pod0-after").contains("fast0"));
+    // The PF is no pod's device: refused, naming the field, and still in the host.
+    let pf = section("pf-refused");
+    assert!(pf.contains(" rc=1"), "{pf}");
+    assert!(
+        pf.contains("deviceID") && pf.contains("is not a device of any pool"),
+        "{pf}"
+    );
+    assert!(pf.contains(&format!("pf in host: {}", words[1])), "{pf}");
+    // igb refuses link_state: the ADD fails, what it set (the VLAN) is put back and
+    // nothing holds the VF; the next ADD on it (pf-net) works.
+    let ls = section("link-state");
+    assert!(
+        ls.contains(" rc=1") && ls.contains("link_state"),
+        "{ls}\n{agent_log}"
+    );
+    assert!(ls.contains("vf state: []"), "{ls}");
+    assert!(!vf_line(&ls, 0).contains("vlan 300"), "{ls}");
     // Traffic to the PF's own network from a VF without a VLAN.
     let pf_net = section("pf-net");
     assert!(pf_net.contains("pf ping rc=0"), "{pf_net}\n{agent_log}");

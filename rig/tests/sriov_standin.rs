@@ -2,6 +2,9 @@
 //! host; real VFs are in rig/tests/qemu_igb.rs): moved into the pod, renamed, MTU, MAC,
 //! IPAM, put back on DEL (also after an agent restart and when the pod netns is gone),
 //! devices from the pod's allocation, and the error paths leaving the host as it was.
+//! A device reaches a pod only if it is a VF of a pool of the node and, with kubelet
+//! there, allocated to that pod: a NAD naming a PF, a plain NIC or another pod's VF is
+//! refused.
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -16,7 +19,12 @@ struct Rig {
     fx: FixtureSysfs,
     /// (PCI address, host netdev name, its original MAC)
     vfs: Vec<(String, String, String)>,
+    /// A NIC without SR-IOV (a veth behind it), in pool intel.com/nic.
+    nic: (String, String),
 }
+
+/// The stand-in VFs' PF (made by the fixture, no netdev).
+const PF: &str = "0000:3b:00.0";
 
 /// A word after `key` in `ip -o link show dev <ifname>` (nsenter keeps the host's
 /// /sys, so /sys/class/net would show the wrong namespace).
@@ -44,22 +52,43 @@ impl Rig {
         let mut node = TestNode::new();
         let fx = FixtureSysfs::new();
         let mut vfs = Vec::new();
-        for i in 0..n {
+        let veth = |node: &TestNode| {
             let name = trellis_rig::unique("trv");
             node.host.sh(&format!(
                 "ip link add {name} type veth peer name {name}p && ip link set {name}p up"
             ));
+            name
+        };
+        for i in 0..n {
+            let name = veth(&node);
             let addr = format!("0000:3b:10.{i}");
-            fx.add_netdev_device(&addr, &name, 0);
+            fx.add_standin_vf(&addr, &name);
             let mac = mac_of(&node.host, &name);
             vfs.push((addr, name, mac));
         }
+        let nic = ("0000:3c:00.0".to_string(), veth(&node));
+        fx.add_netdev_device(&nic.0, &nic.1, 0);
         node.top_toml = format!(
             "sysfs_root = {:?}\npod_resources_socket = {:?}\n",
             fx.root(),
             node.path("pod-resources.sock")
         );
-        Rig { node, fx, vfs }
+        // The node's pools: the VFs, and the plain NIC on its own.
+        let pools = node.path("devices.json");
+        std::fs::write(
+            &pools,
+            format!(
+                r#"{{"resourceList":[{{"resourceName":"nic","selectors":{{"pciAddresses":["{}"]}}}},
+                   {{"resourceName":"vf","selectors":{{"devices":["10ca"]}}}}]}}"#,
+                nic.0
+            ),
+        )
+        .unwrap();
+        node.devices_toml = Some(format!(
+            "[devices]\nconfig = {pools:?}\nplugin_dir = {:?}\n",
+            node.path("device-plugins")
+        ));
+        Rig { node, fx, vfs, nic }
     }
 
     fn sriov_conf(&self, extra: Value) -> Value {
@@ -356,8 +385,11 @@ fn bad_input_leaves_the_host_as_it_was() {
         ("qos-only", "vlanQoS: needs a non-zero vlan"),
         ("bad-mac", "mac: \"02:00:00:00:00\" is not a MAC address"),
         ("rates", "min_tx_rate: 500 is above max_tx_rate 100"),
-        ("not-vf", "is not a VF"),
-        ("no-such", "deviceID: no PCI device 0000:99:00.0"),
+        ("not-vf", "has no netdev, so vlan"),
+        (
+            "no-such",
+            "deviceID \"0000:99:00.0\": is not a device of any pool",
+        ),
     ];
     for (i, (nad, want)) in cases.iter().enumerate() {
         let (_, msg) = rig
@@ -388,5 +420,127 @@ fn bad_input_leaves_the_host_as_it_was() {
     );
     assert!(pod2.links().is_empty());
     rig.shim("DEL", "c1", &pod, "a", "ok").expect_ok("DEL");
+    rig.assert_host_as_before();
+}
+
+#[test]
+fn a_nad_cannot_take_a_device_it_was_not_given() {
+    require_root!();
+    let mut rig = Rig::new(2);
+    let (vf0, vf1) = (rig.vfs[0].0.clone(), rig.vfs[1].0.clone());
+    let nads = [
+        ("the-pf", json!({"deviceID": PF})),
+        ("the-nic", json!({"deviceID": rig.nic.0})),
+        ("vf0", json!({"deviceID": vf0})),
+        ("vf1", json!({"deviceID": vf1})),
+    ];
+    for (name, extra) in &nads {
+        rig.node
+            .add_nad("pods", name, &rig.sriov_conf(extra.clone()));
+    }
+    // A vhost-user NAD naming a host socket no pool serves (the agent's own).
+    rig.node.add_nad(
+        "pods",
+        "any-socket",
+        &json!({"cniVersion": "1.0.0", "type": "vhostuser", "deviceID": rig.node.socket()}),
+    );
+    // A NAD that claims the NIC pool but names a VF.
+    rig.add_nad_with_resource(
+        "wrong-pool",
+        "intel.com/nic",
+        &rig.sriov_conf(json!({"deviceID": vf0})),
+    );
+    rig.node.start_agent();
+    let pod = Netns::new("trp");
+    let nic_links = |rig: &Rig| rig.node.host.links().contains(&rig.nic.1);
+    // Without kubelet: pools decide, and only a VF is ever placed.
+    let cases = [
+        (
+            "the-pf",
+            format!("deviceID \"{PF}\": is not a device of any pool"),
+        ),
+        (
+            "the-nic",
+            format!("deviceID: {} is not an SR-IOV VF", rig.nic.0),
+        ),
+        (
+            "any-socket",
+            format!(
+                "deviceID {:?}: is not a device of any pool",
+                rig.node.socket()
+            ),
+        ),
+        (
+            "wrong-pool",
+            "is a device of pool intel.com/vf, not of the NAD's resourceName intel.com/nic"
+                .to_string(),
+        ),
+    ];
+    for (i, (nad, want)) in cases.iter().enumerate() {
+        let (code, msg) = rig
+            .shim("ADD", &format!("p{i}"), &pod, "a", nad)
+            .expect_err(nad);
+        assert_eq!(code, 7, "{nad}: {msg}");
+        assert!(
+            msg.contains(want.as_str()),
+            "{nad}: wanted {want:?} in {msg}"
+        );
+        assert!(nic_links(&rig), "{nad}: the NIC left the host");
+        rig.assert_host_as_before();
+        assert!(pod.links().is_empty(), "{nad}: {:?}", pod.links());
+    }
+    // With kubelet: pod a was allocated vf0 only, so vf1 (named in a NAD) is not its.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _pr = {
+        let _g = rt.enter();
+        serve_pod_resources(
+            &rig.node.path("pod-resources.sock"),
+            vec![pod_with_devices("pods", "a", "intel.com/vf", &[&vf0])],
+            true,
+        )
+    };
+    let (code, msg) = rig.shim("ADD", "p9", &pod, "a", "vf1").expect_err("vf1");
+    assert_eq!(code, 7, "{msg}");
+    assert!(msg.contains("kubelet did not allocate"), "{msg}");
+    rig.assert_host_as_before();
+    rig.shim("ADD", "p10", &pod, "a", "vf0")
+        .expect_ok("vf0, allocated");
+    rig.shim("DEL", "p10", &pod, "a", "vf0").expect_ok("DEL");
+    rig.assert_host_as_before();
+}
+
+#[test]
+fn vf_state_no_record_points_to_is_released_at_start() {
+    require_root!();
+    let mut rig = Rig::new(1);
+    let (addr, host, mac) = rig.vfs[0].clone();
+    rig.node
+        .add_nad("pods", "vf0", &rig.sriov_conf(json!({"deviceID": addr})));
+    // What an ADD whose undo failed left behind on main: the VF held by a container
+    // that has no record, so no DEL ever comes for it.
+    let vfs = rig.node.state_dir().join("vfs");
+    std::fs::create_dir_all(&vfs).unwrap();
+    std::fs::write(
+        vfs.join(format!("{addr}.json")),
+        json!({"device": addr, "container_id": "ghost", "netns": "", "ifname": "net1",
+               "host": {"index": 1, "name": host, "mac": null, "mtu": null, "up": false},
+               "pf": null, "ipam": false})
+        .to_string(),
+    )
+    .unwrap();
+    rig.node.start_agent();
+    assert!(
+        std::fs::read_dir(&vfs).unwrap().next().is_none(),
+        "the orphan VF state is still there"
+    );
+    assert!(rig
+        .node
+        .agent_log()
+        .contains("held by no attachment record"));
+    assert_eq!(mac_of(&rig.node.host, &host), mac);
+    let pod = Netns::new("trp");
+    rig.shim("ADD", "c1", &pod, "a", "vf0")
+        .expect_ok("ADD of the freed VF");
+    rig.shim("DEL", "c1", &pod, "a", "vf0").expect_ok("DEL");
     rig.assert_host_as_before();
 }

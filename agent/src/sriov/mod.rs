@@ -43,7 +43,8 @@ pub struct PfSide {
     pub pf_netdev: String,
     pub vf: u32,
     pub before: VfSettings,
-    /// What ADD set (only these are put back: a driver may refuse the others).
+    /// What ADD set, each recorded once the PF took it (only these are put back: a
+    /// driver may refuse the others, e.g. igb has no link_state).
     #[serde(default)]
     pub changed: VfSettings,
 }
@@ -71,6 +72,13 @@ impl Drop for VfGuard<'_> {
             .remove(&self.device);
         self.plugin.freed.notify_all();
     }
+}
+
+/// How an ADD ended that did not fail cleanly.
+enum AddOutcome {
+    Done(Value),
+    /// It failed and could not put everything back: its state is kept for a DEL.
+    Unfinished(CniError),
 }
 
 fn conf_err(msg: impl Into<String>) -> CniError {
@@ -104,6 +112,63 @@ impl SriovPlugin {
             busy: Mutex::new(HashSet::new()),
             freed: Condvar::new(),
         })
+    }
+
+    /// VF state files no container record points to (their ADD failed and its undo
+    /// too, then the record went; or records were lost): each VF is put back as far
+    /// as it can be and its file removed, so the VF is not held for ever. For agent
+    /// start-up, before any request.
+    pub fn sweep(&self, records: &crate::records::RecordStore) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut swept = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(device) = name
+                .strip_suffix(".json")
+                .filter(|_| !name.starts_with('.'))
+            else {
+                continue;
+            };
+            let r = match self.record(device) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::warn!(%device, "{}; removing it", err.msg);
+                    let _ = std::fs::remove_file(e.path());
+                    swept.push(device.to_string());
+                    continue;
+                }
+            };
+            let owned = records
+                .load(&r.container_id)
+                .ok()
+                .flatten()
+                .is_some_and(|c| {
+                    c.attachments
+                        .iter()
+                        .any(|a| a.device.as_deref() == Some(device))
+                });
+            if owned {
+                continue;
+            }
+            let target = Target {
+                container_id: &r.container_id,
+                netns: &r.netns,
+                ifname: &r.ifname,
+                args: "",
+            };
+            let failed = self.restore(&r, &target);
+            if failed.is_empty() {
+                tracing::info!(%device, container = %r.container_id, "VF held by no attachment record: put back and released");
+            } else {
+                tracing::warn!(%device, container = %r.container_id, "VF held by no attachment record: released, but could not put back: {}", failed.join("; "));
+            }
+            let _ = std::fs::remove_file(e.path());
+            swept.push(device.to_string());
+        }
+        swept
     }
 
     /// Only one ADD or DEL works on a VF at a time.
@@ -161,7 +226,7 @@ impl SriovPlugin {
         crate::builtins::ipam(&self.ipam, &c.raw, cmd, target)
     }
 
-    fn add(&self, target: &Target, c: &SriovConf) -> Result<Value, CniError> {
+    fn add(&self, target: &Target, c: &SriovConf) -> Result<AddOutcome, CniError> {
         let (addr, dev) = self.device(c)?;
         let device = addr.to_string();
         let _guard = self.lock(&device);
@@ -197,16 +262,19 @@ impl SriovPlugin {
             || c.link_state.is_some()
             || c.min_tx_rate.is_some()
             || c.max_tx_rate.is_some();
-        let pf_link = match &dev.vf_of {
-            Some(v) => {
-                let pf_netdev = v.pf_netdev.clone().ok_or_else(|| {
-                    conf_err(format!("deviceID: the PF {} of {device} has no netdev", v.pf))
-                })?;
-                Some((pf_netdev, v.index))
-            }
+        // Only a VF goes to a pod, as with sriov-cni: a PF (with every VF on it) or a
+        // plain NIC would take the node's own network.
+        let vf = dev.vf_of.as_ref().ok_or_else(|| {
+            conf_err(format!(
+                "deviceID: {device} is not an SR-IOV VF (a PF or a NIC without SR-IOV is never given to a pod)"
+            ))
+        })?;
+        let pf_link = match &vf.pf_netdev {
+            Some(pf_netdev) => Some((pf_netdev.clone(), vf.index)),
             None if wants_pf => {
                 return Err(conf_err(format!(
-                    "deviceID: {device} is not a VF (no PF), so vlan, spoofchk, trust, link_state and rates cannot be set"
+                    "deviceID: the PF {} of {device} has no netdev, so vlan, spoofchk, trust, link_state and rates cannot be set",
+                    vf.pf
                 )))
             }
             None => None,
@@ -277,14 +345,18 @@ impl SriovPlugin {
         };
         self.save(&record)?;
         match self.apply(target, c, &host_nl, pod_nl.as_ref(), &mut record) {
-            Ok(v) => Ok(v),
+            Ok(v) => Ok(AddOutcome::Done(v)),
             Err(e) => {
                 let undo = self.restore(&record, target);
                 if undo.is_empty() {
                     let _ = std::fs::remove_file(self.record_path(&device));
                     Err(e)
                 } else {
-                    Err(e.with_details(format!("undoing it also failed: {}", undo.join("; "))))
+                    // The state file stays for the DEL the caller now owes.
+                    Ok(AddOutcome::Unfinished(e.with_details(format!(
+                        "undoing it also failed: {}",
+                        undo.join("; ")
+                    ))))
                 }
             }
         }
@@ -322,15 +394,18 @@ impl SriovPlugin {
                 link_state: c.link_state,
                 rate,
             };
-            // Recorded before it is tried: a half-applied set is undone too.
+            // One setting at a time, each recorded once the PF took it: a setting the
+            // driver refuses was never made, so nothing tries to put it back.
             let pf_vf = pf.vf;
-            if let Some(p) = record.pf.as_mut() {
-                p.changed = want.clone();
+            for part in want.parts() {
+                host_nl
+                    .set_vf(pf_index, pf_vf, &part)
+                    .map_err(|e| io_err(e.to_string()))?;
+                if let Some(p) = record.pf.as_mut() {
+                    p.changed.merge(&part);
+                }
+                self.save(record)?;
             }
-            self.save(record)?;
-            host_nl
-                .set_vf(pf_index, pf_vf, &want)
-                .map_err(|e| io_err(e.to_string()))?;
         }
         let mut iface = Interface {
             name: target.ifname.to_string(),
@@ -653,7 +728,16 @@ impl InProcessPlugins for SriovPlugin {
         let out = match command {
             Command::Add => {
                 let c = conf::parse(&raw).map_err(|m| fail(conf_err(m)))?;
-                self.add(target, &c).map_err(fail)?
+                match self.add(target, &c).map_err(fail)? {
+                    AddOutcome::Done(v) => v,
+                    AddOutcome::Unfinished(error) => {
+                        return Err(InvokeError::Unfinished {
+                            plugin: plugin.to_string(),
+                            command: command.as_str(),
+                            error: Box::new(error),
+                        })
+                    }
+                }
             }
             Command::Del => {
                 self.del(target, &raw).map_err(fail)?;

@@ -49,7 +49,7 @@ fn main() {
         ));
     }
     let fx = FixtureSysfs::new();
-    fx.add_netdev_device("0000:3b:10.0", &a, 0);
+    fx.add_standin_vf("0000:3b:10.0", &a);
     let state = tempfile::tempdir().unwrap();
     host.enter_this_thread();
     let plugin = SriovPlugin::new(
