@@ -12,19 +12,25 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use trellis_ebpf_common::{
     AclHeader, AclInfo, AclRule, Counters, IfKey, IntervalV4, IntervalV6, SlotMeta, TableRef,
-    ACL_HIT_DEFAULT, ACL_HIT_STRIDE, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_SLOTS,
-    RULE_SPACE,
+    ACL_HIT_DEFAULT, ACL_HIT_STRIDE, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, LAYOUT_VERSION, MAX_ACLS,
+    MAX_SLOTS, RULE_SPACE,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
-
-/// statfs(2) f_type of a bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("{dir} is not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)")]
     NoBpffs { dir: String },
+    #[error("the pins in {dir} are layout {found} and this agent's are layout {LAYOUT_VERSION}: they cannot be re-adopted. Remove the directory to start over (rm -r {dir}: it detaches the programs from every pod interface and resets the counters; restart the agent and its records re-attach live pods)")]
+    Layout { dir: String, found: String },
+    #[error("{field} {value:?} is {len} bytes; the dataplane holds at most {max} (names are kept whole, never cut)")]
+    NameTooLong {
+        field: &'static str,
+        value: String,
+        len: usize,
+        max: usize,
+    },
     #[error("loading the eBPF programs: {0}")]
     Load(String),
     #[error("attaching to {ifname}: {message} (TCX needs Linux 6.6 or later)")]
@@ -84,14 +90,35 @@ impl From<Counters> for CountersView {
     }
 }
 
-fn put(dst: &mut [u8], s: &str) {
-    let n = s.len().min(dst.len() - 1);
-    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+/// `s` into a NUL-padded field, whole, or an error naming the field.
+fn put(dst: &mut [u8], field: &'static str, s: &str) -> Result<(), DataplaneError> {
+    if s.len() > dst.len() || s.as_bytes().contains(&0) {
+        return Err(DataplaneError::NameTooLong {
+            field,
+            value: s.to_string(),
+            len: s.len(),
+            max: dst.len(),
+        });
+    }
+    dst[..s.len()].copy_from_slice(s.as_bytes());
+    dst[s.len()..].fill(0);
+    Ok(())
 }
 
 fn get(src: &[u8]) -> String {
     let end = src.iter().position(|b| *b == 0).unwrap_or(src.len());
     String::from_utf8_lossy(&src[..end]).into_owned()
+}
+
+/// The slot's owner as the map keeps it; a name that does not fit whole is refused.
+fn slot_meta(owner: &Owner) -> Result<SlotMeta, DataplaneError> {
+    let mut m = SlotMeta::default();
+    put(&mut m.namespace, "namespace", &owner.namespace)?;
+    put(&mut m.pod, "pod", &owner.pod)?;
+    put(&mut m.network, "network", &owner.network)?;
+    put(&mut m.ifname, "interface", &owner.ifname)?;
+    put(&mut m.container, "container", &owner.container)?;
+    Ok(m)
 }
 
 fn owner_of(m: &SlotMeta) -> Owner {
@@ -109,11 +136,9 @@ pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
     let mut p = Some(dir);
     while let Some(d) = p {
         if d.exists() {
-            let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).expect("no NUL");
-            // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
-            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-            let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-            if rc == 0 && st.f_type == BPF_FS_MAGIC {
+            let on_bpffs = nix::sys::statfs::statfs(d)
+                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+            if on_bpffs {
                 return Ok(());
             }
             return Err(DataplaneError::NoBpffs {
@@ -140,39 +165,39 @@ pub(crate) fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), Dataplan
 
 /// The netns cookie (SO_NETNS_COOKIE) of the calling thread's namespace.
 fn netns_cookie() -> Result<u64, String> {
-    // SAFETY: a socket we close below; getsockopt into a u64.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        const SO_NETNS_COOKIE: libc::c_int = 71;
-        let rc = libc::getsockopt(
-            fd,
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    // nix has no SO_NETNS_COOKIE (include/uapi/asm-generic/socket.h: 71).
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own, into a u64 of the length we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
             &mut cookie as *mut u64 as *mut libc::c_void,
             &mut len,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(format!("SO_NETNS_COOKIE: {err}"));
-        }
-        Ok(cookie)
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "SO_NETNS_COOKIE: {}",
+            std::io::Error::last_os_error()
+        ));
     }
+    Ok(cookie)
 }
 
 fn ifindex(ifname: &str) -> Result<u32, String> {
-    let c = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
-    // SAFETY: NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        return Err(format!("no interface {ifname}"));
-    }
-    Ok(i)
+    nix::net::if_::if_nametoindex(ifname).map_err(|e| format!("no interface {ifname}: {e}"))
 }
 
 /// What attaching in a pod's netns gives back: the interface, and a link per direction.
@@ -211,36 +236,44 @@ unsafe impl<T> Send for Mapped<T> {}
 
 impl<T: Copy> Mapped<T> {
     fn new(bpf: &Ebpf, name: &str, len: u32) -> Result<Mapped<T>, DataplaneError> {
-        let fd = match bpf.map(name) {
-            Some(aya::maps::Map::Array(d)) => d.fd().as_fd().as_raw_fd(),
+        let map = match bpf.map(name) {
+            Some(aya::maps::Map::Array(d)) => d,
             _ => return Err(DataplaneError::Load(format!("no array map {name}"))),
         };
-        Self::map(fd, name, len, libc::PROT_READ | libc::PROT_WRITE)
+        use nix::sys::mman::ProtFlags;
+        Self::map(map, name, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)
     }
 
     /// A pinned map opened by `trellis stats`, mapped read-only.
     fn read_only(map: &MapData, name: &str, len: u32) -> Result<Mapped<T>, DataplaneError> {
-        Self::map(map.fd().as_fd().as_raw_fd(), name, len, libc::PROT_READ)
+        Self::map(map, name, len, nix::sys::mman::ProtFlags::PROT_READ)
     }
 
     fn map(
-        fd: std::os::fd::RawFd,
+        map: &MapData,
         name: &str,
         len: u32,
-        prot: libc::c_int,
+        prot: nix::sys::mman::ProtFlags,
     ) -> Result<Mapped<T>, DataplaneError> {
         // Array entries are 8-byte aligned; ours are multiples of 8.
         assert_eq!(std::mem::size_of::<T>() % 8, 0);
         let bytes = (len as usize * std::mem::size_of::<T>()).next_multiple_of(4096);
-        // SAFETY: a shared mapping of the map's pages, unmapped on drop.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(op(format!("mapping {name}"))(
-                std::io::Error::last_os_error().to_string(),
-            ));
+        let size = std::num::NonZeroUsize::new(bytes).expect("a map has entries");
+        // SAFETY: a shared mapping of the map's own pages (BPF_F_MMAPABLE), of the
+        // map's size, unmapped on drop; nothing else in this process maps them.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                size,
+                prot,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
         }
+        .map_err(|e| op(format!("mapping {name}"))(e.to_string()))?;
         Ok(Mapped {
-            ptr: ptr as *mut T,
+            ptr: ptr.as_ptr() as *mut T,
             len: len as usize,
             bytes,
         })
@@ -249,8 +282,8 @@ impl<T: Copy> Mapped<T> {
     fn read(&self, at: u32, n: u32) -> &[T] {
         let end = (at as usize + n as usize).min(self.len);
         let at = (at as usize).min(end);
-        // SAFETY: in bounds; plain data, written by the agent (torn reads of a region
-        // being rewritten only misname a counter once).
+        // SAFETY: in bounds; plain data written only by the agent (torn reads of a
+        // region being rewritten only misname a rule once).
         unsafe { std::slice::from_raw_parts(self.ptr.add(at), end - at) }
     }
 
@@ -266,10 +299,28 @@ impl<T: Copy> Mapped<T> {
     }
 }
 
+impl Mapped<u64> {
+    /// Counters the programs are still adding to, each read atomically.
+    fn load(&self, at: u32, n: u32) -> Vec<u64> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let end = (at as usize + n as usize).min(self.len);
+        let at = (at as usize).min(end);
+        (at..end)
+            .map(|i| {
+                // SAFETY: in bounds, 8-byte aligned, and the kernel only ever changes
+                // these with atomic adds.
+                unsafe { AtomicU64::from_ptr(self.ptr.add(i)) }.load(Ordering::Relaxed)
+            })
+            .collect()
+    }
+}
+
 impl<T> Drop for Mapped<T> {
     fn drop(&mut self) {
-        // SAFETY: our own mapping.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
+        if let Some(p) = std::ptr::NonNull::new(self.ptr as *mut std::ffi::c_void) {
+            // SAFETY: our own mapping of `bytes`, not used after this.
+            let _ = unsafe { nix::sys::mman::munmap(p, self.bytes) };
+        }
     }
 }
 
@@ -306,24 +357,76 @@ static SLOT_VALUES: [u32; MAX_SLOTS as usize] = {
     v
 };
 
+/// The programs on the pod's interface: (program, hook, link pin suffix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("trellis_ingress", TcAttachType::Ingress, "ingress"),
     ("trellis_egress", TcAttachType::Egress, "egress"),
 ];
 
+/// The program on the host side of a pod's veth (its ingress: what the pod sends).
+const PEER_PROGRAM: (&str, TcAttachType, &str) = ("trellis_peer", TcAttachType::Ingress, "peer");
+
+/// Every link pin suffix of a slot.
+const LINK_SUFFIXES: [&str; 3] = ["ingress", "egress", "peer"];
+
+/// The maps the programs pin (a dir with any of them holds pins to re-adopt).
+const PINNED_MAPS: [&str; 10] = [
+    "STATS",
+    "META",
+    "LAYOUT",
+    "SLOT_ACL",
+    "ACL_HDR",
+    "ACL_IV4",
+    "ACL_IV6",
+    "ACL_RULES",
+    "ACL_INFO",
+    "RULE_HITS",
+];
+
+/// Refuses pins of another layout in `dir` (their sizes and shapes differ from what
+/// the programs expect); a dir without pins is fine.
+fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
+    if !PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+        return Ok(());
+    }
+    let found = match MapData::from_pin(dir.join("LAYOUT")) {
+        Err(_) => "1 (no LAYOUT pin)".to_string(),
+        Ok(m) => {
+            let layout: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(m))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+            match layout.get(&0, 0) {
+                Ok(v) if v == LAYOUT_VERSION => return Ok(()),
+                Ok(v) => v.to_string(),
+                Err(e) => format!("unreadable ({e})"),
+            }
+        }
+    };
+    Err(DataplaneError::Layout {
+        dir: dir.display().to_string(),
+        found,
+    })
+}
+
 impl Dataplane {
     /// Loads the programs, re-adopting maps already pinned in `dir`.
     pub fn open(dir: &Path) -> Result<Dataplane, DataplaneError> {
         check_bpffs(dir)?;
+        check_layout(dir)?;
         std::fs::create_dir_all(dir.join("links"))
             .map_err(|e| op(format!("creating {}", dir.display()))(e.to_string()))?;
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        for (name, _, _) in PROGRAMS {
+        for (name, _, _) in PROGRAMS.iter().chain([&PEER_PROGRAM]) {
             load_classifier(&mut bpf, name)?;
         }
+        let mut layout: Array<&mut MapData, u32> =
+            Array::try_from(bpf.map_mut("LAYOUT").expect("LAYOUT in the object"))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(|e| op("LAYOUT map")(e.to_string()))?;
         // The programs use no CO-RE relocations, so the kernel's BTF (parsed by
         // `new`, ~20 MB in memory) is not needed for the per-attachment loads.
         let mut loader = EbpfLoader::new();
@@ -358,8 +461,12 @@ impl Dataplane {
             .ok_or(DataplaneError::Full)
     }
 
-    /// Attaches the programs to `ifname` in the netns at `netns`; returns its slot.
+    /// Attaches the programs to `ifname` in the netns at `netns`, and the egress
+    /// check to the host side of its veth when that is in the agent's netns; returns
+    /// its slot.
     pub fn attach(&mut self, netns: &Path, owner: &Owner) -> Result<u32, DataplaneError> {
+        // Every name fits whole, or nothing is attached.
+        let mut meta = slot_meta(owner)?;
         let slot = self.free_slot()?;
         let mut inst = self.instance(slot)?;
         let mut progs: Vec<(TcAttachType, &'static str, &mut SchedClassifier)> = Vec::new();
@@ -410,15 +517,32 @@ impl Dataplane {
         })
         .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))
         .and_then(|r| r.map_err(attach_err));
-        let (key, links) = match r {
+        let (key, mut links) = match r {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.set_slot_acl(slot, None);
                 return Err(e);
             }
         };
+        meta.key = key;
+        // The host side of a veth: the pod's egress rules again, where a pod that
+        // bypasses its own egress hook cannot skip them.
+        match self.attach_peer(&mut inst, netns, &owner.ifname) {
+            Ok(Some((index, link))) => {
+                meta.peer_ifindex = index;
+                links.push((PEER_PROGRAM.2, link));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = self.set_slot_acl(slot, None);
+                return Err(e);
+            }
+        }
         // Zeroed counters and the slot's owner before the links are kept.
-        self.own(slot, key, owner)?;
+        if let Err(e) = self.own(slot, meta) {
+            let _ = self.set_slot_acl(slot, None);
+            return Err(e);
+        }
         for (suffix, link) in links {
             let pin = self.link_pin(slot, suffix);
             let _ = std::fs::remove_file(&pin);
@@ -432,10 +556,121 @@ impl Dataplane {
         Ok(slot)
     }
 
+    /// Attaches the peer program to the host side of the pod's veth `ifname`, if it
+    /// has one in the agent's netns: its ifindex and link.
+    fn attach_peer(
+        &mut self,
+        inst: &mut Ebpf,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<Option<(u32, FdLink)>, DataplaneError> {
+        let err = |m: String| DataplaneError::Attach {
+            ifname: format!("the host side of {ifname}"),
+            message: m,
+        };
+        let Some((host, index)) =
+            crate::link::host_peer(netns, ifname).map_err(|e| err(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let p: &mut SchedClassifier = inst
+            .program_mut(PEER_PROGRAM.0)
+            .ok_or_else(|| DataplaneError::Load(format!("no program {}", PEER_PROGRAM.0)))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+        let id = p
+            .attach_with_options(
+                &host,
+                PEER_PROGRAM.1,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| err(format!("{host}: {e}")))?;
+        let link: FdLink = p
+            .take_link(id)
+            .map_err(|e| err(e.to_string()))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        Ok(Some((index, link)))
+    }
+
+    /// Detaches the attachment in `slot` only if the slot still belongs to
+    /// `container`'s `ifname` (after a reboot or a lost pin, the slot number may be
+    /// another pod's now). Whether it was detached.
+    pub fn detach_owned(
+        &mut self,
+        slot: u32,
+        container: &str,
+        ifname: &str,
+    ) -> Result<bool, DataplaneError> {
+        let mine = self
+            .meta()?
+            .get(&slot, 0)
+            .is_ok_and(|m| get(&m.container) == container && get(&m.ifname) == ifname);
+        if mine {
+            self.detach(slot)?;
+        }
+        Ok(mine)
+    }
+
+    /// Every slot and who it belongs to.
+    pub fn slots(&mut self) -> Result<Vec<(u32, Owner)>, DataplaneError> {
+        let meta = self.meta()?;
+        let mut out = Vec::new();
+        for e in meta.iter() {
+            let (slot, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+            out.push((slot, owner_of(&m)));
+        }
+        Ok(out)
+    }
+
+    /// Link pins of slots that have no owner (an agent killed between pinning and
+    /// recording, or a META entry lost): removed, which detaches them. Their names.
+    pub fn remove_orphan_pins(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let owned: std::collections::HashSet<u32> =
+            self.meta()?.keys().filter_map(Result::ok).collect();
+        let dir = self.dir.join("links");
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(&dir)
+            .map_err(|e| op(format!("reading {}", dir.display()))(e.to_string()))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let slot = name
+                .split_once('-')
+                .and_then(|(n, _)| n.parse::<u32>().ok());
+            if slot.is_none_or(|s| !owned.contains(&s)) {
+                std::fs::remove_file(e.path())
+                    .map_err(|e| op(format!("unpinning {name}"))(e.to_string()))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// ACLs of networks with no attachment left (a DEL that raced an update, an
+    /// agent killed mid-way): dropped, their ids and table space freed. Their networks.
+    pub fn drop_unused_acls(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let networks: std::collections::HashSet<String> = self.networks()?.into_iter().collect();
+        let mut unused = Vec::new();
+        for e in self.acl_info()?.iter() {
+            let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+            if !networks.contains(&get(&i.network)) {
+                unused.push((id, get(&i.network)));
+            }
+        }
+        for (id, _) in &unused {
+            self.drop_acl(*id)?;
+        }
+        if !unused.is_empty() {
+            self.freed_at = Some(std::time::Instant::now());
+        }
+        Ok(unused.into_iter().map(|(_, n)| n).collect())
+    }
+
     /// Detaches and forgets the attachment in `slot`: its links (unpinned) and its
-    /// owner. Nothing else is touched.
+    /// owner. Nothing else is touched. (`detach_owned` checks the owner first.)
     pub fn detach(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        for (_, _, suffix) in PROGRAMS {
+        for suffix in LINK_SUFFIXES {
             let pin = self.link_pin(slot, suffix);
             match std::fs::remove_file(&pin) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -458,7 +693,7 @@ impl Dataplane {
     }
 
     /// Zeroes the slot's counters and records its owner.
-    fn own(&mut self, slot: u32, key: IfKey, owner: &Owner) -> Result<(), DataplaneError> {
+    fn own(&mut self, slot: u32, m: SlotMeta) -> Result<(), DataplaneError> {
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| op("counting CPUs")(e.to_string()))?;
         let mut stats: PerCpuArray<&mut MapData, Counters> =
             PerCpuArray::try_from(self.bpf.map_mut("STATS").expect("STATS"))
@@ -470,15 +705,6 @@ impl Dataplane {
                 .set(slot * 2 + dir, zero, 0)
                 .map_err(|e| op("zeroing counters")(e.to_string()))?;
         }
-        let mut m = SlotMeta {
-            key,
-            ..Default::default()
-        };
-        put(&mut m.namespace, &owner.namespace);
-        put(&mut m.pod, &owner.pod);
-        put(&mut m.network, &owner.network);
-        put(&mut m.ifname, &owner.ifname);
-        put(&mut m.container, &owner.container);
         self.meta()?
             .insert(slot, m, 0)
             .map_err(|e| op("META map")(e.to_string()))?;
@@ -494,7 +720,7 @@ impl Dataplane {
             .override_global("SLOT", &SLOT_VALUES[slot as usize], true)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        for (name, _, _) in PROGRAMS {
+        for (name, _, _) in PROGRAMS.iter().chain([&PEER_PROGRAM]) {
             load_classifier(&mut inst, name)?;
         }
         Ok(inst)
@@ -504,10 +730,11 @@ impl Dataplane {
     /// packets through with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
     pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
         let slot = self.free_slot()?;
+        let meta = slot_meta(owner)?;
         let inst = self.instance(slot)?;
         let header = self.acl_entry(&owner.network)?.map(|(_, i)| i.header);
         self.set_slot_acl(slot, header)?;
-        self.own(slot, IfKey::default(), owner)?;
+        self.own(slot, meta)?;
         Ok(Probe { slot, inst })
     }
 
@@ -616,6 +843,11 @@ impl Dataplane {
             }
             return Ok(None);
         };
+        put(
+            &mut [0u8; trellis_ebpf_common::NETWORK_LEN],
+            "network",
+            network,
+        )?;
         let digest = acl.digest();
         if let Some((id, i)) = current {
             if i.digest == digest {
@@ -713,7 +945,7 @@ impl Dataplane {
             header: index,
             ..Default::default()
         };
-        put(&mut info.network, network);
+        put(&mut info.network, "network", network)?;
         self.acl_info()?
             .insert(id, info, 0)
             .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
@@ -765,6 +997,15 @@ impl Probe {
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
         test_run(&self.inst, PROGRAMS[dir as usize].0, packet, repeat)
+    }
+
+    /// As `run`, through the program on the host side of a veth.
+    pub fn run_peer(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        test_run(&self.inst, PEER_PROGRAM.0, packet, repeat)
     }
 }
 
@@ -832,7 +1073,7 @@ pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
     let mut out = Vec::new();
     for e in info.iter() {
         let (id, i) = e.map_err(|e| op("ACL_INFO map")(e.to_string()))?;
-        let counters = hits.read(id * ACL_HIT_STRIDE, ACL_HIT_STRIDE);
+        let counters = hits.load(id * ACL_HIT_STRIDE, ACL_HIT_STRIDE);
         let h = hdrs
             .get(&i.header, 0)
             .map_err(|e| op("ACL_HDR map")(e.to_string()))?;

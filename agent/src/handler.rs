@@ -209,6 +209,80 @@ impl Handler {
             .expect("dataplane worker thread");
     }
 
+    /// Makes the pins and the records agree, at agent start-up before any request: a
+    /// slot no record owns is detached, a record whose slot is gone or another's
+    /// forgets it (the worker attaches it again if its interface is there), link pins
+    /// without an owner and ACLs without attachments go. Each is logged.
+    pub fn reconcile_dataplane(&self) {
+        let Some(dp) = &self.dataplane else { return };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut records, _) = match self.records.list() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("dataplane reconcile: {e}");
+                return;
+            }
+        };
+        let slots = match dp.slots() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("dataplane reconcile: {e}");
+                return;
+            }
+        };
+        let owns = |r: &Record, slot: u32, o: &crate::dataplane::Owner| {
+            r.container_id == o.container
+                && r.attachments
+                    .iter()
+                    .any(|a| a.slot == Some(slot) && a.ifname == o.ifname)
+        };
+        for (slot, o) in &slots {
+            if !records.iter().any(|r| owns(r, *slot, o)) {
+                match dp.detach(*slot) {
+                    Ok(()) => {
+                        tracing::warn!(slot, container = %o.container, pod = %format!("{}/{}", o.namespace, o.pod), ifname = %o.ifname,
+                        "dataplane slot with no attachment record: detached")
+                    }
+                    Err(e) => tracing::warn!(slot, "dataplane slot with no attachment record: {e}"),
+                }
+            }
+        }
+        for r in records.iter_mut() {
+            let mut changed = false;
+            for a in r.attachments.iter_mut() {
+                let Some(slot) = a.slot else { continue };
+                let held = slots.iter().any(|(s, o)| {
+                    *s == slot && o.container == r.container_id && o.ifname == a.ifname
+                });
+                if !held {
+                    tracing::warn!(container = %r.container_id, ifname = %a.ifname, slot,
+                        "attachment record names a dataplane slot that is gone (reboot, or pins removed): forgotten");
+                    a.slot = None;
+                    changed = true;
+                }
+            }
+            if changed {
+                if let Err(e) = self.records.save(r) {
+                    tracing::warn!("dataplane reconcile: {e}");
+                }
+            }
+        }
+        match dp.remove_orphan_pins() {
+            Ok(p) if !p.is_empty() => {
+                tracing::warn!(pins = ?p, "link pins with no slot owner: removed")
+            }
+            Err(e) => tracing::warn!("dataplane reconcile: {e}"),
+            _ => {}
+        }
+        match dp.drop_unused_acls() {
+            Ok(n) if !n.is_empty() => {
+                tracing::warn!(networks = ?n, "ACLs with no attachment left: dropped")
+            }
+            Err(e) => tracing::warn!("dataplane reconcile: {e}"),
+            _ => {}
+        }
+    }
+
     /// After a successful ADD: queued for the worker, or done here if there is none.
     fn dataplane_after_add(&self, record: &mut Record) -> Result<(), CniError> {
         let queue = self.attach_queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,9 +365,7 @@ impl Handler {
             return Ok(());
         }
         let has_link = crate::netns::run_in(netns, || {
-            let c = std::ffi::CString::new(a.ifname.as_str()).unwrap_or_default();
-            // SAFETY: NUL-terminated name.
-            unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+            nix::net::if_::if_nametoindex(a.ifname.as_str()).is_ok()
         })
         .unwrap_or(false);
         if !has_link {
@@ -963,8 +1035,16 @@ impl Handler {
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
             for a in record.attachments.iter_mut() {
                 if let Some(slot) = a.slot {
-                    match dp.detach(slot) {
-                        Ok(()) => a.slot = None,
+                    // Only a slot this attachment still owns: after a reboot the
+                    // number may be another pod's.
+                    match dp.detach_owned(slot, &record.container_id, &a.ifname) {
+                        Ok(mine) => {
+                            if !mine {
+                                tracing::info!(container = %record.container_id, ifname = %a.ifname, slot,
+                                    "dataplane slot is no longer this attachment's; left alone");
+                            }
+                            a.slot = None
+                        }
                         Err(e) => {
                             failures.push(format!("network {} ({}): {e}", a.network, a.ifname))
                         }

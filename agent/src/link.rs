@@ -431,3 +431,124 @@ impl Netlink {
             .map_err(op(format!("adding route {dst}/{prefix}")))
     }
 }
+
+/// The other end of a veth, as its netns sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VethPeer {
+    /// The peer's ifindex in its own netns.
+    pub index: u32,
+    /// The peer's netns as an nsid of the veth's netns (None: the same netns).
+    pub nsid: Option<i32>,
+}
+
+impl Netlink {
+    /// If link `name` is a veth, where its peer is.
+    pub fn veth_peer(&self, name: &str) -> Result<Option<VethPeer>, LinkError> {
+        use netlink_packet_route::link::{InfoKind, LinkInfo};
+        let what = || format!("reading link {name}");
+        let msg = self.rt.block_on(async {
+            let mut r = self
+                .handle
+                .link()
+                .get()
+                .match_name(name.to_string())
+                .execute();
+            r.try_next().await
+        });
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None)
+            }
+            Err(e) => return Err(op(what())(e)),
+        };
+        let veth = msg.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(i)
+                if i.iter().any(|x| matches!(x, LinkInfo::Kind(InfoKind::Veth))))
+        });
+        if !veth {
+            return Ok(None);
+        }
+        let mut peer = VethPeer {
+            index: 0,
+            nsid: None,
+        };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::Link(i) => peer.index = *i,
+                LinkAttribute::LinkNetNsId(n) if *n >= 0 => peer.nsid = Some(*n),
+                _ => {}
+            }
+        }
+        Ok((peer.index != 0).then_some(peer))
+    }
+
+    /// The nsid this netns gives the netns open at `ns` (None: none given yet).
+    pub fn nsid_of(&self, ns: &std::fs::File) -> Result<Option<i32>, LinkError> {
+        use futures_util::StreamExt;
+        use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+        use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+        use netlink_packet_route::RouteNetlinkMessage;
+        let what = || "asking the nsid of a netns (RTM_GETNSID)".to_string();
+        let mut msg = NsidMessage::default();
+        msg.attributes = vec![NsidAttribute::Fd(ns.as_raw_fd() as u32)];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut handle = self.handle.clone();
+        self.rt.block_on(async {
+            let mut answers = handle.request(req).map_err(op(what()))?;
+            let mut id = None;
+            while let Some(m) = answers.next().await {
+                match m.payload {
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(op(what())(rtnetlink::Error::NetlinkError(e)))
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                        for a in m.attributes {
+                            if let NsidAttribute::Id(n) = a {
+                                id = (n >= 0).then_some(n);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(id)
+        })
+    }
+}
+
+/// The host side of the pod's veth `ifname`: its name and index in the agent's own
+/// netns, when its peer is there (bridge and ptp delegates put it there); None for
+/// any other interface (macvlan, a VF) or a peer in another netns.
+pub fn host_peer(pod_netns: &Path, ifname: &str) -> Result<Option<(String, u32)>, LinkError> {
+    let pod = Netlink::in_netns(pod_netns)?;
+    let Some(peer) = pod.veth_peer(ifname)? else {
+        return Ok(None);
+    };
+    let pod_index = match pod.link(ifname)? {
+        Some(l) => l.index,
+        None => return Ok(None),
+    };
+    // The peer's netns, as the pod's netns numbers it, must be ours.
+    let ours = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| LinkError::Netns {
+        netns: "/proc/thread-self/ns/net".into(),
+        source: e,
+    })?;
+    let Some(peer_ns) = peer.nsid else {
+        return Ok(None);
+    };
+    if pod.nsid_of(&ours)? != Some(peer_ns) {
+        return Ok(None);
+    }
+    let here = Netlink::here()?;
+    let Some(host) = here.link_by_index(peer.index)? else {
+        return Ok(None);
+    };
+    // And it names the pod's end back.
+    match here.veth_peer(&host.name)? {
+        Some(back) if back.index == pod_index => Ok(Some((host.name, host.index))),
+        _ => Ok(None),
+    }
+}

@@ -309,6 +309,7 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         handler = handler.with_dataplane(dp);
     }
     let handler = Arc::new(handler);
+    handler.reconcile_dataplane();
     handler.start_dataplane_worker();
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),

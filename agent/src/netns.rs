@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// While alive, this thread is in another netns. `!Send`: it must be dropped on the
@@ -36,11 +35,8 @@ impl Drop for NetnsGuard {
 }
 
 fn setns(f: &File) -> io::Result<()> {
-    // SAFETY: setns(2) on an fd we own; affects only the calling thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // Affects only the calling thread.
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// Runs `f` in the netns at `path` on a thread of its own.

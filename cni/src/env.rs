@@ -145,7 +145,17 @@ impl CniEnv {
 }
 
 /// Container IDs: alphanumeric first, then alphanumerics, `_`, `.`, `-` (spec 1.1).
+/// The longest container ID taken: the agent keeps a file named after it (255 bytes
+/// with its suffix). Runtimes use 64.
+pub const MAX_CONTAINER_ID: usize = 250;
+
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
+    if id.len() > MAX_CONTAINER_ID {
+        return Err(env_err(format!(
+            "CNI_CONTAINERID is {} bytes; at most {MAX_CONTAINER_ID} are taken",
+            id.len()
+        )));
+    }
     let ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && id
             .chars()

@@ -200,7 +200,10 @@ impl Invoker {
         let mut tries = 0;
         let mut child = loop {
             match cmd.spawn() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
+                Err(e)
+                    if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+                        && tries < 10 =>
+                {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(10 * tries));
                 }
@@ -240,8 +243,11 @@ impl Invoker {
         let (out, status) = match rx.recv_timeout(self.timeout) {
             Ok(v) => v,
             Err(_) => {
-                // SAFETY: kill(2) on the plugin's own process group; no memory involved.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // The plugin's own process group: whatever it started goes too.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 // Reaped once its stdout closes; a process that escaped the group and
                 // holds the pipe is not waited for (its reader thread ends with it).
                 let _ = rx.recv_timeout(AFTER_KILL);

@@ -64,3 +64,120 @@ pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, dport: u16, size: usize) -> Ve
     f.resize(size.max(f.len()), 0);
     f
 }
+
+/// An Ethernet frame carrying an IPv4/UDP datagram that a receiving stack accepts: IP
+/// header checksum set, UDP checksum 0 (none, allowed for IPv4).
+pub fn ipv4_udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + 28 + payload.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + 8 + payload.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = UDP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv6 frame as `frame` builds it, with IPv6 extension headers put between the
+/// fixed header and the transport header: each `(type, bytes)` is a header's whole
+/// body after its next-header byte (so an 8-byte header gives 7 bytes).
+pub fn with_ipv6_ext(frame6: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let (eth_ip, l4) = frame6.split_at(14 + 40);
+    let mut f = eth_ip.to_vec();
+    let transport = f[14 + 6];
+    f[14 + 6] = headers.first().map(|h| h.0).unwrap_or(transport);
+    for (i, (_, body)) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).map(|h| h.0).unwrap_or(transport);
+        f.push(next);
+        f.extend_from_slice(body);
+    }
+    let payload = (f.len() - 14 - 40 + l4.len()) as u16;
+    f[14 + 4..14 + 6].copy_from_slice(&payload.to_be_bytes());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// Sends `frame` out of `ifname` in `ns` through an AF_PACKET socket; with `bypass`,
+/// PACKET_QDISC_BYPASS skips the interface's egress hooks (TCX egress among them),
+/// as a pod with CAP_NET_RAW can.
+pub fn send_raw(ns: &crate::netns::Netns, ifname: &str, frame: &[u8], bypass: bool) {
+    let path = ns.path();
+    let (ifname, frame) = (ifname.to_string(), frame.to_vec());
+    std::thread::spawn(move || {
+        crate::netns::Netns::at(path).enter_this_thread();
+        let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("ifindex");
+        // SAFETY: plain socket calls on an fd this closure owns and closes; the
+        // sockaddr_ll is zeroed and filled as packet(7) says.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            if bypass {
+                let one: libc::c_int = 1;
+                let rc = libc::setsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_QDISC_BYPASS,
+                    &one as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+                assert_eq!(
+                    rc,
+                    0,
+                    "PACKET_QDISC_BYPASS: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = index as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            assert_eq!(
+                n as usize,
+                frame.len(),
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+            libc::close(fd);
+        }
+    })
+    .join()
+    .unwrap();
+}

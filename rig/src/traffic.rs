@@ -48,6 +48,11 @@ pub fn veth_pair(prefix: &str, ifnames: [&str; 2], v4: &str, v6: Option<&str>) -
 /// Sends `count` UDP datagrams from a socket in `from` to `to`, and counts what a
 /// receiver bound to `to` in `to_ns` gets (waiting up to a second after the last).
 pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
+    udp_sized(from, to_ns, to, count, 7)
+}
+
+/// As `udp`, with datagrams of `size` bytes (above the MTU they go as fragments).
+pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size: usize) -> usize {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let to_path = to_ns.path();
     let rx = std::thread::spawn(move || {
@@ -57,7 +62,7 @@ pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
             .unwrap();
         ready_tx.send(()).unwrap();
         let mut n = 0;
-        let mut buf = [0u8; 64];
+        let mut buf = vec![0u8; 65536];
         while s.recv(&mut buf).is_ok() {
             n += 1;
         }
@@ -73,9 +78,10 @@ pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
             "[::]:0".parse().unwrap()
         };
         let s = std::net::UdpSocket::bind(any).unwrap();
+        let payload = vec![b't'; size];
         for _ in 0..count {
             // A denied datagram is dropped after the send returns.
-            s.send_to(b"trellis", to).expect("send");
+            s.send_to(&payload, to).expect("send");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     })

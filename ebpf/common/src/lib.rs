@@ -4,6 +4,26 @@
 /// Attachments (pod interfaces) the programs can account for at once.
 pub const MAX_SLOTS: u32 = 16384;
 
+/// The version of every pinned map's layout (names, sizes, key and value shapes).
+/// Pins of another version are not re-adopted: the loader refuses them by name.
+/// 2: names held whole (SlotMeta, AclInfo), the host peer in SlotMeta, LAYOUT itself.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
+/// them, one per attachment), not all at load.
+pub const NO_PREALLOC: u32 = 1;
+
+/// Field sizes of the names kept in the maps: each holds the longest legal name
+/// whole (a longer one is refused, never cut). Namespace: a DNS label (63); pod: a
+/// DNS subdomain (253); network: `namespace/name` of a NAD (63 + 1 + 253) or the
+/// cluster network's conf name; interface: IFNAMSIZ - 1; container: the CNI
+/// container ID (the agent takes up to 250 bytes, its record's file name).
+pub const NAMESPACE_LEN: usize = 64;
+pub const POD_LEN: usize = 256;
+pub const NETWORK_LEN: usize = 320;
+pub const IFNAME_LEN: usize = 16;
+pub const CONTAINER_LEN: usize = 256;
+
 pub const DIR_INGRESS: u32 = 0;
 pub const DIR_EGRESS: u32 = 1;
 
@@ -35,27 +55,34 @@ impl Counters {
 }
 
 /// Who a slot belongs to, kept in a pinned map so `trellis stats` can name every
-/// counter from the pins alone. Strings are NUL-padded UTF-8.
+/// counter from the pins alone, and a DEL detaches only the slot it owns. Strings
+/// are UTF-8, NUL-padded (a name that fills its field has no NUL).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotMeta {
     pub key: IfKey,
-    pub namespace: [u8; 64],
-    pub pod: [u8; 64],
-    pub network: [u8; 128],
-    pub ifname: [u8; 16],
-    pub container: [u8; 80],
+    /// The host side of the pod's veth, where egress rules are enforced again (0:
+    /// none, e.g. macvlan or a VF).
+    pub peer_ifindex: u32,
+    pub _pad: u32,
+    pub namespace: [u8; NAMESPACE_LEN],
+    pub pod: [u8; POD_LEN],
+    pub network: [u8; NETWORK_LEN],
+    pub ifname: [u8; IFNAME_LEN],
+    pub container: [u8; CONTAINER_LEN],
 }
 
 impl Default for SlotMeta {
     fn default() -> Self {
         SlotMeta {
             key: IfKey::default(),
-            namespace: [0; 64],
-            pod: [0; 64],
-            network: [0; 128],
-            ifname: [0; 16],
-            container: [0; 80],
+            peer_ifindex: 0,
+            _pad: 0,
+            namespace: [0; NAMESPACE_LEN],
+            pod: [0; POD_LEN],
+            network: [0; NETWORK_LEN],
+            ifname: [0; IFNAME_LEN],
+            container: [0; CONTAINER_LEN],
         }
     }
 }
@@ -75,6 +102,8 @@ pub const ACL_SEARCH_STEPS: u32 = 15;
 pub const ACL_HIT_STRIDE: u32 = MAX_ACL_RULES + 1;
 /// The default action's hit counter within an ACL's stride.
 pub const ACL_HIT_DEFAULT: u32 = MAX_ACL_RULES;
+/// A decision no rule made (a packet the program could not parse): no hit counted.
+pub const ACL_HIT_NONE: u32 = u32::MAX;
 
 pub const ACT_ALLOW: u8 = 0;
 pub const ACT_DENY: u8 = 1;
@@ -160,7 +189,7 @@ pub struct AclHeader {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AclInfo {
-    pub network: [u8; 128],
+    pub network: [u8; NETWORK_LEN],
     pub digest: u64,
     pub rules: u32,
     /// The ACL_HDR entry in use.
@@ -170,7 +199,7 @@ pub struct AclInfo {
 impl Default for AclInfo {
     fn default() -> Self {
         AclInfo {
-            network: [0; 128],
+            network: [0; NETWORK_LEN],
             digest: 0,
             rules: 0,
             header: 0,

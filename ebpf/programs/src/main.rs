@@ -17,9 +17,9 @@ mod tc {
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
         table_index, AclHeader, AclInfo, AclRule, Counters, IntervalV4, IntervalV6, SlotMeta, Span,
-        TableRef, ACL_HIT_DEFAULT, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY,
-        DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, RULE_SPACE, TCX_DROP,
-        TCX_NEXT,
+        TableRef, ACL_HIT_DEFAULT, ACL_HIT_NONE, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE,
+        ACT_DENY, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
+        RULE_SPACE, TCX_DROP, TCX_NEXT,
     };
 
     /// This instance's attachment slot: the agent loads the object once per attachment
@@ -34,7 +34,12 @@ mod tc {
 
     /// Slot -> who it belongs to; written by userspace only, read by `trellis stats`.
     #[map(name = "META")]
-    static META: HashMap<u32, SlotMeta> = HashMap::pinned(MAX_SLOTS, 0);
+    static META: HashMap<u32, SlotMeta> = HashMap::pinned(MAX_SLOTS, NO_PREALLOC);
+
+    /// Entry 0: the LAYOUT_VERSION of the pins in this directory (written by the
+    /// loader; read by the next one before it re-adopts them).
+    #[map(name = "LAYOUT")]
+    static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
     /// Slot -> its network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A
     /// map, not a constant: a NAD that gains, changes or loses an ACL moves live
@@ -64,7 +69,7 @@ mod tc {
 
     /// ACL id -> network and digest; written by userspace only.
     #[map(name = "ACL_INFO")]
-    static ACL_INFO: HashMap<u32, AclInfo> = HashMap::pinned(MAX_ACLS, 0);
+    static ACL_INFO: HashMap<u32, AclInfo> = HashMap::pinned(MAX_ACLS, NO_PREALLOC);
 
     /// `acl * ACL_HIT_STRIDE + rule` -> packets that rule decided (the last one of each
     /// ACL is its default). Shared across CPUs (atomic adds): per-CPU copies of
@@ -114,10 +119,14 @@ mod tc {
     }
 
     /// The ACL's decision for this packet: (action, hit index), or None to let it pass
-    /// unjudged (not IP, neighbour discovery).
+    /// unjudged (not IP, neighbour discovery). An IPv6 packet whose headers cannot be
+    /// walked is dropped, counted under no rule.
     #[inline(always)]
     fn judge(ctx: &TcContext, hdr: &AclHeader, dir: u32) -> Option<(u8, u32)> {
         let p = parse(ctx, dir)?;
+        if p.malformed {
+            return Some((ACT_DENY, ACL_HIT_NONE));
+        }
         let t = hdr.tables.get(table_index(p.v6, dir))?;
         let span = if p.v6 {
             let i = search(t, p.remote6, |i| ACL_IV6.get(i).map(|e| e.start))?;
@@ -129,27 +138,48 @@ mod tc {
         Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, ACL_HIT_DEFAULT)))
     }
 
+    /// This instance's slot.
     #[inline(always)]
-    fn account(ctx: &TcContext, dir: u32) -> i32 {
+    fn slot() -> u32 {
         // SAFETY: a constant the loader set; volatile so it is not folded to 0.
-        let slot = unsafe { core::ptr::read_volatile(&SLOT) };
-        let mut verdict = TCX_NEXT;
-        if let Some(&h) = SLOT_ACL.get(slot) {
-            if let Some(hdr) = (h != 0).then(|| ACL_HDR.get(h - 1)).flatten() {
-                if let Some((action, hit)) = judge(ctx, hdr, dir) {
-                    if let Some(h) = RULE_HITS.get_ptr_mut(hdr.acl * ACL_HIT_STRIDE + hit) {
-                        // SAFETY: a valid, aligned u64 in the map's value area; BPF's
-                        // atomic add (core has no atomic RMW for the BPF target).
-                        unsafe {
-                            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) h, in(reg) 1u64)
-                        };
-                    }
-                    if action == ACT_DENY {
-                        verdict = TCX_DROP;
-                    }
-                }
+        unsafe { core::ptr::read_volatile(&SLOT) }
+    }
+
+    /// The slot's ACL verdict for this packet in direction `dir` (TCX_NEXT or
+    /// TCX_DROP); the deciding rule's hit is counted if the packet is dropped or
+    /// `count_allowed`.
+    #[inline(always)]
+    fn acl_verdict(ctx: &TcContext, slot: u32, dir: u32, count_allowed: bool) -> i32 {
+        let Some(&h) = SLOT_ACL.get(slot) else {
+            return TCX_NEXT;
+        };
+        let Some(hdr) = (h != 0).then(|| ACL_HDR.get(h - 1)).flatten() else {
+            return TCX_NEXT;
+        };
+        let Some((action, hit)) = judge(ctx, hdr, dir) else {
+            return TCX_NEXT;
+        };
+        let deny = action == ACT_DENY;
+        if hit != ACL_HIT_NONE && (deny || count_allowed) {
+            if let Some(h) = RULE_HITS.get_ptr_mut(hdr.acl * ACL_HIT_STRIDE + hit) {
+                // SAFETY: a valid, aligned u64 in the map's value area; BPF's atomic
+                // add (core has no atomic RMW for the BPF target).
+                unsafe {
+                    core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) h, in(reg) 1u64)
+                };
             }
         }
+        if deny {
+            TCX_DROP
+        } else {
+            TCX_NEXT
+        }
+    }
+
+    #[inline(always)]
+    fn account(ctx: &TcContext, dir: u32) -> i32 {
+        let slot = slot();
+        let verdict = acl_verdict(ctx, slot, dir, true);
         if let Some(c) = STATS.get_ptr_mut(slot * 2 + dir) {
             // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
             unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
@@ -165,6 +195,23 @@ mod tc {
     #[classifier]
     pub fn trellis_egress(ctx: TcContext) -> i32 {
         account(&ctx, DIR_EGRESS)
+    }
+
+    /// At the host side of a pod's veth (its TCX ingress): what the pod sends, judged
+    /// again by the pod's egress rules, for a pod that skipped its own egress hook
+    /// (AF_PACKET with PACKET_QDISC_BYPASS). Only drops are counted here; what
+    /// passes was counted at the pod's egress, or bypassed it.
+    #[classifier]
+    pub fn trellis_peer(ctx: TcContext) -> i32 {
+        let slot = slot();
+        let verdict = acl_verdict(&ctx, slot, DIR_EGRESS, false);
+        if verdict == TCX_DROP {
+            if let Some(c) = STATS.get_ptr_mut(slot * 2 + DIR_EGRESS) {
+                // SAFETY: as in `account`.
+                unsafe { count(c, true, ctx.len()) };
+            }
+        }
+        verdict
     }
 
     #[panic_handler]
