@@ -59,7 +59,9 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for `GET /metrics`. Default `0.0.0.0:9105`; empty turns it off.
+    /// Address for `GET /metrics`. Default `127.0.0.1:9105` (the node only: the
+    /// counters name every pod); `0.0.0.0:9105` or the node's IP exposes them to the
+    /// network. Empty turns it off.
     #[serde(default = "default_metrics_listen")]
     pub listen: String,
 }
@@ -73,7 +75,7 @@ impl Default for MetricsConfig {
 }
 
 fn default_metrics_listen() -> String {
-    "0.0.0.0:9105".into()
+    "127.0.0.1:9105".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -314,13 +314,21 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));
+    // One runtime for the servers; CNI requests run on the socket's worker threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("trellis-rt")
+        .enable_all()
+        .build()
+        .context("starting the agent's runtime")?;
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
+        l.set_nonblocking(true)
+            .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         let h = handler.clone();
-        trellis_agent::metrics::serve(
-            l,
-            handler.metrics.clone(),
+        let exposition = Arc::new(trellis_agent::metrics::Exposition::new(
+            &handler.metrics,
             config
                 .dataplane
                 .enabled
@@ -331,11 +339,17 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
                     .map(|(r, _)| r.iter().map(|r| r.attachments.len()).sum())
                     .unwrap_or(0)
             }),
-        );
+        ));
+        let l = {
+            let _g = rt.enter();
+            tokio::net::TcpListener::from_std(l).context("metrics listener")?
+        };
+        tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
+        rt.spawn(trellis_agent::metrics::serve(l, exposition));
     }
     let listener = trellis_agent::server::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "trellis agent ready");
-    trellis_agent::server::serve(listener, handler);
+    rt.block_on(trellis_agent::server::serve(listener, handler));
     Ok(())
 }
 

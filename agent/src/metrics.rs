@@ -1,12 +1,19 @@
-//! Prometheus metrics on the agent (text exposition format 0.0.4, `GET /metrics`):
-//! the dataplane's counters per pod, network, interface and direction (read from the
-//! pins at scrape time), attachments, and a CNI request latency histogram.
+//! Prometheus metrics on the agent (`GET /metrics`, text format 0.0.4, through
+//! `prometheus-client`): the dataplane's counters per pod, network, interface and
+//! direction and the ACL rule hits (read from the pins at scrape time), attachments,
+//! and a CNI request latency histogram. Served by hyper on the agent's runtime with
+//! bounded connections, header size and time.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency buckets: CNI ADDs run delegates (tens of ms)
@@ -15,190 +22,255 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+type Labels = Vec<(&'static str, String)>;
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
 /// What the handler reports as it works.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// (command, ok) -> latencies.
-    requests: Mutex<BTreeMap<(String, bool), Histogram>>,
+    /// (command, result) -> latencies.
+    requests: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::new_with_constructor(histogram),
+        }
+    }
 }
 
 impl Metrics {
     pub fn observe(&self, command: &str, ok: bool, took: Duration) {
-        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let h = m.entry((command.to_string(), ok)).or_default();
-        let s = took.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += s;
+        let result = if ok { "ok" } else { "error" };
+        self.requests
+            .get_or_create(&vec![
+                ("command", command.to_string()),
+                ("result", result.to_string()),
+            ])
+            .observe(took.as_secs_f64());
     }
 }
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The values read at scrape time: attachments from the records, the dataplane's
+/// counters from its pins.
+struct Scraped {
+    bpffs_dir: Option<PathBuf>,
+    attachments: Arc<dyn Fn() -> usize + Send + Sync>,
 }
 
-/// Rule hits and drops per network ACL; rules that never matched are left out (a
-/// network may have 10,000), the default always shown.
-fn render_acl_hits(out: &mut String, acls: &[crate::dataplane::AclHits]) {
-    let hits = "trellis_acl_rule_hits_total";
-    let drops = "trellis_acl_drops_total";
-    out.push_str(&format!("# HELP {hits} Packets an ACL rule decided (rule: its index in the NAD's rules, or default).\n# TYPE {hits} counter\n"));
-    let mut drop_lines = String::new();
-    for a in acls {
-        let rows = a
-            .rules
-            .iter()
-            .zip(&a.actions)
-            .enumerate()
-            .filter(|(_, (h, _))| **h > 0)
-            .map(|(i, (h, act))| (i.to_string(), *h, *act))
-            .chain([("default".to_string(), a.default, a.default_action)]);
-        for (rule, h, act) in rows {
-            let l = format!("network=\"{}\",rule=\"{rule}\"", label(&a.network));
-            out.push_str(&format!("{hits}{{{l},action=\"{act}\"}} {h}\n"));
-            if act == "deny" {
-                drop_lines.push_str(&format!("{drops}{{{l}}} {h}\n"));
-            }
-        }
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scraped")
+            .field("bpffs_dir", &self.bpffs_dir)
+            .finish()
     }
-    out.push_str(&format!("# HELP {drops} Packets an ACL dropped, by the rule that dropped them.\n# TYPE {drops} counter\n"));
-    out.push_str(&drop_lines);
 }
 
-/// The whole exposition.
-pub fn render(
-    metrics: &Metrics,
-    bpffs_dir: Option<&std::path::Path>,
-    attachments: usize,
-) -> String {
-    let mut out = String::new();
-    out.push_str("# HELP trellis_attachments Pod network attachments the agent holds.\n# TYPE trellis_attachments gauge\n");
-    out.push_str(&format!("trellis_attachments {attachments}\n"));
-    if let Some(dir) = bpffs_dir {
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let n = (self.attachments)();
+        let g = ConstGauge::new(n as i64);
+        g.encode(enc.encode_descriptor(
+            "trellis_attachments",
+            "Pod network attachments the agent holds",
+            None,
+            g.metric_type(),
+        )?)?;
+        let Some(dir) = &self.bpffs_dir else {
+            return Ok(());
+        };
         match crate::dataplane::read_stats(dir) {
             Ok(stats) => {
-                for (name, help) in [
-                    ("trellis_interface_bytes_total", "Bytes through a pod interface, by direction (rx into the pod, tx out of it)."),
-                    ("trellis_interface_packets_total", "Packets through a pod interface, by direction."),
-                    ("trellis_interface_drops_total", "Packets the dataplane dropped on a pod interface, by direction."),
-                ] {
-                    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-                    for s in &stats {
-                        for (dir, c) in [("rx", &s.ingress), ("tx", &s.egress)] {
-                            let v = match name {
-                                "trellis_interface_bytes_total" => c.bytes,
-                                "trellis_interface_packets_total" => c.packets,
-                                _ => c.drops,
-                            };
-                            out.push_str(&format!(
-                                "{name}{{namespace=\"{}\",pod=\"{}\",network=\"{}\",interface=\"{}\",direction=\"{dir}\"}} {v}\n",
-                                label(&s.owner.namespace),
-                                label(&s.owner.pod),
-                                label(&s.owner.network),
-                                label(&s.owner.ifname)
-                            ));
-                        }
-                    }
-                }
+                let rows = |pick: fn(&crate::dataplane::CountersView) -> u64| {
+                    stats
+                        .iter()
+                        .flat_map(|s| {
+                            [("rx", &s.ingress), ("tx", &s.egress)].map(|(d, c)| {
+                                (
+                                    vec![
+                                        ("namespace", s.owner.namespace.clone()),
+                                        ("pod", s.owner.pod.clone()),
+                                        ("network", s.owner.network.clone()),
+                                        ("interface", s.owner.ifname.clone()),
+                                        ("direction", d.to_string()),
+                                    ],
+                                    pick(c),
+                                )
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                };
+                counter(
+                    &mut enc,
+                    "trellis_interface_bytes",
+                    "Bytes through a pod interface, by direction (rx into the pod, tx out of it)",
+                    rows(|c| c.bytes),
+                )?;
+                counter(
+                    &mut enc,
+                    "trellis_interface_packets",
+                    "Packets through a pod interface, by direction",
+                    rows(|c| c.packets),
+                )?;
+                counter(
+                    &mut enc,
+                    "trellis_interface_drops",
+                    "Packets the dataplane dropped on a pod interface, by direction",
+                    rows(|c| c.drops),
+                )?;
             }
             Err(e) => tracing::warn!("metrics: dataplane counters: {e}"),
         }
         match crate::dataplane::read_acl_hits(dir) {
-            Ok(acls) => render_acl_hits(&mut out, &acls),
+            Ok(acls) => {
+                // Rules that never matched are left out (a network may have 10,000);
+                // the default is always shown.
+                let mut hits = Vec::new();
+                let mut drops = Vec::new();
+                for a in &acls {
+                    let rows = a
+                        .rules
+                        .iter()
+                        .zip(&a.actions)
+                        .enumerate()
+                        .filter(|(_, (h, _))| **h > 0)
+                        .map(|(i, (h, act))| (i.to_string(), *h, *act))
+                        .chain([("default".to_string(), a.default, a.default_action)]);
+                    for (rule, h, act) in rows {
+                        let l = vec![("network", a.network.clone()), ("rule", rule)];
+                        if act == "deny" {
+                            drops.push((l.clone(), h));
+                        }
+                        let mut l = l;
+                        l.push(("action", act.to_string()));
+                        hits.push((l, h));
+                    }
+                }
+                counter(
+                    &mut enc,
+                    "trellis_acl_rule_hits",
+                    "Packets an ACL rule decided (rule: its index in the NAD's rules, or default)",
+                    hits,
+                )?;
+                counter(
+                    &mut enc,
+                    "trellis_acl_drops",
+                    "Packets an ACL dropped, by the rule that dropped them",
+                    drops,
+                )?;
+            }
             Err(e) => tracing::warn!("metrics: ACL counters: {e}"),
         }
+        Ok(())
     }
-    let name = "trellis_cni_request_duration_seconds";
-    out.push_str(&format!("# HELP {name} CNI requests the agent answered, by command and result.\n# TYPE {name} histogram\n"));
-    let reqs = metrics
-        .requests
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    for ((cmd, ok), h) in reqs {
-        let l = format!(
-            "command=\"{cmd}\",result=\"{}\"",
-            if ok { "ok" } else { "error" }
-        );
-        for (i, b) in BUCKETS.iter().enumerate() {
-            out.push_str(&format!(
-                "{name}_bucket{{{l},le=\"{b}\"}} {}\n",
-                h.counts[i]
-            ));
-        }
-        out.push_str(&format!("{name}_bucket{{{l},le=\"+Inf\"}} {}\n", h.count));
-        out.push_str(&format!(
-            "{name}_sum{{{l}}} {}\n{name}_count{{{l}}} {}\n",
-            h.sum, h.count
-        ));
-    }
-    out
 }
 
-/// Serves `GET /metrics` on `listener`, one thread per connection.
-pub fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    bpffs_dir: Option<PathBuf>,
-    attachments: Arc<dyn Fn() -> usize + Send + Sync>,
-) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let (metrics, dir, attachments) =
-                (metrics.clone(), bpffs_dir.clone(), attachments.clone());
-            std::thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut r = BufReader::new(match conn.try_clone() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                });
-                let mut line = String::new();
-                if r.read_line(&mut line).is_err() {
-                    return;
-                }
-                // Headers are read and ignored.
-                let mut h = String::new();
-                while r.read_line(&mut h).is_ok_and(|n| n > 2) {
-                    h.clear();
-                }
-                let mut w = conn;
-                let path = line.split_whitespace().nth(1).unwrap_or("");
-                let (status, body, ctype) = if line.starts_with("GET ")
-                    && (path == "/metrics" || path.starts_with("/metrics?"))
-                {
-                    (
-                        "200 OK",
-                        render(&metrics, dir.as_deref(), attachments()),
-                        "text/plain; version=0.0.4",
-                    )
-                } else {
-                    (
-                        "404 Not Found",
-                        "only /metrics here\n".to_string(),
-                        "text/plain",
-                    )
-                };
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
+/// Everything `/metrics` shows.
+pub struct Exposition {
+    registry: Registry,
+}
+
+impl Exposition {
+    pub fn new(
+        metrics: &Metrics,
+        bpffs_dir: Option<PathBuf>,
+        attachments: Arc<dyn Fn() -> usize + Send + Sync>,
+    ) -> Exposition {
+        let mut registry = Registry::default();
+        registry.register(
+            "trellis_cni_request_duration_seconds",
+            "CNI requests the agent answered, by command and result",
+            metrics.requests.clone(),
+        );
+        registry.register_collector(Box::new(Scraped {
+            bpffs_dir,
+            attachments,
+        }));
+        Exposition { registry }
+    }
+
+    /// The whole exposition, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// The request head must arrive within this...
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and be at most this big (hyper answers 431 and closes beyond it).
+const MAX_HEAD: usize = 16 << 10;
+/// A whole connection, keep-alive included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn metrics(
+    axum::extract::State(exp): axum::extract::State<Arc<Exposition>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Reading the pins is a few syscalls per slot: off the async workers.
+    let body = tokio::task::spawn_blocking(move || exp.render())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Serves `GET /metrics` on `listener` until the runtime stops.
+pub async fn serve(listener: tokio::net::TcpListener, exposition: Arc<Exposition>) {
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(exposition);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -211,34 +283,32 @@ mod tests {
         m.observe("ADD", true, Duration::from_millis(3));
         m.observe("ADD", true, Duration::from_millis(30));
         m.observe("DEL", false, Duration::from_secs(20));
-        let text = render(&m, None, 4);
-        assert!(text.contains("trellis_attachments 4\n"));
+        let text = Exposition::new(&m, None, Arc::new(|| 4)).render();
+        assert!(text.contains("trellis_attachments 4\n"), "{text}");
         let l = "command=\"ADD\",result=\"ok\"";
-        assert!(
-            text.contains(&format!(
-                "trellis_cni_request_duration_seconds_bucket{{{l},le=\"0.0025\"}} 0\n"
-            )),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!(
-                "trellis_cni_request_duration_seconds_bucket{{{l},le=\"0.005\"}} 1\n"
-            )),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!(
-                "trellis_cni_request_duration_seconds_bucket{{{l},le=\"0.05\"}} 2\n"
-            )),
-            "{text}"
-        );
+        for (le, n) in [("0.0025", 0), ("0.005", 1), ("0.05", 2)] {
+            let line =
+                format!("trellis_cni_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
         assert!(
             text.contains(&format!(
                 "trellis_cni_request_duration_seconds_count{{{l}}} 2\n"
             )),
             "{text}"
         );
-        assert!(text.contains("trellis_cni_request_duration_seconds_bucket{command=\"DEL\",result=\"error\",le=\"10\"} 0\n"), "{text}");
-        assert!(text.contains("trellis_cni_request_duration_seconds_bucket{command=\"DEL\",result=\"error\",le=\"+Inf\"} 1\n"), "{text}");
+        let d = "command=\"DEL\",result=\"error\"";
+        assert!(
+            text.contains(&format!(
+                "trellis_cni_request_duration_seconds_bucket{{{d},le=\"10\"}} 0\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "trellis_cni_request_duration_seconds_bucket{{{d},le=\"+Inf\"}} 1\n"
+            )),
+            "{text}"
+        );
     }
 }

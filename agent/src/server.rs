@@ -1,11 +1,15 @@
-//! The unix socket the shim talks to: one request per connection, a thread each.
+//! The unix socket the shim talks to: one request per connection. Connections are
+//! tasks on the agent's runtime (an idle one costs no thread), each must deliver its
+//! request within a deadline, and requests run on a fixed pool of worker threads, so
+//! no number of clients can pin the agent's threads or memory.
 
 use crate::handler::Handler;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_cni::wire::{Request, Response, MAX_REQUEST};
 use trellis_cni::{CniError, ErrorCode};
 
@@ -21,9 +25,18 @@ pub enum ServerError {
     InUse(String),
 }
 
+/// Connections held at once (each a task and a socket); more wait in the backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Requests handled at once: the worker threads (each may wait on a delegate).
+pub const WORKERS: usize = 32;
+/// A client must have sent its whole request (and half-closed) within this.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// And must take the answer within this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds the socket: root-only (0600, in a 0700 directory it creates); a stale socket
 /// from a dead agent is replaced, a live one is not.
-pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ServerError> {
     let err = |source| ServerError::Socket {
         path: path.display().to_string(),
         source,
@@ -35,41 +48,102 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         }
     }
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+        if StdUnixStream::connect(path).is_ok() {
             return Err(ServerError::InUse(path.display().to_string()));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let l = UnixListener::bind(path).map_err(err)?;
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
     Ok(l)
 }
 
-pub fn serve(listener: UnixListener, handler: Arc<Handler>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let h = handler.clone();
-                std::thread::spawn(move || serve_one(stream, &h));
-            }
-            Err(e) => tracing::warn!("accept: {e}"),
+type Job = (Request, tokio::sync::oneshot::Sender<Response>);
+
+/// The worker threads; a request waits in the queue for one.
+fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..WORKERS {
+        let (rx, h) = (rx.clone(), handler.clone());
+        std::thread::Builder::new()
+            .name(format!("trellis-cni-{i}"))
+            .spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((req, answer)) = job else { return };
+                let _ = answer.send(h.handle(&req));
+            })
+            .expect("worker thread");
+    }
+    tx
+}
+
+/// Serves the shim until the runtime stops.
+pub async fn serve(listener: std::os::unix::net::UnixListener, handler: Arc<Handler>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("agent socket: {e}");
+            return;
         }
+    };
+    let jobs = start_workers(handler);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            serve_one(stream, jobs).await;
+            drop(permit);
+        });
     }
 }
 
-fn serve_one(mut stream: UnixStream, handler: &Handler) {
+async fn serve_one(mut stream: tokio::net::UnixStream, jobs: std::sync::mpsc::Sender<Job>) {
     let mut buf = Vec::new();
-    let read = (&mut stream)
-        .take(MAX_REQUEST as u64 + 1)
-        .read_to_end(&mut buf);
+    let read = tokio::time::timeout(
+        READ_TIMEOUT,
+        (&mut stream)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_to_end(&mut buf),
+    )
+    .await;
     let resp = match read {
-        Err(e) => error_response(ErrorCode::Io, format!("cannot read request: {e}")),
-        Ok(_) if buf.len() > MAX_REQUEST => error_response(
+        Err(_) => {
+            tracing::warn!(
+                "agent socket: a client sent no whole request within {} s; closed",
+                READ_TIMEOUT.as_secs()
+            );
+            return;
+        }
+        Ok(Err(e)) => error_response(ErrorCode::Io, format!("cannot read request: {e}")),
+        Ok(Ok(_)) if buf.len() > MAX_REQUEST => error_response(
             ErrorCode::Decode,
             format!("request is larger than {MAX_REQUEST} bytes"),
         ),
-        Ok(_) => match serde_json::from_slice::<Request>(&buf) {
-            Ok(req) => handler.handle(&req),
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&buf) {
+            Ok(req) => {
+                drop(buf);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if jobs.send((req, tx)).is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(r) => r,
+                    Err(_) => error_response(ErrorCode::Io, "the request's worker died".into()),
+                }
+            }
             Err(e) => error_response(
                 ErrorCode::Decode,
                 format!("malformed request from shim: {e}"),
@@ -77,8 +151,10 @@ fn serve_one(mut stream: UnixStream, handler: &Handler) {
         },
     };
     let bytes = serde_json::to_vec(&resp).expect("response serialises");
-    if let Err(e) = stream.write_all(&bytes) {
-        tracing::warn!("cannot answer shim: {e}");
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot answer shim: {e}"),
+        Err(_) => tracing::warn!("cannot answer shim: it did not read the answer"),
     }
 }
 

@@ -172,7 +172,14 @@ impl Manager {
         let svc = dp::device_plugin_server::DevicePluginServer::new(PoolService::new(rx));
         let name = socket.display().to_string();
         Ok(tokio::spawn(async move {
+            // Connections are tasks, not threads; ListAndWatch streams for as long as
+            // kubelet lives, so no request deadline, but a dead peer is found by
+            // keepalive and one connection cannot open streams without end.
             if let Err(e) = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(Some(64))
+                .concurrency_limit_per_connection(64)
                 .add_service(svc)
                 .serve_with_incoming(incoming)
                 .await

@@ -137,7 +137,7 @@ fn scrape(host: &Netns) -> String {
             // A thread of its own, which ends here.
             host.enter_this_thread();
             let mut c = std::net::TcpStream::connect("127.0.0.1:9105").expect("metrics port");
-            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 .unwrap();
             let mut out = String::new();
             c.read_to_string(&mut out).unwrap();
