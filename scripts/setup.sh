@@ -102,6 +102,11 @@ if [ "$(bpf-linker --version 2>/dev/null | awk '{print $2}')" != "0.10.0" ]; the
   echo "setup: installing bpf-linker 0.10.0 (takes a couple of minutes)"
   cargo install bpf-linker@0.10.0 --locked --quiet
 fi
+# cargo-fuzz (libFuzzer) for the fuzz targets in fuzz/ (~40 s to build once).
+if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "0.13.2" ]; then
+  echo "setup: installing cargo-fuzz 0.13.2"
+  cargo install cargo-fuzz@0.13.2 --locked --quiet
+fi
 # bpffs, where the dataplane pins its maps and links.
 if [ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" != "bpf_fs" ]; then
   mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf

@@ -9,6 +9,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The rigs run the built binaries (agent and shim) as a runtime would.
 cargo build --workspace --bins --locked
@@ -19,3 +20,5 @@ target/debug/trellis-bench-devices --quick >/dev/null
 target/debug/trellis-bench-vf --rounds 3 >/dev/null
 target/debug/trellis-bench-dataplane --quick >/dev/null
 target/debug/trellis-demo >/dev/null
+# Every parser of untrusted input, fuzzed briefly (scripts/fuzz.sh SECONDS for longer).
+bash scripts/fuzz.sh 10

@@ -425,3 +425,134 @@ fn slots_no_record_owns_are_detached_at_start() {
         node.agent_log()
     );
 }
+
+/// A shim request for pod `pod` (container `c`) in netns `ns`, as the runtime sends it.
+fn request(cmd: &str, c: &str, ns: &str, pod: &str, node: &TestNode) -> trellis_cni::wire::Request {
+    let env = [
+        ("CNI_COMMAND", cmd.to_string()),
+        ("CNI_CONTAINERID", c.to_string()),
+        ("CNI_NETNS", ns.to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_PATH", "/usr/lib/cni".to_string()),
+        (
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=pods;K8S_POD_NAME={pod}"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    trellis_cni::wire::Request {
+        env,
+        stdin: node
+            .shim_conf(Some(&networks_annotation("slow-acl")))
+            .to_string(),
+    }
+}
+
+fn expect_ok(h: &trellis_agent::handler::Handler, r: &trellis_cni::wire::Request, what: &str) {
+    let resp = h.handle(r);
+    assert!(resp.ok, "{what}: {}", resp.stdout);
+}
+
+/// An ADD that read the NAD before an edit, and attaches after the sync applied that
+/// edit, must not put the old rules back: the NAD is the last writer.
+#[test]
+fn an_add_planned_before_a_nad_edit_does_not_undo_it() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    // A macvlan that takes a second before it starts: the edit lands mid-ADD.
+    node.add_plugin_script(
+        "slowmacvlan",
+        r#"[ "$CNI_COMMAND" = ADD ] && sleep 1; exec /usr/lib/cni/macvlan"#,
+    );
+    let mut conf = node.macvlan_conf("10.73.1.0/24");
+    conf["type"] = serde_json::json!("slowmacvlan");
+    let rules = |n: usize| {
+        let r: Vec<_> = (0..n)
+            .map(|i| serde_json::json!({"action":"deny","cidr": format!("10.9.{i}.0/24")}))
+            .collect();
+        [(
+            "trellis.dev/acl".to_string(),
+            serde_json::json!({"rules": r}).to_string(),
+        )]
+        .into()
+    };
+    node.add_nad_annotated("pods", "slow-acl", &conf, &rules(1));
+    std::fs::write(node.path("agent.toml"), node.config_toml()).unwrap();
+    let config =
+        trellis_agent::config::AgentConfig::load(&node.path("agent.toml")).expect("config");
+    // The agent's side, in-process, in the node's netns (no background ACL sync: the
+    // test runs the sync pass itself, at the moment the race needs it).
+    let host = node.host.path();
+    let h = {
+        let host = host.clone();
+        let config = config.clone();
+        std::thread::spawn(move || {
+            Netns::at(host).enter_this_thread();
+            let source =
+                std::sync::Arc::new(trellis_agent::source::files::FileSource::new(match &config
+                    .networks
+                {
+                    trellis_agent::config::NetworksConfig::Files { dir } => dir.clone(),
+                    _ => unreachable!(),
+                }));
+            let dp = Dataplane::open(&config.dataplane.bpffs_dir).expect("dataplane");
+            std::sync::Arc::new(
+                trellis_agent::handler::Handler::new(&config, source)
+                    .unwrap()
+                    .with_dataplane(dp),
+            )
+        })
+        .join()
+        .unwrap()
+    };
+    let in_host = |f: Box<dyn FnOnce() + Send>| {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            Netns::at(host).enter_this_thread();
+            f()
+        })
+    };
+    let (p1, p2) = (Netns::new("trp"), Netns::new("trp"));
+    let (n1, n2) = (
+        p1.path().to_string_lossy().into_owned(),
+        p2.path().to_string_lossy().into_owned(),
+    );
+    let r1 = request("ADD", "c1", &n1, "a", &node);
+    let hh = h.clone();
+    in_host(Box::new(move || expect_ok(&hh, &r1, "first pod")))
+        .join()
+        .unwrap();
+    let rules_now = || {
+        read_acl_hits(&config.dataplane.bpffs_dir).unwrap()[0]
+            .rules
+            .len()
+    };
+    assert_eq!(rules_now(), 1);
+    // The second pod's ADD reads the NAD (1 rule), then waits on its delegate...
+    let r2 = request("ADD", "c2", &n2, "b", &node);
+    let hh = h.clone();
+    let adding = in_host(Box::new(move || expect_ok(&hh, &r2, "second pod")));
+    std::thread::sleep(Duration::from_millis(300));
+    // ...while the NAD is edited (2 rules) and the sync applies the edit.
+    node.add_nad_annotated("pods", "slow-acl", &conf, &rules(2));
+    let hh = h.clone();
+    in_host(Box::new(move || hh.sync_acls(&mut Default::default())))
+        .join()
+        .unwrap();
+    assert_eq!(rules_now(), 2, "the sync did not apply the edit");
+    adding.join().unwrap();
+    assert_eq!(rules_now(), 2, "the ADD put the NAD's old rules back");
+    for (c, n, pod) in [("c1", &n1, "a"), ("c2", &n2, "b")] {
+        let r = request("DEL", c, n, pod, &node);
+        let hh = h.clone();
+        in_host(Box::new(move || expect_ok(&hh, &r, "DEL")))
+            .join()
+            .unwrap();
+    }
+    assert!(read_acl_hits(&config.dataplane.bpffs_dir)
+        .unwrap()
+        .is_empty());
+}
