@@ -36,6 +36,11 @@ pub struct AgentConfig {
     /// How long one delegate plugin call may take. Default 60.
     #[serde(default = "default_timeout")]
     pub delegate_timeout_secs: u64,
+    /// GC leaves alone pods whose ADD finished less than this many seconds before the
+    /// GC request arrived: the runtime's list of valid attachments may predate them.
+    /// Default 60.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace_secs: u64,
     /// Where NetworkAttachmentDefinitions and pod annotations come from.
     pub networks: NetworksConfig,
     /// Where sysfs is (devices and VFs are found there). Default `/sys`.
@@ -51,9 +56,142 @@ pub struct AgentConfig {
     /// The eBPF dataplane on every pod interface an attachment makes.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
+    /// What a NetworkAttachmentDefinition may ask of this node (NAD authors are not
+    /// trusted: see docs/security.md).
+    #[serde(default)]
+    pub nad_policy: NadPolicy,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
+}
+
+/// What a NAD's delegate config may use. The defaults keep a NAD author from naming
+/// host devices, host paths or host ports; the node's admin widens them knowingly.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NadPolicy {
+    /// Plugin types (every `type` and `ipam.type`) a NAD may use; `"*"` allows any
+    /// binary in the CNI bin dirs. Default: the reference and SR-IOV types that only
+    /// make pod interfaces (no `host-device`, which moves a host NIC into the pod,
+    /// and no `portmap`, which opens host ports past PodSecurity).
+    #[serde(default = "default_nad_plugins")]
+    pub plugins: Vec<String>,
+    /// Keys no NAD plugin conf (nor its `ipam`) may set, because they name host files,
+    /// sockets or devices. Default: `dataDir` (host-local writes its store there),
+    /// `daemonSocketPath` (dhcp), `device`, `pciBusID`, `kernelpath` (host-device),
+    /// `delegate`, `delegates` (configs for plugins this policy would not see).
+    #[serde(default = "default_denied_keys")]
+    pub denied_keys: Vec<String>,
+    /// Host interfaces a NAD may name as `master` (macvlan, ipvlan, vlan); empty:
+    /// any. Default empty.
+    #[serde(default)]
+    pub masters: Vec<String>,
+    /// Bridges a NAD may name as `bridge`; empty: any. Default empty.
+    #[serde(default)]
+    pub bridges: Vec<String>,
+}
+
+impl Default for NadPolicy {
+    fn default() -> Self {
+        NadPolicy {
+            plugins: default_nad_plugins(),
+            denied_keys: default_denied_keys(),
+            masters: Vec::new(),
+            bridges: Vec::new(),
+        }
+    }
+}
+
+fn default_nad_plugins() -> Vec<String> {
+    [
+        "bandwidth",
+        "bridge",
+        "dhcp",
+        "firewall",
+        "host-local",
+        "ipvlan",
+        "macvlan",
+        "ptp",
+        "sbr",
+        "sriov",
+        "static",
+        "tuning",
+        "vhostuser",
+        "vlan",
+        "whereabouts",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_denied_keys() -> Vec<String> {
+    [
+        "dataDir",
+        "daemonSocketPath",
+        "device",
+        "pciBusID",
+        "kernelpath",
+        "delegate",
+        "delegates",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl NadPolicy {
+    /// Checks a NAD's delegate config; the error names the field.
+    pub fn check(&self, conf: &trellis_cni::NetConfList) -> Result<(), String> {
+        let any = self.plugins.iter().any(|p| p == "*");
+        let allowed = |field: &str, ty: &str| -> Result<(), String> {
+            if any || self.plugins.iter().any(|p| p == ty) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{field} {ty:?} is not a plugin NADs may use on this node ([nad_policy] plugins: {})",
+                    self.plugins.join(", ")
+                ))
+            }
+        };
+        for (i, p) in conf.plugins.iter().enumerate() {
+            allowed(&format!("plugins[{i}].type"), conf.plugin_type(i))?;
+            let ipam = p.get("ipam").and_then(serde_json::Value::as_object);
+            if let Some(ty) = ipam.and_then(|m| m.get("type")).and_then(|t| t.as_str()) {
+                allowed(&format!("plugins[{i}].ipam.type"), ty)?;
+            }
+            let keys =
+                p.keys()
+                    .map(|k| (format!("plugins[{i}].{k}"), k))
+                    .chain(ipam.into_iter().flat_map(|m| {
+                        m.keys().map(move |k| (format!("plugins[{i}].ipam.{k}"), k))
+                    }));
+            for (field, k) in keys {
+                if self.denied_keys.iter().any(|d| d == k) {
+                    return Err(format!(
+                        "{field}: NADs may not set {k:?} on this node (it names a host file, socket or device; [nad_policy] denied_keys)"
+                    ));
+                }
+            }
+            for (key, list, table) in [
+                ("master", &self.masters, "masters"),
+                ("bridge", &self.bridges, "bridges"),
+            ] {
+                let Some(v) = p.get(key) else { continue };
+                if list.is_empty() {
+                    continue;
+                }
+                match v.as_str() {
+                    Some(name) if list.iter().any(|m| m == name) => {}
+                    _ => {
+                        return Err(format!(
+                            "plugins[{i}].{key}: {v} is not one NADs may use on this node ([nad_policy] {table}: {})",
+                            list.join(", ")
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -187,6 +325,9 @@ fn default_bin_dirs() -> Vec<PathBuf> {
     vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()]
 }
 fn default_timeout() -> u64 {
+    60
+}
+fn default_gc_grace() -> u64 {
     60
 }
 

@@ -383,6 +383,16 @@ const PINNED_MAPS: [&str; 10] = [
     "RULE_HITS",
 ];
 
+/// Whether the pinned owner map in `dir` is empty (or absent).
+fn no_owners(dir: &Path) -> bool {
+    let Ok(m) = MapData::from_pin(dir.join("META")) else {
+        return true;
+    };
+    BpfHashMap::<MapData, u32, SlotMeta>::try_from(aya::maps::Map::HashMap(m))
+        .map(|m| m.keys().next().is_none())
+        .unwrap_or(false)
+}
+
 /// Refuses pins of another layout in `dir` (their sizes and shapes differ from what
 /// the programs expect); a dir without pins is fine.
 fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
@@ -396,6 +406,9 @@ fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
                 .map_err(|e| op("LAYOUT map")(e.to_string()))?;
             match layout.get(&0, 0) {
                 Ok(v) if v == LAYOUT_VERSION => return Ok(()),
+                // Pinned by a start that died before writing its version (older
+                // agents wrote it last): ours if nothing was ever attached.
+                Ok(0) if no_owners(dir) => return Ok(()),
                 Ok(v) => v.to_string(),
                 Err(e) => format!("unreadable ({e})"),
             }
@@ -418,15 +431,16 @@ impl Dataplane {
             .default_map_pin_directory(dir)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        for (name, _, _) in PROGRAMS.iter().chain([&PEER_PROGRAM]) {
-            load_classifier(&mut bpf, name)?;
-        }
+        // The maps are pinned now: say which layout they are before anything can fail.
         let mut layout: Array<&mut MapData, u32> =
             Array::try_from(bpf.map_mut("LAYOUT").expect("LAYOUT in the object"))
                 .map_err(|e| op("LAYOUT map")(e.to_string()))?;
         layout
             .set(0, LAYOUT_VERSION, 0)
             .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        for (name, _, _) in PROGRAMS.iter().chain([&PEER_PROGRAM]) {
+            load_classifier(&mut bpf, name)?;
+        }
         // The programs use no CO-RE relocations, so the kernel's BTF (parsed by
         // `new`, ~20 MB in memory) is not needed for the per-attachment loads.
         let mut loader = EbpfLoader::new();
@@ -497,7 +511,7 @@ impl Dataplane {
                     .attach_with_options(
                         &ifname,
                         attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
                     )
                     .map_err(|e| e.to_string())?;
                 let link = p.take_link(id).map_err(|e| e.to_string())?;
@@ -582,7 +596,7 @@ impl Dataplane {
             .attach_with_options(
                 &host,
                 PEER_PROGRAM.1,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(|e| err(format!("{host}: {e}")))?;
         let link: FdLink = p

@@ -29,8 +29,13 @@ const POD_RESOURCES_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub struct Handler {
     pub metrics: Arc<crate::metrics::Metrics>,
     dataplane: Option<Mutex<crate::dataplane::Dataplane>>,
+    /// Why there is no dataplane: `[dataplane] enabled = false`, or what kept it from
+    /// starting (pins of another layout).
+    dataplane_off: String,
     /// Containers whose interfaces await the dataplane (done off the ADD's path).
-    attach_queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
+    /// (container, whether its ADD finished in an earlier agent: its networks' ACLs are
+    /// read from their NADs before it is attached, as the pins may have lost them).
+    attach_queue: Mutex<Option<std::sync::mpsc::Sender<(String, bool)>>>,
     default_network: std::path::PathBuf,
     pod_resources: std::path::PathBuf,
     invoker: Invoker,
@@ -39,10 +44,16 @@ pub struct Handler {
     /// The device plugin's pools: a device reaches an attachment only if a pool
     /// serves it. None: no pools on this node, so no device is handed out.
     device_pools: Option<Arc<Mutex<trellis_device_plugin::manager::Status>>>,
+    /// With the Kubernetes source, kubelet's PodResources must answer for devices.
+    kubelet_required: bool,
+    /// What a NAD's delegate config may use.
+    nad_policy: crate::config::NadPolicy,
     locks: ContainerLocks,
     /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
     /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
     gc_gate: std::sync::RwLock<()>,
+    /// GC leaves pods added this long before its request (`gc_grace_secs`).
+    gc_grace: std::time::Duration,
     /// Per network, when the NAD read whose ACL is in the maps began: an ACL read
     /// earlier (an ADD planned before a NAD edit the sync applied) is not written over
     /// it. The NAD is the last writer.
@@ -124,6 +135,7 @@ impl Handler {
         Ok(Handler {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             dataplane: None,
+            dataplane_off: "[dataplane] enabled = false".into(),
             attach_queue: Mutex::new(None),
             default_network: config.default_network.clone(),
             pod_resources: config.pod_resources_socket.clone(),
@@ -131,8 +143,14 @@ impl Handler {
             source,
             records,
             device_pools: None,
+            nad_policy: config.nad_policy.clone(),
+            kubelet_required: matches!(
+                config.networks,
+                crate::config::NetworksConfig::Kubernetes { .. }
+            ),
             locks: ContainerLocks::default(),
             gc_gate: std::sync::RwLock::new(()),
+            gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             acl_read_at: Mutex::new(BTreeMap::new()),
         })
     }
@@ -143,6 +161,14 @@ impl Handler {
         pools: Arc<Mutex<trellis_device_plugin::manager::Status>>,
     ) -> Handler {
         self.device_pools = Some(pools);
+        self
+    }
+
+    /// Runs without the dataplane it was configured with, saying why in every ADD it
+    /// must refuse (networks with an ACL are not attached unfiltered).
+    pub fn without_dataplane(mut self, why: String) -> Handler {
+        self.dataplane = None;
+        self.dataplane_off = why;
         self
     }
 
@@ -159,11 +185,11 @@ impl Handler {
         if self.dataplane.is_none() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
         if let Ok((records, _)) = self.records.list() {
             for r in records {
                 if r.attachments.iter().any(|a| a.slot.is_none()) {
-                    let _ = tx.send(r.container_id);
+                    let _ = tx.send((r.container_id, true));
                 }
             }
         }
@@ -174,33 +200,30 @@ impl Handler {
             .spawn(move || {
                 // Containers whose lock was busy (a DEL or a hung delegate holding it)
                 // wait here without stalling the others.
-                let mut waiting: std::collections::VecDeque<String> = Default::default();
+                let mut waiting: std::collections::VecDeque<(String, bool)> = Default::default();
                 loop {
                     let next = if waiting.is_empty() {
-                        rx.recv().map_err(|_| ())
+                        rx.recv().map(Some).map_err(|_| ())
                     } else {
                         match rx.recv_timeout(std::time::Duration::from_millis(50)) {
                             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
                             r => Ok(r.ok()),
                         }
-                        .map(|id| id.unwrap_or_default())
                     };
-                    let Ok(id) = next else { return };
-                    if !id.is_empty() {
-                        waiting.push_back(id);
-                    }
+                    let Ok(next) = next else { return };
+                    waiting.extend(next);
                     waiting.extend(rx.try_iter());
                     for _ in 0..waiting.len() {
-                        let id = waiting.pop_front().expect("counted");
+                        let (id, earlier) = waiting.pop_front().expect("counted");
                         let Some(_lock) = h.locks.try_lock(&id) else {
-                            waiting.push_back(id);
+                            waiting.push_back((id, earlier));
                             continue;
                         };
                         // Gone already (DEL came first): nothing to attach.
                         let Ok(Some(mut record)) = h.records.load(&id) else {
                             continue;
                         };
-                        if let Err(e) = h.attach_dataplane(&mut record) {
+                        if let Err(e) = h.attach_dataplane(&mut record, earlier) {
                             tracing::warn!(container = %id, "{}", e.msg);
                         }
                     }
@@ -216,13 +239,16 @@ impl Handler {
     pub fn reconcile_dataplane(&self) {
         let Some(dp) = &self.dataplane else { return };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut records, _) = match self.records.list() {
+        let (mut records, corrupt) = match self.records.list() {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("dataplane reconcile: {e}");
                 return;
             }
         };
+        // A record that cannot be read may still own its slots: they are left alone.
+        let unreadable: HashSet<String> =
+            corrupt.iter().filter_map(RecordError::container).collect();
         let slots = match dp.slots() {
             Ok(s) => s,
             Err(e) => {
@@ -237,7 +263,7 @@ impl Handler {
                     .any(|a| a.slot == Some(slot) && a.ifname == o.ifname)
         };
         for (slot, o) in &slots {
-            if !records.iter().any(|r| owns(r, *slot, o)) {
+            if !unreadable.contains(&o.container) && !records.iter().any(|r| owns(r, *slot, o)) {
                 match dp.detach(*slot) {
                     Ok(()) => {
                         tracing::warn!(slot, container = %o.container, pod = %format!("{}/{}", o.namespace, o.pod), ifname = %o.ifname,
@@ -287,10 +313,10 @@ impl Handler {
     fn dataplane_after_add(&self, record: &mut Record) -> Result<(), CniError> {
         let queue = self.attach_queue.lock().unwrap_or_else(|p| p.into_inner());
         match queue.as_ref() {
-            Some(tx) if tx.send(record.container_id.clone()).is_ok() => Ok(()),
+            Some(tx) if tx.send((record.container_id.clone(), false)).is_ok() => Ok(()),
             _ => {
                 drop(queue);
-                self.attach_dataplane(record)
+                self.attach_dataplane(record, false)
             }
         }
     }
@@ -329,6 +355,29 @@ impl Handler {
             attached?;
         }
         Ok(())
+    }
+
+    /// Puts `network`'s ACL from its NAD into the maps if they have none for it; whether
+    /// it did.
+    fn acl_from_nad(&self, dp: &mut crate::dataplane::Dataplane, network: &str) -> bool {
+        let Some((ns, name)) = network.split_once('/') else {
+            return false;
+        };
+        if !dp.acl_of(network).is_ok_and(|a| a.is_none()) {
+            return false;
+        }
+        let read_at = std::time::Instant::now();
+        let acl = match self.source.get_nad(ns, name).map(|n| n.acl()) {
+            Ok(Ok(Some(acl))) => acl,
+            _ => return false,
+        };
+        match self.set_acl_read_at(dp, network, Some(&acl), read_at) {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(%network, "ACL from its NAD: {e}");
+                false
+            }
+        }
     }
 
     /// Writes `acl` as `network`'s rules, unless rules from a NAD read that began
@@ -396,15 +445,35 @@ impl Handler {
 
     /// Attaches the programs to every kernel interface the attachments made in the pod
     /// (sockets and vfio devices have none) that has none yet, recording each slot.
-    fn attach_dataplane(&self, record: &mut Record) -> Result<(), CniError> {
+    /// With `acls_from_nads` (a record from an earlier agent, whose pins may be gone),
+    /// a network's ACL missing from the maps is read from its NAD first, so the
+    /// interface is filtered from its first packet again.
+    fn attach_dataplane(&self, record: &mut Record, acls_from_nads: bool) -> Result<(), CniError> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        // One interface that cannot be attached does not keep the others unaccounted.
+        let mut failed = Vec::new();
         for i in 0..record.attachments.len() {
-            self.attach_one(&mut dp, record, i, false)?;
+            let a = &record.attachments[i];
+            let restored = acls_from_nads
+                && a.slot.is_none()
+                && a.result.is_some()
+                && self.acl_from_nad(&mut dp, &a.network.clone());
+            if let Err(e) = self.attach_one(&mut dp, record, i, false) {
+                failed.push(e.msg);
+            }
+            if restored {
+                // Kept only if an interface took it.
+                let _ = dp.forget_unused_acl(&record.attachments[i].network);
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(ErrorCode::Io, failed.join("; ")))
+        }
     }
 
     /// Keeps the ACLs of live attachments equal to their NADs: every `period`, the
@@ -432,17 +501,23 @@ impl Handler {
     /// One pass of the ACL sync (see `start_acl_sync`).
     pub fn sync_acls(&self, reported: &mut BTreeMap<String, String>) {
         let Some(dp) = &self.dataplane else { return };
-        let networks = match dp.lock().unwrap_or_else(|p| p.into_inner()).networks() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("ACL sync: {e}");
-                return;
-            }
+        let networks = {
+            // Under the dataplane lock: an ADD records its read of a new network under
+            // it too, so it is never dropped here before its network is listed.
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            let networks = match dp.networks() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("ACL sync: {e}");
+                    return;
+                }
+            };
+            self.acl_read_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|n, _| networks.contains(n));
+            networks
         };
-        self.acl_read_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|n, _| networks.contains(n));
         for network in networks {
             // The cluster default network (from a conf file) has no NAD.
             let Some((ns, name)) = network.split_once('/') else {
@@ -497,6 +572,12 @@ impl Handler {
     /// Answers one shim request. A panic anywhere in it is answered as an error, and
     /// an ADD that panicked is undone.
     pub fn handle(&self, req: &Request) -> Response {
+        self.handle_received(req, crate::records::now_ms())
+    }
+
+    /// As `handle`, for a request that arrived at `received_ms` (ms since the Unix
+    /// epoch; it may have waited for a worker since).
+    pub fn handle_received(&self, req: &Request, received_ms: u64) -> Response {
         let requested = serde_json::from_str::<Value>(&req.stdin)
             .ok()
             .and_then(|v| {
@@ -505,9 +586,10 @@ impl Handler {
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        let answered =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dispatch(req)))
-                .unwrap_or_else(|panic| Err(self.after_panic(req, panic)));
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.dispatch(req, received_ms)
+        }))
+        .unwrap_or_else(|panic| Err(self.after_panic(req, panic)));
         match answered {
             Ok(v) => Response {
                 ok: true,
@@ -559,7 +641,7 @@ impl Handler {
         }
     }
 
-    fn dispatch(&self, req: &Request) -> Result<Option<Value>, CniError> {
+    fn dispatch(&self, req: &Request, received_ms: u64) -> Result<Option<Value>, CniError> {
         if req.stdin.len() > MAX_STDIN {
             return Err(CniError::new(
                 ErrorCode::Decode,
@@ -576,7 +658,7 @@ impl Handler {
             Command::Add => self.shared(|| self.add(&env, &conf)).map(Some),
             Command::Del => self.shared(|| self.del(&env)).map(|_| None),
             Command::Check => self.shared(|| self.check(&env, &conf)).map(|_| None),
-            Command::Gc => self.gc(&conf).map(|_| None),
+            Command::Gc => self.gc(&conf, received_ms).map(|_| None),
             Command::Status => self.status().map(|_| None),
             Command::Version => unreachable!("answered above"),
         };
@@ -640,7 +722,9 @@ impl Handler {
                 let acl = self
                     .nad_acl(&nad, &network, &env.ifname)?
                     .map(|acl| PlannedAcl { acl, read_at });
-                (network, nad.conf_list().map_err(from_nad_err)?, acl)
+                let conf = nad.conf_list().map_err(from_nad_err)?;
+                self.check_policy(&conf, &network, &env.ifname, &nad)?;
+                (network, conf, acl)
             }
             None => {
                 let conf = self.load_default_network()?;
@@ -707,6 +791,17 @@ impl Handler {
         // PodResources answers per resource; asked once each.
         let mut allocations: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let kubelet = self.pod_resources.exists();
+        // With Kubernetes, kubelet is always there to vouch for a device: a socket that
+        // is missing (not mounted, kubelet restarting) is not a reason to skip the check.
+        if !kubelet && self.kubelet_required {
+            return Err(CniError::new(
+                ErrorCode::TryAgainLater,
+                format!(
+                    "networks with devices need kubelet's PodResources API, and {} is not there (kubelet restarting, or not mounted into the agent)",
+                    self.pod_resources.display()
+                ),
+            ));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -722,25 +817,46 @@ impl Handler {
             allocations.insert(resource.to_string(), ids.clone());
             Ok(ids)
         };
+        let mut taken: HashSet<String> = HashSet::new();
         for (i, field, id) in given {
             let p = &plan[i];
             let ctx = format!("network {} ({}): {field} {id:?}", p.network, p.ifname);
-            let pool = self
-                .pool_of(&id)
-                .map_err(|why| invalid(format!("{ctx}: {why}")))?;
-            if let Some(r) = p.resource.as_deref().filter(|r| *r != pool) {
+            let resource = match (self.pools_configured(), p.resource.as_deref()) {
+                // The node's pools say which resource it is.
+                (true, named) => {
+                    let pool = self
+                        .pool_of(&id)
+                        .map_err(|why| invalid(format!("{ctx}: {why}")))?;
+                    if let Some(r) = named.filter(|r| *r != pool) {
+                        return Err(invalid(format!(
+                            "{ctx}: is a device of pool {pool}, not of the NAD's resourceName {r}"
+                        )));
+                    }
+                    pool
+                }
+                // No pools here (another device plugin serves them): only kubelet can
+                // vouch for it, as a device of the NAD's resource given to this pod.
+                (false, Some(r)) if kubelet => r.to_string(),
+                (false, _) => {
+                    return Err(invalid(format!(
+                        "{ctx}: this node has no device pools ([devices] is not configured){}, so a device named in a NAD is never given to pods",
+                        if kubelet { " and the NAD names no resourceName kubelet could vouch for" } else { " and no kubelet to vouch for it" }
+                    )))
+                }
+            };
+            if kubelet && !allocated(&resource)?.contains(&id) {
                 return Err(invalid(format!(
-                    "{ctx}: is a device of pool {pool}, not of the NAD's resourceName {r}"
+                    "{ctx}: kubelet did not allocate this device of {resource} to the pod (it must be requested as a resource)"
                 )));
             }
-            if kubelet && !allocated(&pool)?.contains(&id) {
-                return Err(invalid(format!(
-                    "{ctx}: kubelet did not allocate this device of {pool} to the pod (it must be requested as a resource)"
-                )));
-            }
+            taken.insert(id);
         }
         for (resource, idxs) in by_resource {
-            let ids = allocated(&resource)?;
+            // Devices the pod's NADs named are not handed out a second time.
+            let ids: Vec<String> = allocated(&resource)?
+                .into_iter()
+                .filter(|id| !taken.contains(id))
+                .collect();
             if ids.len() < idxs.len() {
                 let p = &plan[idxs[ids.len()]];
                 return Err(invalid(format!(
@@ -755,8 +871,10 @@ impl Handler {
             for (i, id) in idxs.into_iter().zip(ids) {
                 let p = &mut plan[i];
                 // Kubelet hands out what the pools offered; a device no pool serves now
-                // (the pool config changed since) is not used.
+                // (the pool config changed since) is not used. Without pools here,
+                // another device plugin serves the resource and kubelet vouches for it.
                 match self.pool_of(&id) {
+                    _ if !self.pools_configured() => {}
                     Ok(pool) if pool == resource => {}
                     Ok(pool) => {
                         return Err(invalid(format!(
@@ -785,6 +903,11 @@ impl Handler {
             }
         }
         Ok(())
+    }
+
+    /// Whether this agent serves device pools (`[devices]`).
+    fn pools_configured(&self) -> bool {
+        self.device_pools.is_some()
     }
 
     /// The pool that serves device `id`, or why there is none.
@@ -831,6 +954,22 @@ impl Handler {
         .map_err(|e| CniError::new(ErrorCode::TryAgainLater, e.to_string()))
     }
 
+    /// A NAD's delegate config against the node's `[nad_policy]`.
+    fn check_policy(
+        &self,
+        conf: &NetConfList,
+        network: &str,
+        ifname: &str,
+        nad: &crate::nad::NetworkAttachmentDefinition,
+    ) -> Result<(), CniError> {
+        self.nad_policy.check(conf).map_err(|e| {
+            invalid(format!(
+                "network {network} ({ifname}): NetworkAttachmentDefinition {}: spec.config {e}",
+                nad.qualified_name()
+            ))
+        })
+    }
+
     /// The NAD's ACL, checked; refused where the dataplane that would enforce it is off.
     fn nad_acl(
         &self,
@@ -846,8 +985,9 @@ impl Handler {
         })?;
         if acl.is_some() && self.dataplane.is_none() {
             return Err(invalid(format!(
-                "network {network} ({ifname}) has an ACL ({}) but the agent's eBPF dataplane is off ([dataplane] enabled = false): refusing to attach it unfiltered",
-                crate::acl::ACL_ANNOTATION
+                "network {network} ({ifname}) has an ACL ({}) but the agent's eBPF dataplane is off ({}): refusing to attach it unfiltered",
+                crate::acl::ACL_ANNOTATION,
+                self.dataplane_off
             )));
         }
         Ok(acl)
@@ -860,6 +1000,7 @@ impl Handler {
             .get_nad(&sel.namespace, &sel.name)
             .map_err(from_source_err)?;
         let mut conf = nad.conf_list().map_err(from_nad_err)?;
+        self.check_policy(&conf, &sel.qualified_name(), &sel.interface, &nad)?;
         let runtime_config = sel.runtime_config();
         for cap in runtime_config.keys() {
             if !conf.has_capability(cap) {
@@ -1057,10 +1198,11 @@ impl Handler {
             let conf = match NetConfList::from_value(a.conf.clone(), None) {
                 Ok(c) => c,
                 Err(e) => {
-                    failures.push(format!(
-                        "network {} ({}): recorded config unreadable: {e}",
-                        a.network, a.ifname
-                    ));
+                    // Nothing of it can be run (an older agent recorded a config this
+                    // one refuses, such as a plugin named by a path): a DEL that kept
+                    // it would fail for ever and hold the sandbox.
+                    tracing::warn!(container = %record.container_id, network = %a.network, ifname = %a.ifname,
+                        conf = %a.conf, "recorded config cannot be run ({e}); its attachment is dropped without a delegate DEL");
                     continue;
                 }
             };
@@ -1162,9 +1304,11 @@ impl Handler {
         Ok(())
     }
 
-    fn gc(&self, shim: &ShimConf) -> Result<(), CniError> {
+    fn gc(&self, shim: &ShimConf, received_ms: u64) -> Result<(), CniError> {
         let valid = valid_attachments(&shim.raw)?;
-        let requested_ms = crate::records::now_ms();
+        // The runtime made its list before it sent it: a pod added within the grace
+        // before the request arrived may be missing from it, and is kept.
+        let requested_ms = received_ms.saturating_sub(self.gc_grace.as_millis() as u64);
         // No ADD, DEL or CHECK runs while GC does: what it reads stays true. An ADD
         // under way when the request came finishes first, and is newer than the list.
         let _gate = self.gc_gate.write().unwrap_or_else(|p| p.into_inner());

@@ -109,6 +109,11 @@ impl VfSettings {
         out
     }
 
+    /// Whether no setting is set.
+    pub fn is_empty(&self) -> bool {
+        self.parts().is_empty()
+    }
+
     /// `other`'s settings laid over these.
     pub fn merge(&mut self, other: &VfSettings) {
         self.mac = other.mac.or(self.mac);

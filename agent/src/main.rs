@@ -287,6 +287,10 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
             Arc::new(KubeSource::start(kubeconfig.as_deref(), &node)?)
         }
     };
+    // The socket first: a second agent on the node stops here, before it sweeps VF
+    // state or reconciles pins the running one is using. (Calls wait in the backlog
+    // until the agent serves them.)
+    let listener = trellis_agent::server::bind(&config.socket)?;
     // Device pools first: a bad pool config stops the agent before it takes CNI calls.
     let _devices = config
         .devices
@@ -303,10 +307,20 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         handler = handler.with_device_pools(d.status.clone());
     }
     if config.dataplane.enabled {
-        let dp = trellis_agent::dataplane::Dataplane::open(&config.dataplane.bpffs_dir).context(
-            "starting the eBPF dataplane (set [dataplane] enabled = false to run without it)",
-        )?;
-        handler = handler.with_dataplane(dp);
+        use trellis_agent::dataplane::{Dataplane, DataplaneError};
+        match Dataplane::open(&config.dataplane.bpffs_dir) {
+            Ok(dp) => handler = handler.with_dataplane(dp),
+            // Pins of another version (an upgrade): the pods keep the programs they
+            // have; the agent serves CNI without a dataplane (ACL networks are refused)
+            // rather than take the node's CNI down.
+            Err(e @ DataplaneError::Layout { .. }) => {
+                tracing::error!("eBPF dataplane not started: {e}");
+                handler = handler.without_dataplane(format!("not started: {e}"));
+            }
+            Err(e) => return Err(e).context(
+                "starting the eBPF dataplane (set [dataplane] enabled = false to run without it)",
+            ),
+        }
     }
     let handler = Arc::new(handler);
     handler.reconcile_dataplane();
@@ -347,7 +361,6 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
         rt.spawn(trellis_agent::metrics::serve(l, exposition));
     }
-    let listener = trellis_agent::server::bind(&config.socket)?;
     tracing::info!(socket = %config.socket.display(), "trellis agent ready");
     rt.block_on(trellis_agent::server::serve(listener, handler));
     Ok(())

@@ -17,6 +17,19 @@ pub enum RecordError {
     Corrupt { path: PathBuf, message: String },
 }
 
+impl RecordError {
+    /// The container whose record this is about.
+    pub fn container(&self) -> Option<String> {
+        let path = match self {
+            RecordError::Io { path, .. } | RecordError::Corrupt { path, .. } => path,
+        };
+        path.file_name()?
+            .to_str()?
+            .strip_suffix(".json")
+            .map(str::to_string)
+    }
+}
+
 /// One network attached to a container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attachment {
@@ -102,11 +115,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
+    // `.<stem>.tmp`: as long as the longest name (a 250-byte container ID + ".json").
+    let stem = path
+        .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{stem}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -148,12 +162,16 @@ fn newest<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, Str
 impl RecordStore {
     pub fn open(state_dir: &Path) -> Result<RecordStore, RecordError> {
         let dir = state_dir.join("containers");
-        for d in [state_dir, dir.as_path()] {
-            private_dir(d).map_err(|source| RecordError::Io {
-                path: d.to_path_buf(),
-                source,
-            })?;
+        let io = |d: &Path| {
+            let d = d.to_path_buf();
+            move |source| RecordError::Io { path: d, source }
+        };
+        // The state dir is the admin's choice (it may be shared): made 0700 only if
+        // trellis creates it. Its own subdirs are always 0700.
+        if !state_dir.exists() {
+            private_dir(state_dir).map_err(io(state_dir))?;
         }
+        private_dir(&dir).map_err(io(&dir))?;
         Ok(RecordStore { dir })
     }
 

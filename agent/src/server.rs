@@ -59,7 +59,8 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ServerError
     Ok(l)
 }
 
-type Job = (Request, tokio::sync::oneshot::Sender<Response>);
+/// A request, when it arrived, and where its answer goes.
+type Job = (Request, u64, tokio::sync::oneshot::Sender<Response>);
 
 /// The worker threads; a request waits in the queue for one.
 fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
@@ -71,8 +72,10 @@ fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
             .name(format!("trellis-cni-{i}"))
             .spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let Ok((req, answer)) = job else { return };
-                let _ = answer.send(h.handle(&req));
+                let Ok((req, received, answer)) = job else {
+                    return;
+                };
+                let _ = answer.send(h.handle_received(&req, received));
             })
             .expect("worker thread");
     }
@@ -136,7 +139,7 @@ async fn serve_one(mut stream: tokio::net::UnixStream, jobs: std::sync::mpsc::Se
             Ok(req) => {
                 drop(buf);
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                if jobs.send((req, tx)).is_err() {
+                if jobs.send((req, crate::records::now_ms(), tx)).is_err() {
                     return;
                 }
                 match rx.await {

@@ -21,6 +21,12 @@ pub struct VhostUserPlugin {
     ipam: Invoker,
 }
 
+/// How an ADD failed: cleanly, or leaving an IPAM address a DEL must release.
+enum Failed {
+    Clean(CniError),
+    Unfinished(CniError),
+}
+
 fn conf_err(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::InvalidNetworkConfig, msg)
 }
@@ -44,20 +50,27 @@ impl VhostUserPlugin {
         crate::builtins::ipam(&self.ipam, raw, cmd, target)
     }
 
-    fn add(&self, target: &Target, raw: &Map<String, Value>) -> Result<Value, CniError> {
+    fn add(&self, target: &Target, raw: &Map<String, Value>) -> Result<Value, Failed> {
         let known =
             |k: &str| crate::builtins::CNI_CONF_KEYS.contains(&k) || VHOST_KEYS.contains(&k);
         if let Some(k) = raw.keys().find(|k| !known(k)) {
-            return Err(conf_err(format!("{k}: unknown field for type vhostuser")));
+            return Err(Failed::Clean(conf_err(format!(
+                "{k}: unknown field for type vhostuser"
+            ))));
         }
         let socket = raw
             .get("deviceID")
             .and_then(Value::as_str)
-            .ok_or_else(|| conf_err("deviceID: missing (give the NAD a k8s.v1.cni.cncf.io/resourceName of a vhostUser pool)"))?;
-        let meta = std::fs::symlink_metadata(socket)
-            .map_err(|e| conf_err(format!("deviceID: vhost-user socket {socket}: {e}")))?;
+            .ok_or_else(|| Failed::Clean(conf_err("deviceID: missing (give the NAD a k8s.v1.cni.cncf.io/resourceName of a vhostUser pool)")))?;
+        let meta = std::fs::symlink_metadata(socket).map_err(|e| {
+            Failed::Clean(conf_err(format!(
+                "deviceID: vhost-user socket {socket}: {e}"
+            )))
+        })?;
         if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            return Err(conf_err(format!("deviceID: {socket} is not a socket")));
+            return Err(Failed::Clean(conf_err(format!(
+                "deviceID: {socket} is not a socket"
+            ))));
         }
         let version = raw
             .get("cniVersion")
@@ -74,21 +87,33 @@ impl VhostUserPlugin {
             }],
             ..Default::default()
         };
-        if let Some(ipam) = self.ipam(raw, Command::Add, target)? {
-            result.ips = ipam
-                .ips
-                .into_iter()
-                .map(|ip| IpConfig {
-                    interface: Some(0),
-                    ..ip
-                })
-                .collect();
-            result.routes = ipam.routes;
-            result.dns = ipam.dns;
-        }
-        result
-            .to_value(&version)
-            .map_err(|e| CniError::new(ErrorCode::Io, format!("result: {e}")))
+        let added = self.ipam(raw, Command::Add, target).and_then(|ipam| {
+            if let Some(ipam) = ipam {
+                result.ips = ipam
+                    .ips
+                    .into_iter()
+                    .map(|ip| IpConfig {
+                        interface: Some(0),
+                        ..ip
+                    })
+                    .collect();
+                result.routes = ipam.routes;
+                result.dns = ipam.dns;
+            }
+            result
+                .to_value(&version)
+                .map_err(|e| CniError::new(ErrorCode::Io, format!("result: {e}")))
+        });
+        added.map_err(|e| {
+            // IPAM may have taken an address before it failed (or was killed): its
+            // DEL now, or owed by the caller.
+            match self.ipam(raw, Command::Del, target) {
+                Ok(_) => Failed::Clean(e),
+                Err(d) => Failed::Unfinished(
+                    e.with_details(format!("releasing the IPAM address also failed: {}", d.msg)),
+                ),
+            }
+        })
     }
 }
 
@@ -122,11 +147,15 @@ impl InProcessPlugins for VhostUserPlugin {
         let raw: Map<String, Value> = serde_json::from_slice(stdin)
             .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
         match command {
-            Command::Add => Ok(self
-                .add(target, &raw)
-                .map_err(fail)?
-                .to_string()
-                .into_bytes()),
+            Command::Add => match self.add(target, &raw) {
+                Ok(v) => Ok(v.to_string().into_bytes()),
+                Err(Failed::Clean(e)) => Err(fail(e)),
+                Err(Failed::Unfinished(error)) => Err(InvokeError::Unfinished {
+                    plugin: plugin.to_string(),
+                    command: command.as_str(),
+                    error: Box::new(error),
+                }),
+            },
             Command::Del => {
                 self.ipam(&raw, Command::Del, target).map_err(fail)?;
                 Ok(Vec::new())

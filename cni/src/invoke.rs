@@ -230,17 +230,20 @@ impl Invoker {
             let _ = err_tx.send(buf);
         });
         let mut child_stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
+        let (out_tx, out_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut out = Vec::new();
             let _ = (&mut child_stdout)
                 .take(MAX_PLUGIN_OUTPUT)
                 .read_to_end(&mut out);
-            drop(child_stdout);
-            let status = child.wait();
-            let _ = tx.send((out, status));
+            let _ = out_tx.send(out);
         });
-        let (out, status) = match rx.recv_timeout(self.timeout) {
+        // Reaped as soon as it exits, whoever holds its pipes.
+        let (st_tx, st_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = st_tx.send(child.wait());
+        });
+        let status = match st_rx.recv_timeout(self.timeout) {
             Ok(v) => v,
             Err(_) => {
                 // The plugin's own process group: whatever it started goes too.
@@ -248,14 +251,29 @@ impl Invoker {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                // Reaped once its stdout closes; a process that escaped the group and
-                // holds the pipe is not waited for (its reader thread ends with it).
-                let _ = rx.recv_timeout(AFTER_KILL);
+                let _ = st_rx.recv_timeout(AFTER_KILL);
                 return Err(InvokeError::Timeout {
                     plugin: plugin.to_string(),
                     command: command.as_str(),
                     secs: self.timeout.as_secs(),
                 });
+            }
+        };
+        // Its stdout closes when it exits, unless a process it started (and that left
+        // its group) holds it: then what it printed is not waited for.
+        let out = match out_rx.recv_timeout(AFTER_KILL) {
+            Ok(out) => out,
+            Err(_) => {
+                return Err(InvokeError::Crashed {
+                    plugin: plugin.to_string(),
+                    command: command.as_str(),
+                    status: status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string()),
+                    output:
+                        "its stdout stayed open after it exited (a process it started holds it)"
+                            .into(),
+                })
             }
         };
         let status = status.map_err(|source| InvokeError::Spawn {

@@ -32,7 +32,14 @@ pub struct TestNode {
     pub bpf_dir: PathBuf,
     /// Whether the agent attaches the eBPF dataplane (off by default, as in the agent).
     pub dataplane: bool,
+    /// The agent's `[nad_policy]` table. The rig's NADs use plugin scripts and keep
+    /// host-local's store in the node's temp dir (`dataDir`): both allowed here; empty
+    /// gives the agent's default policy.
+    pub nad_policy_toml: String,
 }
+
+/// The rig's NAD policy: any plugin, and `dataDir` allowed.
+pub const RIG_NAD_POLICY: &str = "[nad_policy]\nplugins = [\"*\"]\ndenied_keys = [\"daemonSocketPath\", \"device\", \"pciBusID\", \"kernelpath\", \"delegate\", \"delegates\"]\n";
 
 impl Drop for TestNode {
     fn drop(&mut self) {
@@ -98,6 +105,7 @@ impl TestNode {
             top_toml: String::new(),
             bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{}", crate::unique("trellis-node"))),
             dataplane: false,
+            nad_policy_toml: RIG_NAD_POLICY.into(),
         };
         node.write_default_network(&node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24"));
         node
@@ -146,7 +154,7 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nenabled = {}\nbpffs_dir = {:?}\n\n[networks]\n{}\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nenabled = {}\nbpffs_dir = {:?}\n\n{}\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
@@ -156,6 +164,7 @@ impl TestNode {
             self.top_toml,
             self.dataplane,
             self.bpf_dir,
+            self.nad_policy_toml,
             self.networks_toml.clone().unwrap_or_else(|| format!(
                 "source = \"files\"\ndir = {:?}\n",
                 self.path("nads")

@@ -169,6 +169,12 @@ fn ipv6_extension_headers_and_fragments_do_not_hide_the_port() {
     let later = with_ipv6_ext(&to(53), &[frag(185, false)]);
     assert_eq!(run(&port, &later), TCX_NEXT);
     assert_eq!(run(&any_udp, &later), TCX_DROP);
+    // What follows a later fragment's header is the datagram's middle, whatever its
+    // bytes say: not walked as headers (here they would claim 2 KiB of options).
+    let mut junk = opts(0);
+    junk[0] = 255;
+    let later_junk = with_ipv6_ext(&to(53), &[frag(185, false), (60u8, junk)]);
+    assert_eq!(run(&port, &later_junk), TCX_NEXT);
     // More headers than the walk goes, or one cut short: dropped where there is an ACL.
     let eight: Vec<_> = (0..8).map(|_| dst.clone()).collect();
     let nine: Vec<_> = (0..9).map(|_| dst.clone()).collect();
@@ -555,4 +561,53 @@ fn an_add_planned_before_a_nad_edit_does_not_undo_it() {
     assert!(read_acl_hits(&config.dataplane.bpffs_dir)
         .unwrap()
         .is_empty());
+}
+
+/// Pins of another layout (an upgrade): the agent still serves CNI, without its
+/// dataplane, and refuses ACL networks naming why.
+#[test]
+fn pins_of_another_layout_keep_the_agent_up_without_its_dataplane() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    {
+        // Pins as an agent of layout 1 would have left them.
+        drop(Dataplane::open(&node.bpf_dir).expect("load"));
+        let m = aya::maps::MapData::from_pin(node.bpf_dir.join("LAYOUT")).unwrap();
+        let mut layout: aya::maps::Array<aya::maps::MapData, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(m)).unwrap();
+        layout.set(0, 1, 0).unwrap();
+    }
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.73.2.0/24"));
+    let acl: std::collections::BTreeMap<String, String> = [(
+        "trellis.dev/acl".to_string(),
+        r#"{"rules":[{"action":"deny","cidr":"10.0.0.0/8"}]}"#.to_string(),
+    )]
+    .into();
+    node.add_nad_annotated("pods", "acl-net", &node.macvlan_conf("10.73.3.0/24"), &acl);
+    node.start_agent();
+    assert!(
+        node.agent_log().contains("are layout 1"),
+        "{}",
+        node.agent_log()
+    );
+    let pod = Netns::new("trp");
+    let p = pod.path().to_string_lossy().into_owned();
+    add(&node, "c1", &p, "a");
+    node.shim("DEL", "c1", &p, ("pods", "a"), &node.shim_conf(None))
+        .expect_ok("DEL");
+    let (code, msg) = node
+        .shim(
+            "ADD",
+            "c2",
+            &p,
+            ("pods", "a"),
+            &node.shim_conf(Some(&networks_annotation("acl-net"))),
+        )
+        .expect_err("ACL network without a dataplane");
+    assert_eq!(code, 7, "{msg}");
+    assert!(
+        msg.contains("not started") && msg.contains("layout 1"),
+        "{msg}"
+    );
 }

@@ -9,6 +9,8 @@ use trellis_rig::require_root;
 
 fn node_with_networks() -> TestNode {
     let mut node = TestNode::new();
+    // GC here judges pods added a moment ago (no grace).
+    node.top_toml = "gc_grace_secs = 0\n".into();
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
     let br = trellis_rig::unique("trx");
     node.add_nad(

@@ -127,6 +127,8 @@ fn no_nad_can_make_the_agent_exec_a_path() {
 fn gc_without_the_valid_list_collects_nothing() {
     require_root!();
     let mut node = TestNode::new();
+    // Pods just added count as stale here (no grace).
+    node.top_toml = "gc_grace_secs = 0\n".into();
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.76.1.0/24"));
     node.start_agent();
     let (p1, p2) = (Netns::new("trp"), Netns::new("trp"));
@@ -155,6 +157,7 @@ fn gc_without_the_valid_list_collects_nothing() {
 fn gc_leaves_alone_an_add_under_way() {
     require_root!();
     let mut node = TestNode::new();
+    node.top_toml = "gc_grace_secs = 0\n".into();
     // macvlan that takes a second before it starts: GC arrives mid-ADD.
     node.add_plugin_script("slowmacvlan", "sleep 1; exec /usr/lib/cni/macvlan");
     let mut conf = node.macvlan_conf("10.76.2.0/24");
@@ -246,4 +249,84 @@ fn a_delegate_printing_a_multibyte_tail_is_an_error_not_a_crash() {
     assert_clean(&node, &pod, "utf8");
     add(&node, "u2", &pod, "mv-a").expect_ok("the next ADD");
     del(&node, "u2", &pod).expect_ok("DEL");
+}
+
+#[test]
+fn gc_keeps_pods_added_within_its_grace() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.76.4.0/24"));
+    node.start_agent();
+    let pod = Netns::new("trp");
+    add(&node, "fresh", &pod, "mv-a").expect_ok("ADD");
+    // The runtime's list was made a moment before the pod came (default grace 60 s).
+    gc(&node, json!({"cni.dev/valid-attachments": []})).expect_ok("GC");
+    assert_eq!(node.records(), ["fresh.json"]);
+    assert_eq!(node.reservations().len(), 2);
+    del(&node, "fresh", &pod).expect_ok("DEL");
+}
+
+#[test]
+fn nads_cannot_name_host_devices_paths_or_ports() {
+    require_root!();
+    let mut node = TestNode::new();
+    // The agent's default policy, with the node's one uplink for NADs to use.
+    node.nad_policy_toml = format!("[nad_policy]\nmasters = [{:?}]\n", node.master);
+    let m = node.master.clone();
+    let cases = [
+        (
+            "hostdev",
+            json!({"cniVersion":"1.0.0","type":"host-device","device":"lo"}),
+            "plugins[0].type \"host-device\" is not a plugin NADs may use",
+        ),
+        (
+            "datadir",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"host-local","subnet":"10.76.5.0/24","dataDir":"/etc"}}),
+            "plugins[0].ipam.dataDir: NADs may not set \"dataDir\"",
+        ),
+        (
+            "dhcpsock",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"dhcp","daemonSocketPath":"/run/containerd/containerd.sock"}}),
+            "plugins[0].ipam.daemonSocketPath",
+        ),
+        (
+            "portmap",
+            json!({"cniVersion":"1.0.0","plugins":[{"type":"macvlan","master":m},{"type":"portmap","capabilities":{"portMappings":true}}]}),
+            "plugins[1].type \"portmap\"",
+        ),
+        (
+            "uplink",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":"eth0"}),
+            "plugins[0].master: \"eth0\" is not one NADs may use",
+        ),
+        (
+            "pcibus",
+            json!({"cniVersion":"1.0.0","type":"sriov","pciBusID":"0000:00:01.0"}),
+            "plugins[0].pciBusID",
+        ),
+    ];
+    for (name, conf, _) in &cases {
+        node.add_nad("pods", name, conf);
+    }
+    node.add_nad(
+        "pods",
+        "fine",
+        &json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"mode":"bridge"}),
+    );
+    node.start_agent();
+    let pod = Netns::new("trp");
+    for (i, (name, _, want)) in cases.iter().enumerate() {
+        let (code, msg) = add(&node, &format!("p{i}"), &pod, name).expect_err(name);
+        assert_eq!(code, 7, "{name}: {msg}");
+        assert!(msg.contains(want), "{name}: wanted {want:?} in {msg}");
+        assert!(msg.contains(&format!("pods/{name}")), "{name}: {msg}");
+        assert!(
+            pod.links().iter().all(|l| l == "lo"),
+            "{name}: {:?}",
+            pod.links()
+        );
+        assert!(node.records().is_empty(), "{name}");
+    }
+    add(&node, "ok", &pod, "fine").expect_ok("a NAD within the policy");
+    del(&node, "ok", &pod).expect_ok("DEL");
 }

@@ -36,6 +36,17 @@ pub struct VfRecord {
     pub pf: Option<PfSide>,
     /// Whether IPAM ran (its DEL is owed).
     pub ipam: bool,
+    /// The kernel boot this was saved in (/proc/sys/kernel/random/boot_id): after a
+    /// reboot the VF is back in the host with the PF's settings reset.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This boot's id; empty if it cannot be read.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +58,10 @@ pub struct PfSide {
     /// driver may refuse the others, e.g. igb has no link_state).
     #[serde(default)]
     pub changed: VfSettings,
+    /// A setting being applied when this was saved (the agent may have died before
+    /// it knew whether the PF took it).
+    #[serde(default, skip_serializing_if = "VfSettings::is_empty")]
+    pub pending: VfSettings,
 }
 
 #[derive(Debug)]
@@ -141,16 +156,27 @@ impl SriovPlugin {
                     continue;
                 }
             };
-            let owned = records
-                .load(&r.container_id)
-                .ok()
-                .flatten()
-                .is_some_and(|c| {
-                    c.attachments
-                        .iter()
-                        .any(|a| a.device.as_deref() == Some(device))
-                });
-            if owned {
+            // Left alone when in doubt: a record that cannot be read may own it.
+            let owner = match records.load(&r.container_id) {
+                Ok(owner) => owner,
+                Err(e) => {
+                    tracing::warn!(%device, "VF state kept: its owner's record: {e}");
+                    continue;
+                }
+            };
+            let addr: Option<PciAddress> = device.parse().ok();
+            let owned = owner.is_some_and(|c| {
+                c.attachments.iter().any(|a| {
+                    a.device
+                        .as_deref()
+                        .and_then(|d| d.parse::<PciAddress>().ok())
+                        == addr
+                })
+            });
+            // From an earlier boot, the VF is back in the host and its PF settings are
+            // reset: nothing holds it any more (the attachment's DEL still runs IPAM's).
+            let earlier_boot = !r.boot_id.is_empty() && r.boot_id != boot_id();
+            if owned && !earlier_boot {
                 continue;
             }
             let target = Target {
@@ -159,11 +185,16 @@ impl SriovPlugin {
                 ifname: &r.ifname,
                 args: "",
             };
+            let why = if earlier_boot {
+                "VF state from an earlier boot"
+            } else {
+                "VF held by no attachment record"
+            };
             let failed = self.restore(&r, &target);
             if failed.is_empty() {
-                tracing::info!(%device, container = %r.container_id, "VF held by no attachment record: put back and released");
+                tracing::info!(%device, container = %r.container_id, "{why}: put back and released");
             } else {
-                tracing::warn!(%device, container = %r.container_id, "VF held by no attachment record: released, but could not put back: {}", failed.join("; "));
+                tracing::warn!(%device, container = %r.container_id, "{why}: released, but could not put back: {}", failed.join("; "));
             }
             let _ = std::fs::remove_file(e.path());
             swept.push(device.to_string());
@@ -330,6 +361,7 @@ impl SriovPlugin {
                     vf: *vf,
                     before,
                     changed: VfSettings::default(),
+                    pending: VfSettings::default(),
                 })
             }
             None => None,
@@ -342,12 +374,25 @@ impl SriovPlugin {
             host,
             pf,
             ipam: false,
+            boot_id: boot_id(),
         };
         self.save(&record)?;
         match self.apply(target, c, &host_nl, pod_nl.as_ref(), &mut record) {
             Ok(v) => Ok(AddOutcome::Done(v)),
             Err(e) => {
-                let undo = self.restore(&record, target);
+                let mut undo = Vec::new();
+                // IPAM ran (it may have failed after taking an address, or been killed
+                // on its timeout): its DEL is owed, and a failed one is kept owed.
+                if record.ipam {
+                    match self.ipam_call(c, Command::Del, target) {
+                        Ok(_) => {
+                            record.ipam = false;
+                            let _ = self.save(&record);
+                        }
+                        Err(d) => undo.push(format!("releasing the IPAM address: {}", d.msg)),
+                    }
+                }
+                undo.extend(self.restore(&record, target));
                 if undo.is_empty() {
                     let _ = std::fs::remove_file(self.record_path(&device));
                     Err(e)
@@ -396,15 +441,23 @@ impl SriovPlugin {
             };
             // One setting at a time, each recorded once the PF took it: a setting the
             // driver refuses was never made, so nothing tries to put it back.
+            // An agent killed between the two leaves it pending: put back too, but a
+            // refusal to put back a pending setting (never applied) is not an error.
             let pf_vf = pf.vf;
             for part in want.parts() {
-                host_nl
-                    .set_vf(pf_index, pf_vf, &part)
-                    .map_err(|e| io_err(e.to_string()))?;
                 if let Some(p) = record.pf.as_mut() {
-                    p.changed.merge(&part);
+                    p.pending = part.clone();
                 }
                 self.save(record)?;
+                let set = host_nl.set_vf(pf_index, pf_vf, &part);
+                if let Some(p) = record.pf.as_mut() {
+                    p.pending = VfSettings::default();
+                    if set.is_ok() {
+                        p.changed.merge(&part);
+                    }
+                }
+                self.save(record)?;
+                set.map_err(|e| io_err(e.to_string()))?;
             }
         }
         let mut iface = Interface {
@@ -468,17 +521,9 @@ impl SriovPlugin {
         };
         record.ipam = c.has_ipam();
         self.save(record)?;
+        // Any failure from here on is undone by add(), IPAM's DEL included.
         if let Some(ipam) = self.ipam_call(c, Command::Add, target)? {
-            let applied = self.apply_ipam(&ipam, pod_nl.zip(link_index), &mut result);
-            if let Err(e) = applied {
-                // The address IPAM gave is released here; the rest is undone by add().
-                return Err(match self.ipam_call(c, Command::Del, target) {
-                    Ok(_) => e,
-                    Err(d) => {
-                        e.with_details(format!("releasing the IPAM address also failed: {}", d.msg))
-                    }
-                });
-            }
+            self.apply_ipam(&ipam, pod_nl.zip(link_index), &mut result)?;
         }
         result
             .to_value(&c.cni_version)
@@ -609,28 +654,16 @@ impl SriovPlugin {
         if let Some(pf) = &r.pf {
             match host_nl.link(&pf.pf_netdev) {
                 Ok(Some(l)) => {
-                    let b = &pf.before;
-                    let c = &pf.changed;
-                    // A VF MAC the PF reports equal to the netdev's own was the VF's
-                    // choice, not an administrative one: clearing it (all zeros) lets
-                    // the netdev take its MAC back; restating it would pin it.
-                    let vf_chosen = r.host.as_ref().and_then(|h| h.mac).is_some()
-                        && r.host.as_ref().and_then(|h| h.mac) == b.mac;
-                    let mac_back = if vf_chosen {
-                        Some([0; 6])
-                    } else {
-                        b.mac.or(Some([0; 6]))
-                    };
-                    let back = VfSettings {
-                        mac: c.mac.and(mac_back),
-                        vlan: c.vlan.and(b.vlan.or(Some((0, 0, false)))),
-                        spoofchk: c.spoofchk.and(b.spoofchk),
-                        trust: c.trust.and(b.trust),
-                        link_state: c.link_state.and(b.link_state),
-                        rate: c.rate.and(b.rate.or(Some((0, 0)))),
-                    };
+                    let back = settings_back(r, pf, &pf.changed);
                     if let Err(e) = host_nl.set_vf(l.index, pf.vf, &back) {
                         failed.push(e.to_string());
+                    }
+                    // A pending one may never have been applied: a refusal is noted.
+                    if !pf.pending.is_empty() {
+                        let back = settings_back(r, pf, &pf.pending);
+                        if let Err(e) = host_nl.set_vf(l.index, pf.vf, &back) {
+                            tracing::info!(device = %r.device, "putting back a setting that may never have been applied: {e}");
+                        }
                     }
                 }
                 Ok(None) => failed.push(format!("PF netdev {} is gone", pf.pf_netdev)),
@@ -707,6 +740,29 @@ impl SriovPlugin {
             }
         }
         Ok(())
+    }
+}
+
+/// The settings that put back `c` (some of what ADD set) as they were before.
+fn settings_back(r: &VfRecord, pf: &PfSide, c: &VfSettings) -> VfSettings {
+    let b = &pf.before;
+    // A VF MAC the PF reports equal to the netdev's own was the VF's choice, not an
+    // administrative one: clearing it (all zeros) lets the netdev take its MAC back;
+    // restating it would pin it.
+    let vf_chosen = r.host.as_ref().and_then(|h| h.mac).is_some()
+        && r.host.as_ref().and_then(|h| h.mac) == b.mac;
+    let mac_back = if vf_chosen {
+        Some([0; 6])
+    } else {
+        b.mac.or(Some([0; 6]))
+    };
+    VfSettings {
+        mac: c.mac.and(mac_back),
+        vlan: c.vlan.and(b.vlan.or(Some((0, 0, false)))),
+        spoofchk: c.spoofchk.and(b.spoofchk),
+        trust: c.trust.and(b.trust),
+        link_state: c.link_state.and(b.link_state),
+        rate: c.rate.and(b.rate.or(Some((0, 0)))),
     }
 }
 

@@ -152,14 +152,13 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
 fn walk_ipv6(ctx: &TcContext, l3: usize) -> Option<(u8, usize, bool)> {
     let mut next: u8 = at(ctx, l3 + 6)?;
     let mut off = l3 + 40;
-    let mut later_fragment = false;
     let mut i = 0;
     while i < IPV6_MAX_EXT {
         if !matches!(
             next,
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AUTH | IPV6_FRAGMENT
         ) {
-            return Some((next, off, later_fragment));
+            return Some((next, off, false));
         }
         // Every extension header starts with its next header and a length byte; read
         // as two bytes at once (a one-byte read at a variable offset is compiled into
@@ -170,7 +169,8 @@ fn walk_ipv6(ctx: &TcContext, l3: usize) -> Option<(u8, usize, bool)> {
             IPV6_FRAGMENT => {
                 let frag = u16::from_be(at::<u16>(ctx, off + 2)?);
                 if frag & 0xfff8 != 0 {
-                    later_fragment = true;
+                    // What follows is the middle of the datagram, not headers.
+                    return Some((nh, off + 8, true));
                 }
                 8
             }
@@ -186,7 +186,7 @@ fn walk_ipv6(ctx: &TcContext, l3: usize) -> Option<(u8, usize, bool)> {
     // Still an extension header after the last one walked: too many.
     match next {
         IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AUTH | IPV6_FRAGMENT => None,
-        _ => Some((next, off, later_fragment)),
+        _ => Some((next, off, false)),
     }
 }
 
