@@ -72,6 +72,46 @@ pub fn ipam(
         .map_err(|e| bad(e.to_string()))
 }
 
+/// An IPAM ADD that failed, and whether the IPAM plugin may hold an address that a
+/// DEL must release: one killed on its timeout, crashed or answering garbage may; one
+/// that reported its error cleaned up after itself (CNI spec).
+pub struct IpamFailure {
+    pub error: trellis_cni::CniError,
+    pub owes_del: bool,
+}
+
+/// IPAM ADD, as `ipam` runs it, telling whether a failure leaves a DEL owed.
+pub fn ipam_add(
+    invoker: &trellis_cni::invoke::Invoker,
+    conf: &serde_json::Map<String, serde_json::Value>,
+    target: &Target,
+) -> Result<Option<trellis_cni::CniResult>, IpamFailure> {
+    use trellis_cni::{CniError, CniResult, ErrorCode};
+    let Some(ty) = conf
+        .get("ipam")
+        .and_then(|i| i.get("type"))
+        .and_then(serde_json::Value::as_str)
+    else {
+        return Ok(None);
+    };
+    let stdin = serde_json::Value::Object(conf.clone()).to_string();
+    let out = invoker
+        .exec(ty, Command::Add, target, stdin.as_bytes())
+        .map_err(|e| IpamFailure {
+            owes_del: e.needs_del(),
+            error: e.to_cni_error(&format!("IPAM {ty}")),
+        })?;
+    // It said it succeeded: whatever is wrong with its answer, it holds an address.
+    let bad = |e: String| IpamFailure {
+        error: CniError::new(ErrorCode::Io, format!("IPAM {ty} result: {e}")),
+        owes_del: true,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| bad(e.to_string()))?;
+    CniResult::from_value(&v)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
 /// The error an in-process plugin hands back, as a failing binary's would read.
 pub fn plugin_error(plugin: &str, command: Command, error: trellis_cni::CniError) -> InvokeError {
     InvokeError::Plugin {

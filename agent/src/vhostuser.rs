@@ -87,7 +87,13 @@ impl VhostUserPlugin {
             }],
             ..Default::default()
         };
-        let added = self.ipam(raw, Command::Add, target).and_then(|ipam| {
+        let ipam = match crate::builtins::ipam_add(&self.ipam, raw, target) {
+            Ok(ipam) => ipam,
+            // It reported its failure: it holds nothing.
+            Err(f) if !f.owes_del => return Err(Failed::Clean(f.error)),
+            Err(f) => return Err(self.release(raw, target, f.error)),
+        };
+        let added = {
             if let Some(ipam) = ipam {
                 result.ips = ipam
                     .ips
@@ -103,17 +109,18 @@ impl VhostUserPlugin {
             result
                 .to_value(&version)
                 .map_err(|e| CniError::new(ErrorCode::Io, format!("result: {e}")))
-        });
-        added.map_err(|e| {
-            // IPAM may have taken an address before it failed (or was killed): its
-            // DEL now, or owed by the caller.
-            match self.ipam(raw, Command::Del, target) {
-                Ok(_) => Failed::Clean(e),
-                Err(d) => Failed::Unfinished(
-                    e.with_details(format!("releasing the IPAM address also failed: {}", d.msg)),
-                ),
-            }
-        })
+        };
+        added.map_err(|e| self.release(raw, target, e))
+    }
+
+    /// After `e`, IPAM may hold an address: its DEL now, or owed by the caller.
+    fn release(&self, raw: &Map<String, Value>, target: &Target, e: CniError) -> Failed {
+        match self.ipam(raw, Command::Del, target) {
+            Ok(_) => Failed::Clean(e),
+            Err(d) => Failed::Unfinished(
+                e.with_details(format!("releasing the IPAM address also failed: {}", d.msg)),
+            ),
+        }
     }
 }
 

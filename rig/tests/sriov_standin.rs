@@ -544,3 +544,37 @@ fn vf_state_no_record_points_to_is_released_at_start() {
     rig.shim("DEL", "c1", &pod, "a", "vf0").expect_ok("DEL");
     rig.assert_host_as_before();
 }
+
+#[test]
+fn an_ipam_plugin_killed_on_its_timeout_is_released() {
+    require_root!();
+    let mut rig = Rig::new(1);
+    rig.node.delegate_timeout_secs = 1;
+    let (addr, _, _) = rig.vfs[0].clone();
+    let held = rig.node.path("ipam-held");
+    // Takes an "address" (the marker), then hangs; its DEL gives it back.
+    rig.node.add_plugin_script(
+        "hangipam",
+        &format!(
+            r#"cat >/dev/null
+case "$CNI_COMMAND" in ADD) touch {0}; sleep 30;; DEL) rm -f {0};; esac"#,
+            held.display()
+        ),
+    );
+    rig.node.add_nad(
+        "pods",
+        "vf0",
+        &rig.sriov_conf(json!({"deviceID": addr, "ipam": {"type": "hangipam"}})),
+    );
+    rig.node.start_agent();
+    let pod = Netns::new("trp");
+    let (code, msg) = rig.shim("ADD", "c1", &pod, "a", "vf0").expect_err("ADD");
+    assert_eq!(code, 5, "{msg}");
+    assert!(msg.contains("did not finish within 1 s"), "{msg}");
+    assert!(
+        !held.exists(),
+        "the killed IPAM plugin's address was never released"
+    );
+    rig.assert_host_as_before();
+    assert!(pod.links().is_empty(), "{:?}", pod.links());
+}

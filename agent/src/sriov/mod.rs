@@ -521,8 +521,19 @@ impl SriovPlugin {
         };
         record.ipam = c.has_ipam();
         self.save(record)?;
-        // Any failure from here on is undone by add(), IPAM's DEL included.
-        if let Some(ipam) = self.ipam_call(c, Command::Add, target)? {
+        // Any failure from here on is undone by add(), IPAM's DEL included (unless
+        // IPAM reported its own failure: then it holds nothing).
+        let ipam = match crate::builtins::ipam_add(&self.ipam, &c.raw, target) {
+            Ok(ipam) => ipam,
+            Err(f) => {
+                if !f.owes_del {
+                    record.ipam = false;
+                    self.save(record)?;
+                }
+                return Err(f.error);
+            }
+        };
+        if let Some(ipam) = ipam {
             self.apply_ipam(&ipam, pod_nl.zip(link_index), &mut result)?;
         }
         result
