@@ -361,7 +361,6 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
         rt.spawn(trellis_agent::metrics::serve(l, exposition));
     }
-    tracing::info!(socket = %config.socket.display(), "trellis agent ready");
     rt.block_on(trellis_agent::server::serve(listener, handler));
     Ok(())
 }

@@ -92,6 +92,11 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, handler: Arc<Hand
         }
     };
     let jobs = start_workers(handler);
+    if let Ok(addr) = listener.local_addr() {
+        if let Some(path) = addr.as_pathname() {
+            tracing::info!(socket = %path.display(), "trellis agent ready");
+        }
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// What the agent logs once it serves its socket.
+const READY: &str = "trellis agent ready";
+
 pub struct AgentProcess {
     child: Child,
     pub socket: PathBuf,
@@ -14,6 +17,14 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `trellis agent` in `netns` and waits for its socket.
     pub fn start(netns: &Netns, config: &Path, socket: &Path, log: &Path) -> AgentProcess {
+        // The log is appended to across restarts: this start's "ready" is one more.
+        let ready = |log: &Path| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches(READY)
+                .count()
+        };
+        let readies = ready(log);
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -51,6 +62,18 @@ impl AgentProcess {
                 "agent socket {} never appeared",
                 socket.display()
             );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The socket is bound before start-up work (sweeps, reconcile): serving starts
+        // once the agent logs that it is ready.
+        while ready(log) <= readies {
+            if let Ok(Some(status)) = a.child.try_wait() {
+                panic!(
+                    "agent exited with {status}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "agent never logged {READY:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
         a

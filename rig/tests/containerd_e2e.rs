@@ -196,12 +196,24 @@ async fn per_network_counts_and_acl_drops_for_containerd_pods() {
     let ip = |ns: &Netns, ifname: &str| ns.addrs(ifname)[0].split('/').next().unwrap().to_string();
     let (b_mv, b_br) = (ip(b, "net1"), ip(b, "net2"));
 
-    let before = (
-        kernel(a, "net1"),
-        counted(&stats(&node, "pod-a"), "pods/mv-a", "net1"),
-        kernel(b, "net2"),
-        counted(&stats(&node, "pod-b"), "pods/br-acl", "net2"),
-    );
+    // The kernel's counters and ours are read one after the other: read again until
+    // no packet (an ARP exchange, say) arrived in between.
+    let snapshot = || loop {
+        let read = || {
+            (
+                kernel(a, "net1"),
+                counted(&stats(&node, "pod-a"), "pods/mv-a", "net1"),
+                kernel(b, "net2"),
+                counted(&stats(&node, "pod-b"), "pods/br-acl", "net2"),
+            )
+        };
+        let first = read();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if read() == first {
+            return first;
+        }
+    };
+    let before = snapshot();
     assert!(a
         .sh(&format!("ping -c 5 -i 0.2 -W 2 {b_mv}"))
         .contains("5 received"));
@@ -215,12 +227,7 @@ async fn per_network_counts_and_acl_drops_for_containerd_pods() {
         3,
         "allowed"
     );
-    let after = (
-        kernel(a, "net1"),
-        counted(&stats(&node, "pod-a"), "pods/mv-a", "net1"),
-        kernel(b, "net2"),
-        counted(&stats(&node, "pod-b"), "pods/br-acl", "net2"),
-    );
+    let after = snapshot();
     // mv-a on pod-a: exactly what the kernel counted, at least the 5 pings each way.
     let k = (after.0 .0 - before.0 .0, after.0 .1 - before.0 .1);
     let ours = (after.1 .0 - before.1 .0, after.1 .1 - before.1 .1);

@@ -29,17 +29,14 @@ fn idle_clients_on_the_agent_socket_pin_nothing() {
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.74.1.0/24"));
     node.start_agent();
     let pid = node.agent.as_ref().unwrap().pid();
-    let (threads0, _) = threads_and_rss(pid);
     // 300 clients that connect and send nothing (on main: a thread each, for ever).
     let idle: Vec<_> = (0..300)
         .map(|_| std::os::unix::net::UnixStream::connect(node.socket()).expect("connect"))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let (threads1, _) = threads_and_rss(pid);
-    assert!(
-        threads1 < threads0 + 20,
-        "{threads0} threads before, {threads1} with 300 idle clients"
-    );
+    // 32 request workers, the runtime's and the agent's own: not a thread a client.
+    assert!(threads1 < 100, "{threads1} threads with 300 idle clients");
     // The runtime is still answered, at once.
     let pod = Netns::new("trp");
     let started = Instant::now();
