@@ -587,6 +587,7 @@ impl Dataplane {
         else {
             return Ok(None);
         };
+        load_classifier(inst, PEER_PROGRAM.0)?;
         let p: &mut SchedClassifier = inst
             .program_mut(PEER_PROGRAM.0)
             .ok_or_else(|| DataplaneError::Load(format!("no program {}", PEER_PROGRAM.0)))?
@@ -734,7 +735,8 @@ impl Dataplane {
             .override_global("SLOT", &SLOT_VALUES[slot as usize], true)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        for (name, _, _) in PROGRAMS.iter().chain([&PEER_PROGRAM]) {
+        // The peer program is verified only where there is a host side (attach_peer).
+        for (name, _, _) in PROGRAMS {
             load_classifier(&mut inst, name)?;
         }
         Ok(inst)
@@ -745,7 +747,8 @@ impl Dataplane {
     pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
         let slot = self.free_slot()?;
         let meta = slot_meta(owner)?;
-        let inst = self.instance(slot)?;
+        let mut inst = self.instance(slot)?;
+        load_classifier(&mut inst, PEER_PROGRAM.0)?;
         let header = self.acl_entry(&owner.network)?.map(|(_, i)| i.header);
         self.set_slot_acl(slot, header)?;
         self.own(slot, meta)?;

@@ -333,6 +333,10 @@ impl Handler {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
+        // Most pods have no ACL network: they do not wait for the worker's attach.
+        if acls.iter().all(Option::is_none) {
+            return Ok(());
+        }
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         for (i, planned) in acls.iter().enumerate() {
             let Some(planned) = planned else { continue };
@@ -440,7 +444,7 @@ impl Handler {
             )
         })?;
         record.attachments[i].slot = Some(slot);
-        self.records.save(record).map_err(from_record_err)
+        self.records.save_unsynced(record).map_err(from_record_err)
     }
 
     /// Attaches the programs to every kernel interface the attachments made in the pod
@@ -1080,7 +1084,7 @@ impl Handler {
         };
         // Networks with an ACL are attached (and filtered) before ADD returns.
         let acls: Vec<Option<PlannedAcl>> = plan.iter().map(|p| p.acl.clone()).collect();
-        for p in plan {
+        for p in &plan {
             record.attachments.push(Attachment {
                 network: p.network.clone(),
                 ifname: p.ifname.clone(),
@@ -1092,10 +1096,15 @@ impl Handler {
                 device: p.device.clone(),
                 slot: None,
             });
-            // Recorded before the delegate runs, so a crash mid-ADD is still undone by DEL.
-            if let Err(e) = self.records.save(&record) {
-                return Err(self.roll_back(record, from_record_err(e)));
-            }
+        }
+        // The whole plan, on disk before the first delegate runs: a crash anywhere in
+        // the ADD is undone by DEL. (One fdatasync per ADD; the saves after it describe
+        // what already happened and need none.)
+        if let Err(e) = self.records.save(&record) {
+            record.attachments.clear();
+            return Err(self.roll_back(record, from_record_err(e)));
+        }
+        for (i, p) in plan.into_iter().enumerate() {
             let target = Target {
                 container_id: &env.container_id,
                 netns: &env.netns,
@@ -1112,15 +1121,16 @@ impl Handler {
             );
             match added {
                 Ok(result) => {
-                    record.attachments.last_mut().expect("just pushed").result = Some(result)
+                    record.attachments[i].result = Some(result);
+                    let _ = self.records.save_unsynced(&record);
                 }
                 Err((done, e)) => {
                     let err = e.to_cni_error(&format!("network {} ({})", p.network, p.ifname));
-                    if done == 0 {
-                        // Its first plugin failed and cleaned up after itself: nothing
-                        // of this attachment exists.
-                        record.attachments.pop();
-                    }
+                    // The ones not run yet, and this one if its first plugin failed and
+                    // cleaned up after itself: nothing of them exists.
+                    record
+                        .attachments
+                        .truncate(if done == 0 { i } else { i + 1 });
                     return Err(self.roll_back(record, err));
                 }
             }
@@ -1141,7 +1151,7 @@ impl Handler {
         let status = network_status::build(&record.attachments);
         record.network_status = Some(status.clone());
         record.added_at_ms = Some(crate::records::now_ms());
-        if let Err(e) = self.records.save(&record) {
+        if let Err(e) = self.records.save_unsynced(&record) {
             return Err(self.roll_back(record, from_record_err(e)));
         }
         if let Some(p) = &pod {
@@ -1172,7 +1182,8 @@ impl Handler {
     /// not be removed so a later DEL retries exactly that.
     fn tear_down(&self, mut record: Record, netns: &str) -> Vec<String> {
         let mut failures = Vec::new();
-        if let Some(dp) = &self.dataplane {
+        let attached = record.attachments.iter().any(|a| a.slot.is_some());
+        if let Some(dp) = self.dataplane.as_ref().filter(|_| attached) {
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
             for a in record.attachments.iter_mut() {
                 if let Some(slot) = a.slot {
@@ -1212,9 +1223,21 @@ impl Handler {
                 ifname: &a.ifname,
                 args: &record.cni_args,
             };
-            let errs: Vec<InvokeError> =
+            let mut errs: Vec<InvokeError> =
                 self.invoker
                     .del_list(&conf, &target, &a.runtime_config, a.result.as_ref());
+            if a.result.is_none() {
+                // Its ADD never finished (or never started: the plan is recorded whole
+                // before the first delegate): a plugin that cannot be found now cannot
+                // hold anything of it.
+                errs.retain(|e| {
+                    e.needs_del()
+                        || !matches!(
+                            e,
+                            InvokeError::NotFound { .. } | InvokeError::BadName { .. }
+                        )
+                });
+            }
             if !errs.is_empty() {
                 failures.extend(
                     errs.iter()

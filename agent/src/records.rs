@@ -192,7 +192,19 @@ impl RecordStore {
         newest(&bytes).map_err(|message| RecordError::Corrupt { path, message })
     }
 
+    /// Appends `record`, on disk (fdatasync) before it returns: for a snapshot written
+    /// before the change it describes.
     pub fn save(&self, record: &Record) -> Result<(), RecordError> {
+        self.append(record, true)
+    }
+
+    /// Appends `record` without waiting for the disk: for what already happened (a
+    /// crash may lose it; the synced snapshot before it is then in force).
+    pub fn save_unsynced(&self, record: &Record) -> Result<(), RecordError> {
+        self.append(record, false)
+    }
+
+    fn append(&self, record: &Record, sync: bool) -> Result<(), RecordError> {
         use std::io::Write;
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let path = self.path(&record.container_id);
@@ -224,7 +236,10 @@ impl RecordStore {
         }
         // One write(2), on disk before the change it describes is made.
         f.write_all(&line).map_err(io)?;
-        f.sync_data().map_err(io)
+        if sync {
+            f.sync_data().map_err(io)?;
+        }
+        Ok(())
     }
 
     pub fn remove(&self, container_id: &str) -> Result<(), RecordError> {
