@@ -21,7 +21,9 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
   out=$(cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
     -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1) || {
-    echo "$out" | tail -60
+    # The panic message first (the tail is mostly the sanitizer's stack).
+    echo "$out" | grep -A3 "panicked at" | head -12 || true
+    echo "$out" | tail -40
     echo "fuzz: $t failed; the input is in fuzz/artifacts/$t/" >&2
     exit 1
   }

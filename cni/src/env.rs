@@ -102,9 +102,17 @@ impl CniEnv {
         };
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         let needs_netns = matches!(command, Command::Add | Command::Check);
-        let container_id = get("CNI_CONTAINERID").to_string();
-        let netns = get("CNI_NETNS").to_string();
-        let ifname = get("CNI_IFNAME").to_string();
+        // GC, STATUS and VERSION act on no container: whatever a runtime left in these
+        // variables is dropped unread rather than carried on unvalidated.
+        let (container_id, netns, ifname) = if needs_container {
+            (
+                get("CNI_CONTAINERID").to_string(),
+                get("CNI_NETNS").to_string(),
+                get("CNI_IFNAME").to_string(),
+            )
+        } else {
+            Default::default()
+        };
         if needs_container {
             if container_id.is_empty() {
                 return Err(env_err(format!(
@@ -236,6 +244,23 @@ mod tests {
             ("CNI_IFNAME", "eth0"),
         ]));
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn gc_and_status_drop_container_vars_unread() {
+        // Found by the cni_conf_env fuzz target: GC kept an ID it never validated.
+        for cmd in ["GC", "STATUS", "VERSION"] {
+            let ok = CniEnv::from_vars(&vars(&[
+                ("CNI_COMMAND", cmd),
+                ("CNI_CONTAINERID", "abc=../x"),
+                ("CNI_IFNAME", "a/b"),
+                ("CNI_NETNS", "/etc"),
+            ]))
+            .unwrap();
+            assert_eq!(ok.container_id, "", "{cmd}");
+            assert_eq!(ok.ifname, "", "{cmd}");
+            assert_eq!(ok.netns, "", "{cmd}");
+        }
     }
 
     #[test]
