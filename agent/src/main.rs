@@ -361,8 +361,30 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
         rt.spawn(trellis_agent::metrics::serve(l, exposition));
     }
-    rt.block_on(trellis_agent::server::serve(listener, handler));
+    let stop = {
+        let _g = rt.enter();
+        stop_signal().context("installing the SIGTERM handler")?
+    };
+    rt.block_on(trellis_agent::server::serve(listener, handler, stop));
+    // The device plugin's sockets go with it: kubelet takes a socket left in its
+    // dir for a plugin that died.
+    drop(_devices);
+    tracing::info!("trellis agent stopped");
     Ok(())
+}
+
+/// Completes on SIGTERM (kubelet, systemd) or SIGINT.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{which}: stopping");
+    })
 }
 
 fn list_attachments(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -82,8 +82,17 @@ fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
     tx
 }
 
-/// Serves the shim until the runtime stops.
-pub async fn serve(listener: std::os::unix::net::UnixListener, handler: Arc<Handler>) {
+/// How long a stopping agent lets requests in flight finish (a pod's ADD may wait on
+/// delegates; the DaemonSet's grace period is longer than this).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves the shim until `shutdown` completes; then takes no new connection and
+/// waits (at most DRAIN_TIMEOUT) for the requests in flight to be answered.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    handler: Arc<Handler>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -98,23 +107,50 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, handler: Arc<Hand
         }
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = accept(&listener, &slots) => a,
         };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, permit)) = accepted else {
+            continue;
         };
         let jobs = jobs.clone();
         tokio::spawn(async move {
             serve_one(stream, jobs).await;
             drop(permit);
         });
+    }
+    drop(listener);
+    let busy = MAX_CONNECTIONS - slots.available_permits();
+    if busy > 0 {
+        tracing::info!(
+            connections = busy,
+            "stopping: letting requests in flight finish"
+        );
+    }
+    let all = slots.acquire_many(MAX_CONNECTIONS as u32);
+    if tokio::time::timeout(DRAIN_TIMEOUT, all).await.is_err() {
+        tracing::warn!(
+            "stopping with requests still in flight after {DRAIN_TIMEOUT:?} (their records let the next agent finish them)"
+        );
+    }
+}
+
+/// One connection, once a slot for it is free.
+async fn accept(
+    listener: &tokio::net::UnixListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Option<(tokio::net::UnixStream, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = slots.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((s, _)) => Some((s, permit)),
+        Err(e) => {
+            tracing::warn!("accept: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
     }
 }
 

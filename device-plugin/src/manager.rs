@@ -123,12 +123,40 @@ struct Running {
     state: watch::Sender<Arc<PoolState>>,
     socket: PathBuf,
     server: Option<tokio::task::JoinHandle<()>>,
-    /// The kubelet.sock (inode) this pool last registered with: a new socket is a
-    /// restarted kubelet, which needs every plugin to register again.
-    registered_with: Option<u64>,
+    /// The kubelet.sock this pool last registered with: a new socket is a restarted
+    /// kubelet, which needs every plugin to register again.
+    registered_with: Option<KubeletSocket>,
     /// vhost-user sockets seen before: a switch that goes away leaves its devices
     /// listed as unhealthy rather than gone.
     vhost_seen: BTreeMap<String, PoolDevice>,
+}
+
+/// Which kubelet.sock: an inode number alone aliases (ext4 hands a freed inode to the
+/// next file, so a re-created socket often has the old number); with the change time
+/// (nanoseconds) it does not. The inotify events on the name reset it as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KubeletSocket {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl KubeletSocket {
+    fn of(meta: &std::fs::Metadata) -> KubeletSocket {
+        use std::os::unix::fs::MetadataExt;
+        KubeletSocket {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// What one registration round did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Registered {
+    ok: usize,
+    failed: usize,
 }
 
 struct Manager {
@@ -136,6 +164,10 @@ struct Manager {
     config: DeviceConfig,
     pools: BTreeMap<String, Running>,
     status: Arc<Mutex<Status>>,
+    /// kubelet.sock went away and its CREATE event has not been read yet: a socket
+    /// there now belongs to the next kubelet, registered with once that event comes
+    /// (so one restart is one registration per pool).
+    awaiting_kubelet: bool,
 }
 
 /// `trellis-<prefix>-<name>.sock`: one socket per pool.
@@ -325,14 +357,26 @@ impl Manager {
         }
     }
 
+    /// A new kubelet (its socket created, replaced or gone): no pool counts as
+    /// registered with it, whatever the new socket's inode.
+    fn forget_registrations(&mut self) {
+        self.awaiting_kubelet = false;
+        for r in self.pools.values_mut() {
+            r.registered_with = None;
+        }
+    }
+
     /// Registers every pool not yet registered with the kubelet.sock there now.
-    async fn register_pending(&mut self) {
-        use std::os::unix::fs::MetadataExt;
+    async fn register_pending(&mut self) -> Registered {
+        let mut done = Registered::default();
+        if self.awaiting_kubelet {
+            return done;
+        }
         let kubelet = self.settings.plugin_dir.join(KUBELET_SOCKET);
         let Ok(meta) = std::fs::metadata(&kubelet) else {
-            return;
+            return done;
         };
-        let current = Some(meta.ino());
+        let current = Some(KubeletSocket::of(&meta));
         for (k, r) in self.pools.iter_mut() {
             if r.registered_with == current || r.server.is_none() {
                 continue;
@@ -345,12 +389,14 @@ impl Manager {
                 .into_owned();
             match register(&kubelet, &endpoint, k).await {
                 Ok(()) => {
+                    done.ok += 1;
                     r.registered_with = current;
                     tracing::info!(pool = %k, "registered with kubelet");
                     let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                     *st.registrations.entry(k.clone()).or_default() += 1;
                 }
                 Err(e) => {
+                    done.failed += 1;
                     r.registered_with = None;
                     tracing::warn!(pool = %k, "cannot register with kubelet: {e}");
                     self.status
@@ -360,6 +406,7 @@ impl Manager {
                 }
             }
         }
+        done
     }
 
     fn shutdown(&mut self) {
@@ -443,7 +490,7 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
         .watches()
         .add(
             &settings.plugin_dir,
-            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM,
         )
         .map_err(io_err(format!(
             "cannot watch {}",
@@ -492,6 +539,7 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                     config,
                     pools: BTreeMap::new(),
                     status: st,
+                    awaiting_kubelet: false,
                 };
                 m.take_scan(Ok(first));
                 m.register_pending().await;
@@ -531,14 +579,43 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                         Some(ev) = events.next() => {
                             let Ok(ev) = ev else { continue };
                             let name = ev.name.clone().unwrap_or_default();
+                            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                                // Events were lost: one of them may have been a restart.
+                                tracing::warn!("inotify queue overflowed; registering every pool again");
+                                m.forget_registrations();
+                                m.reload_config();
+                                m.restore_sockets();
+                                m.register_pending().await;
+                                continue;
+                            }
                             if ev.wd == plugin_wd && name == KUBELET_SOCKET
                                 && (ev.mask.contains(EventMask::CREATE) || ev.mask.contains(EventMask::MOVED_TO))
                             {
                                 // kubelet (re)started: every plugin registers again.
                                 let t = Instant::now();
+                                m.forget_registrations();
                                 m.restore_sockets();
-                                m.register_pending().await;
-                                tracing::info!(micros = t.elapsed().as_micros() as u64, "re-registered after kubelet restart");
+                                let mut done = m.register_pending().await;
+                                // The socket exists from bind(); kubelet may not listen
+                                // yet: a few quick tries before the poll takes over.
+                                let mut wait = Duration::from_millis(20);
+                                while done.failed > 0 && wait <= Duration::from_millis(320) {
+                                    tokio::time::sleep(wait).await;
+                                    wait *= 2;
+                                    let again = m.register_pending().await;
+                                    done = Registered { ok: done.ok + again.ok, failed: again.failed };
+                                }
+                                let micros = t.elapsed().as_micros() as u64;
+                                if done.failed == 0 {
+                                    tracing::info!(pools = done.ok, micros, "re-registered after kubelet restart");
+                                } else {
+                                    tracing::warn!(pools = done.ok, failed = done.failed, micros,
+                                        "kubelet restarted; some pools not registered yet (retried every poll)");
+                                }
+                            } else if ev.wd == plugin_wd && name == KUBELET_SOCKET {
+                                // kubelet gone: whatever socket comes next is a new kubelet.
+                                m.forget_registrations();
+                                m.awaiting_kubelet = true;
                             } else if ev.wd == plugin_wd && ev.mask.contains(EventMask::DELETE) {
                                 m.restore_sockets();
                                 m.register_pending().await;

@@ -92,6 +92,21 @@ impl FakeKubelet {
         at
     }
 
+    /// kubelet restarting without emptying the dir (what a kubelet stand-in or a
+    /// kubelet that keeps its checkpoint does): only `kubelet.sock` goes and comes
+    /// back. Returns when it is back, and whether the new socket got the old inode
+    /// number (ext4 reuses freed inodes).
+    pub fn recreate_socket(&mut self) -> (Instant, bool) {
+        use std::os::unix::fs::MetadataExt;
+        let sock = self.dir.join("kubelet.sock");
+        let old = std::fs::metadata(&sock).map(|m| m.ino()).ok();
+        self.stop();
+        let at = Instant::now();
+        self.serve();
+        let new = std::fs::metadata(&sock).map(|m| m.ino()).ok();
+        (at, old.is_some() && old == new)
+    }
+
     pub fn registrations(&self) -> Vec<Registration> {
         self.recorder.0.lock().unwrap().clone()
     }

@@ -366,6 +366,61 @@ async fn kubelet_restart_gets_every_pool_registered_again() {
     assert_eq!(m.status().registrations["intel.com/netdev"], 3);
 }
 
+/// kubelet.sock deleted and created again, the plugin sockets left in place: every
+/// pool registers again within a second each time, also when ext4 gave the new socket
+/// the old one's inode number (the manager once told kubelets apart by inode alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_kubelet_socket_gets_every_pool_registered_again() {
+    let rig = Rig::new();
+    let mut kubelet = FakeKubelet::start(&rig.plugin_dir());
+    let m = rig.start();
+    kubelet.wait_registrations(3, WAIT).await;
+    const ROUNDS: usize = 25;
+    let (mut reused, mut took) = (0, Vec::new());
+    for round in 1..=ROUNDS {
+        let (at, same_inode) = kubelet.recreate_socket();
+        reused += same_inode as usize;
+        let regs = kubelet
+            .wait_registrations(3 * (round + 1), Duration::from_secs(1))
+            .await;
+        let last = &regs[3 * round..];
+        let mut pools: Vec<&str> = last
+            .iter()
+            .map(|r| r.request.resource_name.as_str())
+            .collect();
+        pools.sort();
+        assert_eq!(
+            pools,
+            ["intel.com/netdev", "trellis.dev/dpdk", "trellis.dev/vhu"],
+            "round {round} (inode reused: {same_inode})"
+        );
+        took.push(last.iter().map(|r| r.at - at).max().unwrap());
+    }
+    took.sort();
+    eprintln!(
+        "re-created kubelet.sock, {ROUNDS} rounds ({reused} with the inode reused): every pool registered again in median {:?}, max {:?}",
+        took[ROUNDS / 2],
+        took[ROUNDS - 1]
+    );
+    // The case this test is for: on ext4 (where kubelet's dir lives, and this
+    // machine's /tmp) a freed inode number comes back.
+    let on_ext4 = nix::sys::statfs::statfs(&rig.plugin_dir())
+        .map(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC)
+        .unwrap_or(false);
+    if on_ext4 {
+        assert!(
+            reused > 0,
+            "no round reused the inode: the aliasing case went untested"
+        );
+    }
+    assert_eq!(
+        m.status().registrations["intel.com/netdev"],
+        ROUNDS as u64 + 1
+    );
+    // Nothing registered twice for one kubelet.
+    assert_eq!(kubelet.registrations().len(), 3 * (ROUNDS + 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_add_pools_and_bad_edits_keep_the_old_ones() {
     let rig = Rig::new();
@@ -558,6 +613,182 @@ async fn the_agent_serves_pools_from_its_config() {
         err.contains("bad.json") && err.contains("deviceType: \"auxNetDevice\" is not supported"),
         "{err}"
     );
+}
+
+/// What a plugin socket did with one raw HTTP/2 gRPC call.
+#[derive(Debug, PartialEq)]
+enum H2Outcome {
+    Answered,
+    Reset(u32),
+}
+
+/// One gRPC call written frame by frame, so the `:authority` can be what any kubelet
+/// sent (no HTTP library would send a path there). HPACK literals without indexing.
+fn raw_h2_call(socket: &Path, authority: &str, path: &str) -> H2Outcome {
+    use std::io::{Read, Write};
+    fn int(out: &mut Vec<u8>, mut n: usize) {
+        // HPACK integer with a 7-bit prefix, no Huffman flag.
+        if n < 127 {
+            out.push(n as u8);
+            return;
+        }
+        out.push(127);
+        n -= 127;
+        while n >= 128 {
+            out.push((n % 128 + 128) as u8);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", authority),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0);
+        int(&mut block, k.len());
+        block.extend(k.as_bytes());
+        int(&mut block, v.len());
+        block.extend(v.as_bytes());
+    }
+    let mut c = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    out.extend(frame(1, 0x4, 1, &block));
+    out.extend(frame(0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    c.write_all(&out).unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        c.read_exact(&mut head).expect("an answer to the call");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        c.read_exact(&mut payload).unwrap();
+        match kind {
+            4 if flags & 1 == 0 => c.write_all(&frame(4, 1, 0, &[])).unwrap(),
+            1 if stream == 1 => return H2Outcome::Answered,
+            3 if stream == 1 => {
+                return H2Outcome::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()))
+            }
+            7 => return H2Outcome::Reset(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+            _ => {}
+        }
+    }
+}
+
+/// kubelet 1.26 and later call plugins with `:authority: localhost` (kubernetes PR
+/// 112597); older ones sent the socket's path, which is not an authority and which
+/// the HTTP/2 server refuses as a malformed request (PROTOCOL_ERROR). docs/devices.md
+/// states 1.26 as the minimum kubelet; this pins both halves of that statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_with_kubelet_126_authority_are_served_a_socket_path_authority_is_refused() {
+    let rig = Rig::new();
+    let kubelet = FakeKubelet::start(&rig.plugin_dir());
+    let _m = rig.start();
+    let regs = kubelet.wait_registrations(3, WAIT).await;
+    let socket = rig
+        .plugin_dir()
+        .join(endpoint_of(&regs, "intel.com/netdev"));
+    let call = "/v1beta1.DevicePlugin/GetDevicePluginOptions";
+    let s = socket.clone();
+    let (localhost, path) = tokio::task::spawn_blocking(move || {
+        (
+            raw_h2_call(&s, "localhost", call),
+            raw_h2_call(&s, &s.display().to_string(), call),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(localhost, H2Outcome::Answered);
+    assert_eq!(path, H2Outcome::Reset(1), "PROTOCOL_ERROR");
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/devices.md"))
+            .unwrap();
+    assert!(
+        docs.contains("kubelet 1.26"),
+        "docs/devices.md states the minimum kubelet"
+    );
+}
+
+/// SIGTERM (kubelet stopping the DaemonSet's pod, systemd) stops the agent cleanly and
+/// takes its plugin sockets out of kubelet's dir; kubelet's own socket stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_no_plugin_socket_behind() {
+    let rig = Rig::new();
+    let d = rig.dir.path();
+    std::fs::create_dir_all(d.join("nads")).unwrap();
+    std::fs::write(
+        d.join("default.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"c","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[metrics]\nlisten = \"\"\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\n",
+            d.join("cni.sock"),
+            d.join("state"),
+            d.join("default.conflist"),
+            d.join("nads"),
+            rig.config_path(),
+            rig.plugin_dir()
+        ),
+    )
+    .unwrap();
+    let kubelet = FakeKubelet::start(&rig.plugin_dir());
+    let mut agent = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["agent", "--config"])
+        .arg(d.join("agent.toml"))
+        .arg("--sysfs-root")
+        .arg(rig.fx.root())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    kubelet.wait_registrations(3, WAIT).await;
+    let plugin_sockets = || -> Vec<String> {
+        std::fs::read_dir(rig.plugin_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "kubelet.sock")
+            .collect()
+    };
+    assert_eq!(plugin_sockets().len(), 3, "{:?}", plugin_sockets());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            panic!("the agent did not stop within {WAIT:?} of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("SIGTERM: stopping"), "{log}");
+    assert_eq!(plugin_sockets(), Vec::<String>::new(), "{log}");
+    assert!(rig.plugin_dir().join("kubelet.sock").exists());
 }
 
 /// A VF the CNI side moved into a pod has no netdev in the host's view: still healthy.
