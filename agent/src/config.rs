@@ -126,17 +126,48 @@ fn default_nad_plugins() -> Vec<String> {
 
 fn default_denied_keys() -> Vec<String> {
     [
+        // host-local, dhcp, sbr: host dirs and sockets
         "dataDir",
         "daemonSocketPath",
+        "resolvConf",
+        // host-device, sriov-cni: host devices
         "device",
         "pciBusID",
         "kernelpath",
+        // whereabouts: a log file written as root, a config and a kubeconfig read
+        "log_file",
+        "configuration_path",
+        "kubeconfig",
+        // meta-plugins inside a NAD
         "delegate",
         "delegates",
     ]
     .map(String::from)
     .to_vec()
 }
+
+/// Keys the checks below read, in the one spelling they read. Go plugins match JSON
+/// keys case-insensitively (folding `ſ` to `s` and the Kelvin sign to `k` too), so a
+/// NAD could hide `IPAM` or `Master` from an exact-match check: any other spelling of
+/// these is refused, and so is every non-ASCII key.
+const CHECKED_KEYS: &[&str] = &[
+    "type",
+    "ipam",
+    "master",
+    "bridge",
+    "name",
+    "cniVersion",
+    "deviceID",
+    "runtimeConfig",
+    "args",
+];
+
+/// Plugin types that fall back to a host interface when their key is left out
+/// (macvlan/ipvlan/vlan: the default route's; bridge: `cni0`).
+const DEFAULTED: &[(&str, &[&str])] = &[
+    ("master", &["macvlan", "ipvlan", "vlan"]),
+    ("bridge", &["bridge"]),
+];
 
 impl NadPolicy {
     /// Checks a NAD's delegate config; the error names the field.
@@ -153,32 +184,33 @@ impl NadPolicy {
             }
         };
         for (i, p) in conf.plugins.iter().enumerate() {
-            allowed(&format!("plugins[{i}].type"), conf.plugin_type(i))?;
+            let ty = conf.plugin_type(i);
+            allowed(&format!("plugins[{i}].type"), ty)?;
             let ipam = p.get("ipam").and_then(serde_json::Value::as_object);
             if let Some(ty) = ipam.and_then(|m| m.get("type")).and_then(|t| t.as_str()) {
                 allowed(&format!("plugins[{i}].ipam.type"), ty)?;
             }
-            let keys =
-                p.keys()
-                    .map(|k| (format!("plugins[{i}].{k}"), k))
-                    .chain(ipam.into_iter().flat_map(|m| {
-                        m.keys().map(move |k| (format!("plugins[{i}].ipam.{k}"), k))
-                    }));
-            for (field, k) in keys {
-                if self.denied_keys.iter().any(|d| d == k) {
-                    return Err(format!(
-                        "{field}: NADs may not set {k:?} on this node (it names a host file, socket or device; [nad_policy] denied_keys)"
-                    ));
-                }
-            }
+            self.check_keys(&format!("plugins[{i}]"), p)?;
             for (key, list, table) in [
                 ("master", &self.masters, "masters"),
                 ("bridge", &self.bridges, "bridges"),
             ] {
-                let Some(v) = p.get(key) else { continue };
                 if list.is_empty() {
                     continue;
                 }
+                let defaulted = DEFAULTED
+                    .iter()
+                    .any(|(k, types)| *k == key && types.contains(&ty));
+                let v = match p.get(key) {
+                    Some(v) => v,
+                    None if defaulted => {
+                        return Err(format!(
+                            "plugins[{i}].{key} is not set: {ty} would use a default host interface; name one of [nad_policy] {table}: {}",
+                            list.join(", ")
+                        ))
+                    }
+                    None => continue,
+                };
                 match v.as_str() {
                     Some(name) if list.iter().any(|m| m == name) => {}
                     _ => {
@@ -188,6 +220,57 @@ impl NadPolicy {
                         ))
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every key at every depth of a plugin's config: ASCII, one spelling per key
+    /// (no two differing only in case), the checked keys in their exact spelling,
+    /// and none of `denied_keys` in any spelling.
+    fn check_keys(
+        &self,
+        at: &str,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        let mut seen: Vec<&str> = Vec::with_capacity(obj.len());
+        for (k, v) in obj {
+            let field = format!("{at}.{k}");
+            if !k.is_ascii() {
+                return Err(format!(
+                    "{field}: keys must be ASCII (plugins fold some letters when they read keys)"
+                ));
+            }
+            if let Some(other) = seen.iter().find(|o| o.eq_ignore_ascii_case(k)) {
+                return Err(format!(
+                    "{field}: {k:?} and {other:?} differ only in case; plugins read them as one key"
+                ));
+            }
+            seen.push(k);
+            if let Some(c) = CHECKED_KEYS
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(k) && *c != k)
+            {
+                return Err(format!(
+                    "{field}: spell it {c:?} (plugins read {k:?} as {c:?})"
+                ));
+            }
+            if self.denied_keys.iter().any(|d| d.eq_ignore_ascii_case(k)) {
+                return Err(format!(
+                    "{field}: NADs may not set {k:?} on this node (it names a host file, socket or device; [nad_policy] denied_keys)"
+                ));
+            }
+            let nested = match v {
+                serde_json::Value::Object(m) => vec![(field.clone(), m)],
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(n, x)| x.as_object().map(|m| (format!("{field}[{n}]"), m)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for (f, m) in nested {
+                self.check_keys(&f, m)?;
             }
         }
         Ok(())
@@ -382,6 +465,46 @@ mod tests {
                 dir: "/etc/trellis/networks".into()
             }
         );
+    }
+
+    #[test]
+    fn nad_policy_reads_keys_as_go_plugins_do() {
+        let policy = NadPolicy {
+            masters: vec!["ens5f1".into()],
+            ..Default::default()
+        };
+        let check = |conf: serde_json::Value| {
+            let list =
+                trellis_cni::NetConfList::parse(conf.to_string().as_bytes(), Some("n")).unwrap();
+            policy.check(&list)
+        };
+        let ok = serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","mode":"bridge"});
+        assert_eq!(check(ok), Ok(()));
+        for (conf, want) in [
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","mode":"bridge","Mode":"vepa"}),
+                "plugins[0].mode: \"mode\" and \"Mode\" differ only in case",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","ipam":{"type":"static","Type":"/tmp/x"}}),
+                "plugins[0].ipam.Type: spell it \"type\"",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","x":[{"DATADIR":"/etc"}]}),
+                "plugins[0].x[0].DATADIR: NADs may not set",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"ipvlan"}),
+                "plugins[0].master is not set",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","\u{212a}ubeconfig":"/x"}),
+                "keys must be ASCII",
+            ),
+        ] {
+            let e = check(conf).unwrap_err();
+            assert!(e.contains(want), "wanted {want:?} in {e}");
+        }
     }
 
     #[test]

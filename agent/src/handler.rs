@@ -362,8 +362,15 @@ impl Handler {
     }
 
     /// Puts `network`'s ACL from its NAD into the maps if they have none for it; whether
-    /// it did.
-    fn acl_from_nad(&self, dp: &mut crate::dataplane::Dataplane, network: &str) -> bool {
+    /// it did. `had_acl`: the interface was attached with an ACL before; if the NAD
+    /// cannot be read (API down, NAD gone, its ACL now invalid) it gets a deny-all
+    /// ACL, which the ACL sync replaces once the NAD reads again (fail closed).
+    fn acl_from_nad(
+        &self,
+        dp: &mut crate::dataplane::Dataplane,
+        network: &str,
+        had_acl: bool,
+    ) -> bool {
         let Some((ns, name)) = network.split_once('/') else {
             return false;
         };
@@ -373,7 +380,23 @@ impl Handler {
         let read_at = std::time::Instant::now();
         let acl = match self.source.get_nad(ns, name).map(|n| n.acl()) {
             Ok(Ok(Some(acl))) => acl,
-            _ => return false,
+            // The NAD says it has no ACL (any more): none.
+            Ok(Ok(None)) => return false,
+            Err(_) | Ok(Err(_)) if !had_acl => return false,
+            Err(e) => {
+                tracing::warn!(%network, "its NAD cannot be read ({e}): its interfaces deny all traffic until it can");
+                crate::acl::Acl {
+                    default_deny: true,
+                    rules: Vec::new(),
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%network, "its NAD's ACL is invalid ({e}): its interfaces deny all traffic until it is fixed");
+                crate::acl::Acl {
+                    default_deny: true,
+                    rules: Vec::new(),
+                }
+            }
         };
         match self.set_acl_read_at(dp, network, Some(&acl), read_at) {
             Ok(set) => set,
@@ -464,7 +487,7 @@ impl Handler {
             let restored = acls_from_nads
                 && a.slot.is_none()
                 && a.result.is_some()
-                && self.acl_from_nad(&mut dp, &a.network.clone());
+                && self.acl_from_nad(&mut dp, &a.network.clone(), a.acl);
             if let Err(e) = self.attach_one(&mut dp, record, i, false) {
                 failed.push(e.msg);
             }
@@ -1095,6 +1118,7 @@ impl Handler {
                 default_route: p.default_route.clone(),
                 device: p.device.clone(),
                 slot: None,
+                acl: p.acl.is_some(),
             });
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in

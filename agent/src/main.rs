@@ -287,6 +287,10 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
             Arc::new(KubeSource::start(kubeconfig.as_deref(), &node)?)
         }
     };
+    // One agent per state dir, for the whole life of the process (a stopping agent
+    // still finishing calls holds it too): a second one stops here, before it sweeps
+    // VF state or reconciles pins the running one is using.
+    let _lock = lock_state_dir(&config.state_dir)?;
     // The socket first: a second agent on the node stops here, before it sweeps VF
     // state or reconciles pins the running one is using. (Calls wait in the backlog
     // until the agent serves them.)
@@ -371,6 +375,35 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     drop(_devices);
     tracing::info!("trellis agent stopped");
     Ok(())
+}
+
+/// `state_dir/agent.lock`, held (flock) until the process exits.
+fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // 0700 where trellis creates it; an existing dir keeps the admin's mode.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("state_dir {}", state_dir.display()))?;
+    let path = state_dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            anyhow::anyhow!(
+                "{} is held: another trellis agent runs with this state_dir",
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("locking {}: {e}", path.display())
+        }
+    })
 }
 
 /// Completes on SIGTERM (kubelet, systemd) or SIGINT.

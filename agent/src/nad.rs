@@ -83,12 +83,21 @@ impl NetworkAttachmentDefinition {
         if self.spec.config.trim().is_empty() {
             return Err(NadError::EmptyConfig(self.qualified_name()));
         }
-        NetConfList::parse(self.spec.config.as_bytes(), Some(&self.metadata.name)).map_err(
-            |source| NadError::Config {
-                nad: self.qualified_name(),
-                source,
-            },
-        )
+        let err = |source| NadError::Config {
+            nad: self.qualified_name(),
+            source,
+        };
+        let conf = NetConfList::parse(self.spec.config.as_bytes(), Some(&self.metadata.name))
+            .map_err(err)?;
+        // Plugins use the name as a path component and a state key (host-local keeps
+        // its leases in <dataDir>/<name>): the spec's form, nothing else.
+        trellis_cni::conf::check_network_name(&conf.name).map_err(|reason| {
+            err(trellis_cni::conf::ConfError::Field {
+                field: "name".into(),
+                reason,
+            })
+        })?;
+        Ok(conf)
     }
 }
 
@@ -109,11 +118,30 @@ metadata:
 spec:
   config: '{"cniVersion":"1.0.0","type":"macvlan","master":"eth0"}'
 "#;
-        let n: NetworkAttachmentDefinition = serde_yaml::from_str(y).unwrap();
+        let n: NetworkAttachmentDefinition = serde_saphyr::from_str(y).unwrap();
         assert_eq!(n.qualified_name(), "pods/macvlan-a");
         assert_eq!(n.resource_name(), Some("intel.com/sriov"));
         let c = n.conf_list().unwrap();
         assert_eq!(c.name, "macvlan-a");
+    }
+
+    #[test]
+    fn a_network_name_that_is_a_path_is_refused() {
+        let n = NetworkAttachmentDefinition {
+            api_version: String::new(),
+            kind: String::new(),
+            metadata: ObjectMeta {
+                name: "n".into(),
+                namespace: Some("pods".into()),
+                ..Default::default()
+            },
+            spec: NadSpec {
+                config: r#"{"cniVersion":"1.0.0","name":"../../opt/cni/bin","type":"bridge"}"#
+                    .into(),
+            },
+        };
+        let e = n.conf_list().unwrap_err().to_string();
+        assert!(e.contains("pods/n") && e.contains("name"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Attachment {
     /// The dataplane slot of its pod interface, once the programs are attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
+    /// Attached with its network's ACL: if the pins are lost and the NAD cannot be
+    /// read back, the interface is attached denying everything, never unfiltered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acl: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -205,6 +205,24 @@ impl NetConfList {
     }
 }
 
+/// A network name as the spec has it: an alphanumeric, then alphanumerics, `_`, `.`,
+/// `-`; at most 253 bytes (a Kubernetes object name's limit), refused whole if longer.
+pub fn check_network_name(n: &str) -> Result<(), String> {
+    let first_ok = n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok {
+        return Err(format!(
+            "{n:?} must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+        ));
+    }
+    if n.len() > 253 {
+        return Err(format!("is {} bytes long; at most 253", n.len()));
+    }
+    Ok(())
+}
+
 /// A plugin name is a bare file name in the CNI bin dirs: never a path, so no
 /// config can make the agent (root) exec a file outside them.
 pub fn check_plugin_name(t: &str) -> Result<(), String> {
@@ -269,6 +287,23 @@ mod tests {
         assert_eq!(c.plugins.len(), 1);
         assert_eq!(c.plugin_type(0), "bridge");
         assert_eq!(c.version(), Version(0, 4, 0));
+    }
+
+    #[test]
+    fn network_names_are_the_spec_form() {
+        for bad in [
+            "../../../opt/cni/bin",
+            "a/b",
+            ".hidden",
+            "a b",
+            "\u{17f}",
+            "",
+        ] {
+            assert!(check_network_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_network_name(&"a".repeat(254)).is_err());
+        assert!(check_network_name(&"a".repeat(253)).is_ok());
+        assert!(check_network_name("macvlan-a.v2_x").is_ok());
     }
 
     #[test]

@@ -123,33 +123,12 @@ struct Running {
     state: watch::Sender<Arc<PoolState>>,
     socket: PathBuf,
     server: Option<tokio::task::JoinHandle<()>>,
-    /// The kubelet.sock this pool last registered with: a new socket is a restarted
-    /// kubelet, which needs every plugin to register again.
-    registered_with: Option<KubeletSocket>,
+    /// Registered with the kubelet there now. A restarted kubelet (known by the
+    /// inotify events on `kubelet.sock`) needs every plugin to register again.
+    registered: bool,
     /// vhost-user sockets seen before: a switch that goes away leaves its devices
     /// listed as unhealthy rather than gone.
     vhost_seen: BTreeMap<String, PoolDevice>,
-}
-
-/// Which kubelet.sock: an inode number alone aliases (ext4 hands a freed inode to the
-/// next file, so a re-created socket often has the old number); with the change time
-/// (nanoseconds) it does not. The inotify events on the name reset it as well.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct KubeletSocket {
-    dev: u64,
-    ino: u64,
-    ctime: (i64, i64),
-}
-
-impl KubeletSocket {
-    fn of(meta: &std::fs::Metadata) -> KubeletSocket {
-        use std::os::unix::fs::MetadataExt;
-        KubeletSocket {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
 }
 
 /// What one registration round did.
@@ -285,7 +264,7 @@ impl Manager {
                             state: tx,
                             socket,
                             server,
-                            registered_with: None,
+                            registered: false,
                             vhost_seen,
                         },
                     );
@@ -353,7 +332,7 @@ impl Manager {
                 old.abort();
             }
             r.server = server;
-            r.registered_with = None;
+            r.registered = false;
         }
     }
 
@@ -362,7 +341,7 @@ impl Manager {
     fn forget_registrations(&mut self) {
         self.awaiting_kubelet = false;
         for r in self.pools.values_mut() {
-            r.registered_with = None;
+            r.registered = false;
         }
     }
 
@@ -373,12 +352,11 @@ impl Manager {
             return done;
         }
         let kubelet = self.settings.plugin_dir.join(KUBELET_SOCKET);
-        let Ok(meta) = std::fs::metadata(&kubelet) else {
+        if !kubelet.exists() {
             return done;
-        };
-        let current = Some(KubeletSocket::of(&meta));
+        }
         for (k, r) in self.pools.iter_mut() {
-            if r.registered_with == current || r.server.is_none() {
+            if r.registered || r.server.is_none() {
                 continue;
             }
             let endpoint = r
@@ -390,14 +368,14 @@ impl Manager {
             match register(&kubelet, &endpoint, k).await {
                 Ok(()) => {
                     done.ok += 1;
-                    r.registered_with = current;
+                    r.registered = true;
                     tracing::info!(pool = %k, "registered with kubelet");
                     let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
                     *st.registrations.entry(k.clone()).or_default() += 1;
                 }
                 Err(e) => {
                     done.failed += 1;
-                    r.registered_with = None;
+                    r.registered = false;
                     tracing::warn!(pool = %k, "cannot register with kubelet: {e}");
                     self.status
                         .lock()

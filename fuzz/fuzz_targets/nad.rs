@@ -10,11 +10,32 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(nad) = serde_yaml::from_str::<NetworkAttachmentDefinition>(text) else {
+    let Ok(nad) = serde_saphyr::from_str::<NetworkAttachmentDefinition>(text) else {
         return;
     };
     match nad.conf_list() {
         Ok(list) => {
+            trellis_cni::conf::check_network_name(&list.name).expect("accepted name");
+            // The node policy over any accepted config: an answer, never a panic; what
+            // it accepts has only ASCII keys.
+            if trellis_agent::config::NadPolicy::default()
+                .check(&list)
+                .is_ok()
+            {
+                fn ascii(v: &serde_json::Value) -> bool {
+                    match v {
+                        serde_json::Value::Object(m) => {
+                            m.iter().all(|(k, v)| k.is_ascii() && ascii(v))
+                        }
+                        serde_json::Value::Array(a) => a.iter().all(ascii),
+                        _ => true,
+                    }
+                }
+                assert!(list
+                    .plugins
+                    .iter()
+                    .all(|p| p.iter().all(|(k, v)| k.is_ascii() && ascii(v))));
+            }
             for (i, p) in list.plugins.iter().enumerate() {
                 let ty = list.plugin_type(i);
                 trellis_cni::conf::check_plugin_name(ty).expect("accepted type is a bare name");

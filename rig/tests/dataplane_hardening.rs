@@ -611,3 +611,66 @@ fn pins_of_another_layout_keep_the_agent_up_without_its_dataplane() {
         "{msg}"
     );
 }
+
+/// Pins lost while a pod lives on (bpffs emptied, the agent restarted) and its ACL
+/// network's NAD unreadable: the interface comes back denying everything, never
+/// unfiltered, until the NAD reads again and the sync puts its rules back.
+#[test]
+fn an_acl_interface_whose_nad_cannot_be_read_comes_back_denying_all() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    let acl =
+        serde_json::json!({"default":"allow","rules":[{"action":"deny","cidr":"10.9.9.0/24"}]});
+    let annotations = [("trellis.dev/acl".to_string(), acl.to_string())].into();
+    let conf = node.macvlan_conf("10.75.2.0/24");
+    node.add_nad_annotated("pods", "acl-net", &conf, &annotations);
+    node.start_agent();
+    let pod = Netns::new("trp");
+    let pod_path = pod.path().to_string_lossy().into_owned();
+    node.shim(
+        "ADD",
+        "c1",
+        &pod_path,
+        ("pods", "p"),
+        &node.shim_conf(Some(&networks_annotation("acl-net"))),
+    )
+    .expect_ok("ADD");
+    wait_for_pins(&node, 5);
+    let rules_of = |node: &TestNode| -> Option<(usize, &'static str)> {
+        read_acl_hits(&node.bpf_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|h| h.network == "pods/acl-net")
+            .map(|h| (h.rules.len(), h.default_action))
+    };
+    assert_eq!(rules_of(&node), Some((1, "allow")));
+
+    node.stop_agent();
+    std::fs::remove_dir_all(&node.bpf_dir).unwrap();
+    let nad = node.path("nads/pods-acl-net.json");
+    let saved = std::fs::read(&nad).unwrap();
+    std::fs::remove_file(&nad).unwrap();
+    node.start_agent();
+    wait_for_pins(&node, 5);
+    assert_eq!(rules_of(&node), Some((0, "deny")), "{}", node.agent_log());
+    assert!(
+        node.agent_log().contains("deny all traffic until it can"),
+        "{}",
+        node.agent_log()
+    );
+
+    std::fs::write(&nad, saved).unwrap();
+    let start = Instant::now();
+    while rules_of(&node) != Some((1, "allow")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.shim("DEL", "c1", &pod_path, ("pods", "p"), &node.shim_conf(None))
+        .expect_ok("DEL");
+    assert_eq!(node.link_pins(), 0);
+}

@@ -304,6 +304,49 @@ fn nads_cannot_name_host_devices_paths_or_ports() {
             json!({"cniVersion":"1.0.0","type":"sriov","pciBusID":"0000:00:01.0"}),
             "plugins[0].pciBusID",
         ),
+        // Go plugins read keys case-insensitively: other spellings are refused.
+        (
+            "upperipam",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"IPAM":{"type":"host-local","subnet":"10.76.5.0/24","dataDir":"/etc"}}),
+            "plugins[0].IPAM: spell it \"ipam\"",
+        ),
+        (
+            "twoipams",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"host-local","subnet":"10.76.5.0/24"},"IPAM":{"dataDir":"/etc"}}),
+            "plugins[0].IPAM: spell it",
+        ),
+        (
+            "uppermaster",
+            json!({"cniVersion":"1.0.0","type":"macvlan","Master":"eth0"}),
+            "plugins[0].Master: spell it \"master\"",
+        ),
+        (
+            "longs",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"dhcp","daemon\u{17f}ocketPath":"/x"}}),
+            "keys must be ASCII",
+        ),
+        (
+            "mixeddatadir",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"host-local","subnet":"10.76.5.0/24","DataDir":"/etc"}}),
+            "NADs may not set \"DataDir\"",
+        ),
+        // whereabouts' host paths, also nested.
+        (
+            "wblog",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"whereabouts","range":"10.76.6.0/24","log_file":"/etc/cron.d/x"}}),
+            "plugins[0].ipam.log_file",
+        ),
+        (
+            "wbkubeconfig",
+            json!({"cniVersion":"1.0.0","type":"macvlan","master":m,"ipam":{"type":"whereabouts","range":"10.76.6.0/24","kubernetes":{"kubeconfig":"/etc/kubernetes/admin.conf"}}}),
+            "plugins[0].ipam.kubernetes.kubeconfig",
+        ),
+        // masters set: a macvlan without one would take the default route's uplink.
+        (
+            "nomaster",
+            json!({"cniVersion":"1.0.0","type":"macvlan"}),
+            "plugins[0].master is not set",
+        ),
     ];
     for (name, conf, _) in &cases {
         node.add_nad("pods", name, conf);
@@ -329,4 +372,29 @@ fn nads_cannot_name_host_devices_paths_or_ports() {
     }
     add(&node, "ok", &pod, "fine").expect_ok("a NAD within the policy");
     del(&node, "ok", &pod).expect_ok("DEL");
+}
+
+/// A second agent on the same state dir stops at once, naming the lock, and the
+/// running one keeps serving (it holds the lock even while draining after SIGTERM).
+#[test]
+fn a_second_agent_on_the_same_state_dir_stops() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.76.7.0/24"));
+    node.start_agent();
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["agent", "--config"])
+        .arg(node.path("agent.toml"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("agent.lock is held: another trellis agent runs with this state_dir"),
+        "{err}"
+    );
+    let pod = Netns::new("trp");
+    add(&node, "still", &pod, "mv-a").expect_ok("the first agent still serves");
+    del(&node, "still", &pod).expect_ok("DEL");
 }

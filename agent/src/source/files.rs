@@ -3,7 +3,6 @@
 
 use super::{NetworkSource, PodRef, SourceError};
 use crate::nad::NetworkAttachmentDefinition;
-use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -75,21 +74,17 @@ impl FileSource {
 
 fn parse_file(path: &Path) -> Result<Vec<NetworkAttachmentDefinition>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc).map_err(|e| e.to_string())?;
-        if v.is_null() {
-            continue;
-        }
-        let nad: NetworkAttachmentDefinition =
-            serde_yaml::from_value(v).map_err(|e| e.to_string())?;
-        if !nad.kind.is_empty() && nad.kind != "NetworkAttachmentDefinition" {
-            return Err(format!(
-                "kind {:?} is not NetworkAttachmentDefinition",
-                nad.kind
-            ));
-        }
-        out.push(nad);
+    // Empty and null documents are skipped by the parser.
+    let out: Vec<NetworkAttachmentDefinition> =
+        serde_saphyr::from_multiple(&text).map_err(|e| e.to_string())?;
+    if let Some(n) = out
+        .iter()
+        .find(|n| !n.kind.is_empty() && n.kind != "NetworkAttachmentDefinition")
+    {
+        return Err(format!(
+            "kind {:?} is not NetworkAttachmentDefinition",
+            n.kind
+        ));
     }
     Ok(out)
 }
