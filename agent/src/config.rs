@@ -160,6 +160,9 @@ const CHECKED_KEYS: &[&str] = &[
     "deviceID",
     "runtimeConfig",
     "args",
+    "prevResult",
+    "plugins",
+    "cniVersions",
 ];
 
 /// Plugin types that fall back to a host interface when their key is left out
@@ -170,6 +173,18 @@ const DEFAULTED: &[(&str, &[&str])] = &[
 ];
 
 impl NadPolicy {
+    /// `check_keys` on every object inside `v`, arrays of arrays included.
+    fn check_nested(&self, at: &str, v: &serde_json::Value) -> Result<(), String> {
+        match v {
+            serde_json::Value::Object(m) => self.check_keys(at, m),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(n, x)| self.check_nested(&format!("{at}[{n}]"), x)),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks a NAD's delegate config; the error names the field.
     pub fn check(&self, conf: &trellis_cni::NetConfList) -> Result<(), String> {
         let any = self.plugins.iter().any(|p| p == "*");
@@ -191,6 +206,13 @@ impl NadPolicy {
                 allowed(&format!("plugins[{i}].ipam.type"), ty)?;
             }
             self.check_keys(&format!("plugins[{i}]"), p)?;
+            // The previous plugin's result is the runtime's to pass: one written in a
+            // NAD would tell chained plugins (firewall) of addresses the pod lacks.
+            if p.keys().any(|k| k.eq_ignore_ascii_case("prevResult")) {
+                return Err(format!(
+                    "plugins[{i}].prevResult: NADs may not set it (the runtime passes each plugin its predecessor's result)"
+                ));
+            }
             for (key, list, table) in [
                 ("master", &self.masters, "masters"),
                 ("bridge", &self.bridges, "bridges"),
@@ -260,18 +282,7 @@ impl NadPolicy {
                     "{field}: NADs may not set {k:?} on this node (it names a host file, socket or device; [nad_policy] denied_keys)"
                 ));
             }
-            let nested = match v {
-                serde_json::Value::Object(m) => vec![(field.clone(), m)],
-                serde_json::Value::Array(items) => items
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(n, x)| x.as_object().map(|m| (format!("{field}[{n}]"), m)))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            for (f, m) in nested {
-                self.check_keys(&f, m)?;
-            }
+            self.check_nested(&field, v)?;
         }
         Ok(())
     }
@@ -496,6 +507,18 @@ mod tests {
             (
                 serde_json::json!({"cniVersion":"1.0.0","type":"ipvlan"}),
                 "plugins[0].master is not set",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","x":[[{"DataDir":"/etc"}]]}),
+                "plugins[0].x[0][0].DataDir: NADs may not set",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","plugins":[{"type":"macvlan","master":"ens5f1"},{"type":"firewall","prevresult":{"ips":[]}}]}),
+                "plugins[1].prevresult: spell it \"prevResult\"",
+            ),
+            (
+                serde_json::json!({"cniVersion":"1.0.0","plugins":[{"type":"macvlan","master":"ens5f1"},{"type":"firewall","prevResult":{"ips":[]}}]}),
+                "plugins[1].prevResult: NADs may not set it",
             ),
             (
                 serde_json::json!({"cniVersion":"1.0.0","type":"macvlan","master":"ens5f1","\u{212a}ubeconfig":"/x"}),

@@ -362,14 +362,15 @@ impl Handler {
     }
 
     /// Puts `network`'s ACL from its NAD into the maps if they have none for it; whether
-    /// it did. `had_acl`: the interface was attached with an ACL before; if the NAD
-    /// cannot be read (API down, NAD gone, its ACL now invalid) it gets a deny-all
-    /// ACL, which the ACL sync replaces once the NAD reads again (fail closed).
+    /// it did. Fails closed: a NAD that cannot be read now (API down, its ACL invalid)
+    /// gives a deny-all ACL, which the ACL sync replaces with the NAD's (or removes)
+    /// once it reads; a NAD that is gone gives one unless the interface was attached
+    /// without an ACL (`had_acl`), and then it lasts until the pod goes.
     fn acl_from_nad(
         &self,
         dp: &mut crate::dataplane::Dataplane,
         network: &str,
-        had_acl: bool,
+        had_acl: Option<bool>,
     ) -> bool {
         let Some((ns, name)) = network.split_once('/') else {
             return false;
@@ -378,24 +379,22 @@ impl Handler {
             return false;
         }
         let read_at = std::time::Instant::now();
+        let deny_all = crate::acl::Acl {
+            default_deny: true,
+            rules: Vec::new(),
+        };
         let acl = match self.source.get_nad(ns, name).map(|n| n.acl()) {
             Ok(Ok(Some(acl))) => acl,
             // The NAD says it has no ACL (any more): none.
             Ok(Ok(None)) => return false,
-            Err(_) | Ok(Err(_)) if !had_acl => return false,
+            Err(SourceError::NadNotFound { .. }) if had_acl == Some(false) => return false,
             Err(e) => {
                 tracing::warn!(%network, "its NAD cannot be read ({e}): its interfaces deny all traffic until it can");
-                crate::acl::Acl {
-                    default_deny: true,
-                    rules: Vec::new(),
-                }
+                deny_all
             }
             Ok(Err(e)) => {
                 tracing::warn!(%network, "its NAD's ACL is invalid ({e}): its interfaces deny all traffic until it is fixed");
-                crate::acl::Acl {
-                    default_deny: true,
-                    rules: Vec::new(),
-                }
+                deny_all
             }
         };
         match self.set_acl_read_at(dp, network, Some(&acl), read_at) {
@@ -1118,7 +1117,7 @@ impl Handler {
                 default_route: p.default_route.clone(),
                 device: p.device.clone(),
                 slot: None,
-                acl: p.acl.is_some(),
+                acl: Some(p.acl.is_some()),
             });
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in

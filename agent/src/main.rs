@@ -287,6 +287,19 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
             Arc::new(KubeSource::start(kubeconfig.as_deref(), &node)?)
         }
     };
+    // One runtime for the servers; CNI requests run on the socket's worker threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("trellis-rt")
+        .enable_all()
+        .build()
+        .context("starting the agent's runtime")?;
+    // Before anything that leaves state behind (the device plugin's sockets): a
+    // SIGTERM during start-up stops it cleanly too.
+    let stop = {
+        let _g = rt.enter();
+        stop_signal().context("installing the SIGTERM handler")?
+    };
     // One agent per state dir, for the whole life of the process (a stopping agent
     // still finishing calls holds it too): a second one stops here, before it sweeps
     // VF state or reconciles pins the running one is using.
@@ -332,13 +345,6 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));
-    // One runtime for the servers; CNI requests run on the socket's worker threads.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("trellis-rt")
-        .enable_all()
-        .build()
-        .context("starting the agent's runtime")?;
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
@@ -365,10 +371,6 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
         rt.spawn(trellis_agent::metrics::serve(l, exposition));
     }
-    let stop = {
-        let _g = rt.enter();
-        stop_signal().context("installing the SIGTERM handler")?
-    };
     rt.block_on(trellis_agent::server::serve(listener, handler, stop));
     // The device plugin's sockets go with it: kubelet takes a socket left in its
     // dir for a plugin that died.
@@ -417,6 +419,15 @@ fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!("{which}: stopping");
+        // A second signal does not wait for the drain.
+        tokio::spawn(async move {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::warn!("{which} again: exiting now");
+            std::process::exit(1);
+        });
     })
 }
 

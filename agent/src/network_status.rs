@@ -102,7 +102,7 @@ mod tests {
             default_route: vec![],
             device: None,
             slot: None,
-            acl: false,
+            acl: None,
         }
     }
 

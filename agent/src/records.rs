@@ -56,10 +56,11 @@ pub struct Attachment {
     /// The dataplane slot of its pod interface, once the programs are attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
-    /// Attached with its network's ACL: if the pins are lost and the NAD cannot be
-    /// read back, the interface is attached denying everything, never unfiltered.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub acl: bool,
+    /// Whether its network had an ACL when it was attached (`None`: recorded by an
+    /// agent that did not say). Decides, when the pins are lost and the NAD is gone,
+    /// whether the interface comes back denying everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -63,11 +63,14 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ServerError
 type Job = (Request, u64, tokio::sync::oneshot::Sender<Response>);
 
 /// The worker threads; a request waits in the queue for one.
-fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
+fn start_workers(
+    handler: Arc<Handler>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::mpsc::Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..WORKERS {
-        let (rx, h) = (rx.clone(), handler.clone());
+        let (rx, h, stopping) = (rx.clone(), handler.clone(), stopping.clone());
         std::thread::Builder::new()
             .name(format!("trellis-cni-{i}"))
             .spawn(move || loop {
@@ -75,6 +78,15 @@ fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
                 let Ok((req, received, answer)) = job else {
                     return;
                 };
+                // A stopping agent starts nothing new: the runtime tries again with
+                // the next agent.
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = answer.send(error_response(
+                        ErrorCode::TryAgainLater,
+                        "the trellis agent is stopping; try again".into(),
+                    ));
+                    continue;
+                }
                 let _ = answer.send(h.handle_received(&req, received));
             })
             .expect("worker thread");
@@ -83,7 +95,9 @@ fn start_workers(handler: Arc<Handler>) -> std::sync::mpsc::Sender<Job> {
 }
 
 /// How long a stopping agent lets requests in flight finish (a pod's ADD may wait on
-/// delegates; the DaemonSet's grace period is longer than this).
+/// delegates; the DaemonSet's grace period is longer than this). Requests not started
+/// by then are answered "try again" (11); a delegate still running past it is left to
+/// the next agent, whose DEL of the unfinished record undoes it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves the shim until `shutdown` completes; then takes no new connection and
@@ -100,7 +114,8 @@ pub async fn serve(
             return;
         }
     };
-    let jobs = start_workers(handler);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs = start_workers(handler, stopping.clone());
     if let Ok(addr) = listener.local_addr() {
         if let Some(path) = addr.as_pathname() {
             tracing::info!(socket = %path.display(), "trellis agent ready");
@@ -123,6 +138,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     let busy = MAX_CONNECTIONS - slots.available_permits();
     if busy > 0 {
         tracing::info!(

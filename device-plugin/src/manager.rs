@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
 
 #[derive(Debug, Clone)]
@@ -92,6 +93,10 @@ impl Status {
 pub struct ManagerHandle {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Told when the manager's thread has shut down (its sockets removed).
+    stopped: std::sync::mpsc::Receiver<()>,
+    /// Where our sockets are, to remove them if the thread does not stop in time.
+    plugin_dir: PathBuf,
     pub status: Arc<Mutex<Status>>,
 }
 
@@ -103,12 +108,32 @@ impl ManagerHandle {
             .clone()
     }
 
+    /// Stops the pools, waiting at most `STOP_TIMEOUT` (a registration with a kubelet
+    /// that does not answer can take seconds): then the sockets are removed from here.
     pub fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else { return };
+        match self.stopped.recv_timeout(STOP_TIMEOUT) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = t.join();
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "device plugin did not stop within {STOP_TIMEOUT:?}; removing its sockets"
+                );
+                for e in std::fs::read_dir(&self.plugin_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("trellis-") && n.ends_with(".sock") {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
         }
     }
 }
@@ -453,6 +478,12 @@ async fn register(kubelet: &Path, endpoint: &str, resource: &str) -> Result<(), 
         .map_err(|_| "kubelet did not answer within 5 s".to_string())?
 }
 
+/// What the device-plugins dir is watched for: kubelet.sock and our sockets coming
+/// and going (the dir's own removal arrives as IN_IGNORED).
+fn plugin_mask() -> WatchMask {
+    WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM
+}
+
 /// Loads the config and discovers devices (errors here stop the agent from
 /// starting), then runs the pools on a thread of their own.
 pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
@@ -464,12 +495,9 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
         settings.plugin_dir.display()
     )))?;
     let inotify = Inotify::init().map_err(io_err("inotify"))?;
-    let plugin_wd = inotify
+    let mut plugin_wd = inotify
         .watches()
-        .add(
-            &settings.plugin_dir,
-            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM,
-        )
+        .add(&settings.plugin_dir, plugin_mask())
         .map_err(io_err(format!(
             "cannot watch {}",
             settings.plugin_dir.display()
@@ -507,6 +535,8 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
         ..Default::default()
     }));
     let (stop_tx, mut stop_rx) = oneshot::channel();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let plugin_dir = settings.plugin_dir.clone();
     let st = status.clone();
     let thread = std::thread::Builder::new()
         .name("trellis-devices".into())
@@ -534,6 +564,7 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                 // at once even while a thousand VFs are being read.
                 let (scan_tx, mut scan_rx) = tokio::sync::mpsc::channel(1);
                 let mut scanning = false;
+                let mut watch_lost = false;
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,
@@ -551,12 +582,33 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                             if config == m.config {
                                 m.take_scan(found);
                             }
+                            if watch_lost && m.settings.plugin_dir.is_dir() {
+                                // The dir is back (re-created): watched again, and
+                                // whatever kubelet is there now gets every pool.
+                                match events.watches().add(&m.settings.plugin_dir, plugin_mask()) {
+                                    Ok(wd) => {
+                                        tracing::info!(dir = %m.settings.plugin_dir.display(), "device-plugins dir back: watching it again");
+                                        plugin_wd = wd;
+                                        watch_lost = false;
+                                        m.forget_registrations();
+                                    }
+                                    Err(e) => tracing::warn!("cannot watch {}: {e}", m.settings.plugin_dir.display()),
+                                }
+                            }
                             m.restore_sockets();
                             m.register_pending().await;
                         }
                         Some(ev) = events.next() => {
                             let Ok(ev) = ev else { continue };
                             let name = ev.name.clone().unwrap_or_default();
+                            if ev.wd == plugin_wd && ev.mask.contains(EventMask::IGNORED) {
+                                // The dir itself went (removed, unmounted): its watch is
+                                // gone; the poll watches it again once it is back.
+                                tracing::warn!(dir = %m.settings.plugin_dir.display(), "device-plugins dir gone; waiting for it to come back");
+                                watch_lost = true;
+                                m.forget_registrations();
+                                continue;
+                            }
                             if ev.mask.contains(EventMask::Q_OVERFLOW) {
                                 // Events were lost: one of them may have been a restart.
                                 tracing::warn!("inotify queue overflowed; registering every pool again");
@@ -607,12 +659,15 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                     }
                 }
                 m.shutdown();
+                let _ = stopped_tx.send(());
             });
         })
         .map_err(io_err("device plugin thread"))?;
     Ok(ManagerHandle {
         stop: Some(stop_tx),
         thread: Some(thread),
+        stopped: stopped_rx,
+        plugin_dir,
         status,
     })
 }

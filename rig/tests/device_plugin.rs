@@ -421,6 +421,26 @@ async fn a_recreated_kubelet_socket_gets_every_pool_registered_again() {
     assert_eq!(kubelet.registrations().len(), 3 * (ROUNDS + 1));
 }
 
+/// The device-plugins dir itself removed and made again (its inotify watch goes with
+/// it): watched again once it is back, and the kubelet there gets every pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_plugin_dir_is_watched_again() {
+    let rig = Rig::new();
+    let mut kubelet = FakeKubelet::start(&rig.plugin_dir());
+    let _m = rig.start();
+    kubelet.wait_registrations(3, WAIT).await;
+    kubelet.stop();
+    std::fs::remove_dir_all(rig.plugin_dir()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::create_dir_all(rig.plugin_dir()).unwrap();
+    let kubelet = FakeKubelet::start(&rig.plugin_dir());
+    kubelet.wait_registrations(3, WAIT).await;
+    // And a kubelet restart after that is seen by the new watch.
+    let mut kubelet = kubelet;
+    kubelet.recreate_socket();
+    kubelet.wait_registrations(6, Duration::from_secs(1)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_add_pools_and_bad_edits_keep_the_old_ones() {
     let rig = Rig::new();

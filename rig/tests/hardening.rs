@@ -398,3 +398,51 @@ fn a_second_agent_on_the_same_state_dir_stops() {
     add(&node, "still", &pod, "mv-a").expect_ok("the first agent still serves");
     del(&node, "still", &pod).expect_ok("DEL");
 }
+
+/// SIGTERM mid-ADD: the ADD finishes and is answered, the lock is held while the
+/// agent drains (a second agent stops), then it exits 0; the next agent DELs the pod.
+#[test]
+fn sigterm_lets_an_add_in_flight_finish() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.add_plugin_script("slowmacvlan", "sleep 1; exec /usr/lib/cni/macvlan");
+    let mut conf = node.macvlan_conf("10.76.8.0/24");
+    conf["type"] = json!("slowmacvlan");
+    node.add_nad("pods", "slow", &conf);
+    node.start_agent();
+    let pid = nix::unistd::Pid::from_raw(node.agent.as_ref().unwrap().pid() as i32);
+    let pod = Netns::new("trp");
+    std::thread::scope(|s| {
+        let adding = s.spawn(|| add(&node, "inflight", &pod, "slow"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let second = std::process::Command::new(trellis_rig::bins::trellis())
+            .args(["agent", "--config"])
+            .arg(node.path("agent.toml"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(err.contains("agent.lock is held"), "{err}");
+        adding.join().unwrap().expect_ok("the ADD in flight");
+    });
+    let status = node
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("the agent exits after its drain");
+    assert!(status.success(), "{status}: {}", node.agent_log());
+    assert!(
+        node.agent_log()
+            .contains("letting requests in flight finish"),
+        "{}",
+        node.agent_log()
+    );
+    assert_eq!(node.records(), ["inflight.json"]);
+    node.start_agent();
+    del(&node, "inflight", &pod).expect_ok("DEL by the next agent");
+    assert!(node.records().is_empty());
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+}
