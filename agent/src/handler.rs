@@ -361,21 +361,20 @@ impl Handler {
         Ok(())
     }
 
-    /// Puts `network`'s ACL from its NAD into the maps if they have none for it; whether
-    /// it did. Fails closed: a NAD that cannot be read now (API down, its ACL invalid)
-    /// gives a deny-all ACL, which the ACL sync replaces with the NAD's (or removes)
-    /// once it reads; a NAD that is gone gives one unless the interface was attached
-    /// without an ACL (`had_acl`), and then it lasts until the pod goes.
-    fn acl_from_nad(
-        &self,
-        dp: &mut crate::dataplane::Dataplane,
-        network: &str,
-        had_acl: Option<bool>,
-    ) -> bool {
+    /// Puts `network`'s ACL from its NAD into the maps if they have none for it and
+    /// no live slot of the network is in the pins (then the maps already say whether
+    /// it has one); whether it did. Fails closed: a NAD that cannot be read now (API
+    /// down, NAD gone) or whose ACL is invalid gives a deny-all ACL, which the ACL sync
+    /// replaces with the NAD's (or removes) once it reads the NAD; for a NAD that is
+    /// gone, that is when the pod goes.
+    fn acl_from_nad(&self, dp: &mut crate::dataplane::Dataplane, network: &str) -> bool {
         let Some((ns, name)) = network.split_once('/') else {
             return false;
         };
         if !dp.acl_of(network).is_ok_and(|a| a.is_none()) {
+            return false;
+        }
+        if !dp.slots_of(network).is_ok_and(|s| s.is_empty()) {
             return false;
         }
         let read_at = std::time::Instant::now();
@@ -387,7 +386,6 @@ impl Handler {
             Ok(Ok(Some(acl))) => acl,
             // The NAD says it has no ACL (any more): none.
             Ok(Ok(None)) => return false,
-            Err(SourceError::NadNotFound { .. }) if had_acl == Some(false) => return false,
             Err(e) => {
                 tracing::warn!(%network, "its NAD cannot be read ({e}): its interfaces deny all traffic until it can");
                 deny_all
@@ -486,7 +484,7 @@ impl Handler {
             let restored = acls_from_nads
                 && a.slot.is_none()
                 && a.result.is_some()
-                && self.acl_from_nad(&mut dp, &a.network.clone(), a.acl);
+                && self.acl_from_nad(&mut dp, &a.network.clone());
             if let Err(e) = self.attach_one(&mut dp, record, i, false) {
                 failed.push(e.msg);
             }
@@ -1117,7 +1115,6 @@ impl Handler {
                 default_route: p.default_route.clone(),
                 device: p.device.clone(),
                 slot: None,
-                acl: Some(p.acl.is_some()),
             });
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in

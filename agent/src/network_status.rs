@@ -102,7 +102,6 @@ mod tests {
             default_route: vec![],
             device: None,
             slot: None,
-            acl: None,
         }
     }
 

@@ -56,11 +56,6 @@ pub struct Attachment {
     /// The dataplane slot of its pod interface, once the programs are attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
-    /// Whether its network had an ACL when it was attached (`None`: recorded by an
-    /// agent that did not say). Decides, when the pins are lost and the NAD is gone,
-    /// whether the interface comes back denying everything.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acl: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -95,9 +95,9 @@ fn start_workers(
 }
 
 /// How long a stopping agent lets requests in flight finish (a pod's ADD may wait on
-/// delegates; the DaemonSet's grace period is longer than this). Requests not started
-/// by then are answered "try again" (11); a delegate still running past it is left to
-/// the next agent, whose DEL of the unfinished record undoes it.
+/// delegates; the DaemonSet's grace period is longer than this). Once stopping,
+/// requests not yet started are answered "try again" (11); a delegate still running
+/// past it is left to the next agent, whose DEL of the unfinished record undoes it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves the shim until `shutdown` completes; then takes no new connection and

@@ -541,6 +541,7 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
     let thread = std::thread::Builder::new()
         .name("trellis-devices".into())
         .spawn(move || {
+
             rt.block_on(async move {
                 let mut m = Manager {
                     settings,
@@ -567,6 +568,8 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                 let mut watch_lost = false;
                 loop {
                     tokio::select! {
+                        // Stop first: a stopped manager binds no socket again.
+                        biased;
                         _ = &mut stop_rx => break,
                         _ = tick.tick(), if !scanning => {
                             scanning = true;
@@ -661,6 +664,8 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                 m.shutdown();
                 let _ = stopped_tx.send(());
             });
+            // A periodic scan may still be reading sysfs: not waited for.
+            rt.shutdown_background();
         })
         .map_err(io_err("device plugin thread"))?;
     Ok(ManagerHandle {
