@@ -89,6 +89,32 @@ impl Rig {
         self.dir.path().join("device-plugins")
     }
 
+    /// An agent.toml (files source, no dataplane) whose `[devices]` reads
+    /// `devices_config`; the default network and NAD dir it names are made too.
+    fn write_agent_toml(&self, devices_config: &Path) -> PathBuf {
+        let d = self.dir.path();
+        std::fs::create_dir_all(d.join("nads")).unwrap();
+        std::fs::write(
+            d.join("default.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"c","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("agent.toml"),
+            format!(
+                "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[metrics]\nlisten = \"\"\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
+                d.join("cni.sock"),
+                d.join("state"),
+                d.join("default.conflist"),
+                d.join("nads"),
+                devices_config,
+                self.plugin_dir()
+            ),
+        )
+        .unwrap();
+        d.join("agent.toml")
+    }
+
     fn start(&self) -> ManagerHandle {
         let mut s = Settings::new(self.config_path());
         s.sysfs_root = self.fx.root().to_path_buf();
@@ -755,30 +781,11 @@ async fn calls_with_kubelet_126_authority_are_served_a_socket_path_authority_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_leaves_no_plugin_socket_behind() {
     let rig = Rig::new();
-    let d = rig.dir.path();
-    std::fs::create_dir_all(d.join("nads")).unwrap();
-    std::fs::write(
-        d.join("default.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"c","plugins":[{"type":"bridge"}]}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        d.join("agent.toml"),
-        format!(
-            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[metrics]\nlisten = \"\"\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\n",
-            d.join("cni.sock"),
-            d.join("state"),
-            d.join("default.conflist"),
-            d.join("nads"),
-            rig.config_path(),
-            rig.plugin_dir()
-        ),
-    )
-    .unwrap();
+    let config = rig.write_agent_toml(&rig.config_path());
     let kubelet = FakeKubelet::start(&rig.plugin_dir());
     let mut agent = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["agent", "--config"])
-        .arg(d.join("agent.toml"))
+        .arg(&config)
         .arg("--sysfs-root")
         .arg(rig.fx.root())
         .stderr(std::process::Stdio::piped())
