@@ -610,24 +610,7 @@ async fn pod_resources_tell_which_devices_a_pod_got() {
 async fn the_agent_serves_pools_from_its_config() {
     let rig = Rig::new();
     let d = rig.dir.path();
-    std::fs::create_dir_all(d.join("nads")).unwrap();
-    std::fs::write(
-        d.join("default.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"c","plugins":[{"type":"bridge"}]}"#,
-    )
-    .unwrap();
-    let agent_toml = |devices_config: &Path| {
-        format!(
-            "socket = {:?}\nstate_dir = {:?}\ndefault_network = {:?}\n[dataplane]\nenabled = false\n[metrics]\nlisten = \"\"\n[networks]\nsource = \"files\"\ndir = {:?}\n[devices]\nconfig = {:?}\nplugin_dir = {:?}\npoll_interval_ms = 200\n",
-            d.join("cni.sock"),
-            d.join("state"),
-            d.join("default.conflist"),
-            d.join("nads"),
-            devices_config,
-            rig.plugin_dir()
-        )
-    };
-    std::fs::write(d.join("agent.toml"), agent_toml(&rig.config_path())).unwrap();
+    rig.write_agent_toml(&rig.config_path());
     let kubelet = FakeKubelet::start(&rig.plugin_dir());
     let mut agent = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["agent", "--config"])
@@ -651,7 +634,7 @@ async fn the_agent_serves_pools_from_its_config() {
     agent.wait().unwrap();
 
     std::fs::write(d.join("bad.json"), r#"{"resourceList":[{"resourceName":"a","deviceType":"auxNetDevice","selectors":{"vendors":["8086"]}}]}"#).unwrap();
-    std::fs::write(d.join("agent.toml"), agent_toml(&d.join("bad.json"))).unwrap();
+    rig.write_agent_toml(&d.join("bad.json"));
     let out = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["agent", "--config"])
         .arg(d.join("agent.toml"))
