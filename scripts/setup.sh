@@ -11,6 +11,8 @@ APT_PACKAGES=(
   gcc libc6-dev binutils                       # the static pause binary; strip for guest images
   tar coreutils xz-utils zstd grep             # unpacking the guest kernel and its modules
   dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23  # testpmd vhost-user switch
+  ca-certificates gzip                         # the image's CA bundle, its compressed layer
+  python3 python3-venv                         # kubernetes-validate for deploy/ (scripts/check-deploy.sh)
 )
 
 missing=()

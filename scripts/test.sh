@@ -13,6 +13,10 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The rigs run the built binaries (agent and shim) as a runtime would.
 cargo build --workspace --bins --locked
+# The manifests in deploy/: the combined file is current, and every object, the agent's
+# config and the device pools check out (strict schemas, and the trellis just built).
+bash scripts/gen-deploy.sh --check
+bash scripts/check-deploy.sh
 cargo test --workspace --locked -- --test-threads=2
 # The benchmark and the demo still run end to end (tiny sizes; figures not judged here).
 target/debug/trellis-bench --pods 4 --cycles 4 >/dev/null

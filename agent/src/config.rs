@@ -31,8 +31,30 @@ pub struct AgentConfig {
     /// `["/opt/cni/bin", "/usr/lib/cni"]`.
     #[serde(default = "default_bin_dirs")]
     pub cni_bin_dirs: Vec<PathBuf>,
-    /// The cluster default network: a CNI conf or conflist file. Required.
-    pub default_network: PathBuf,
+    /// The cluster default network: `"auto"` (the node's primary CNI conf: the first
+    /// conf in `cni_conf_dir` that is not trellis's own, followed when it changes, as
+    /// Multus' `multusConfigFile: auto`), a CNI conf or conflist file (absolute path),
+    /// or `{ nad = "namespace/name" }`. Required.
+    pub default_network: DefaultNetwork,
+    /// The node's CNI conf dir, where `trellis install` writes `cni_conf_file` and,
+    /// with `default_network = "auto"`, the primary network is found. Default
+    /// `/etc/cni/net.d`.
+    #[serde(default = "default_conf_dir")]
+    pub cni_conf_dir: PathBuf,
+    /// trellis's own conflist in `cni_conf_dir`; it must sort first there, as the
+    /// runtime takes the first. Default `00-trellis.conflist`.
+    #[serde(default = "default_conf_file")]
+    pub cni_conf_file: String,
+    /// The conflist's cniVersion. Default: the primary conf's (`"auto"`, a file), or
+    /// `1.0.0` (a NAD).
+    #[serde(default)]
+    pub cni_version: Option<String>,
+    /// The agent runs in a container: a host process's /proc dir (`/proc/1`, with
+    /// hostPID). Delegates then run in that process's mount namespace, so they see the
+    /// host's files (their own configs, kubeconfigs, `cni_bin_dirs`), and pods' netns
+    /// paths are opened through its root. Default: none (the agent runs on the host).
+    #[serde(default)]
+    pub host_process: Option<PathBuf>,
     /// How long one delegate plugin call may take. Default 60.
     #[serde(default = "default_timeout")]
     pub delegate_timeout_secs: u64,
@@ -409,6 +431,51 @@ pub enum NetworksConfig {
     },
 }
 
+/// Where the cluster default network comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DefaultNetwork {
+    /// The node's primary CNI conf, found in `cni_conf_dir`.
+    Auto,
+    /// A CNI conf or conflist file.
+    File(PathBuf),
+    /// A NetworkAttachmentDefinition.
+    Nad { namespace: String, name: String },
+}
+
+impl<'de> Deserialize<'de> for DefaultNetwork {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged, deny_unknown_fields)]
+        enum Raw {
+            Text(String),
+            Table { nad: String },
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) if t == "auto" => Ok(DefaultNetwork::Auto),
+            Raw::Text(t) if t.starts_with('/') => Ok(DefaultNetwork::File(t.into())),
+            Raw::Text(t) => Err(D::Error::custom(format!(
+                "default_network {t:?}: \"auto\", an absolute path or {{ nad = \"namespace/name\" }}"
+            ))),
+            Raw::Table { nad } => {
+                let sel = crate::selection::parse_default_network(&nad, "")
+                    .map_err(|e| D::Error::custom(format!("default_network.nad: {e}")))?;
+                Ok(DefaultNetwork::Nad {
+                    namespace: sel.namespace,
+                    name: sel.name,
+                })
+            }
+        }
+    }
+}
+
+fn default_conf_dir() -> PathBuf {
+    PathBuf::from("/etc/cni/net.d")
+}
+fn default_conf_file() -> String {
+    "00-trellis.conflist".into()
+}
+
 fn default_socket() -> PathBuf {
     PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET)
 }
@@ -439,7 +506,14 @@ impl AgentConfig {
             path: path.to_path_buf(),
             message,
         };
-        let c: AgentConfig = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let c: AgentConfig = toml::from_str(text).map_err(|e| {
+            // The device plugin's config is JSON; the agent's is TOML.
+            if text.trim_start().starts_with('{') {
+                err(format!("{e}\n(this looks like JSON: the agent's config is TOML; a device pool config goes in [devices] config)"))
+            } else {
+                err(e.to_string())
+            }
+        })?;
         if c.cni_bin_dirs.is_empty() {
             return Err(err("cni_bin_dirs is empty".into()));
         }
@@ -448,6 +522,27 @@ impl AgentConfig {
         }
         if c.delegate_timeout_secs == 0 {
             return Err(err("delegate_timeout_secs must be at least 1".into()));
+        }
+        let f = &c.cni_conf_file;
+        if f.contains('/') || f.starts_with('.') || !f.ends_with(".conflist") || f.len() <= 9 {
+            return Err(err(format!(
+                "cni_conf_file {f:?}: a plain file name ending in .conflist (such as 00-trellis.conflist)"
+            )));
+        }
+        if !c.cni_conf_dir.is_absolute() {
+            return Err(err("cni_conf_dir must be an absolute path".into()));
+        }
+        if let Some(v) = &c.cni_version {
+            trellis_cni::version::Version::parse_supported(v)
+                .map_err(|e| err(format!("cni_version {v:?}: {e}")))?;
+        }
+        if let Some(h) = &c.host_process {
+            if !h.is_absolute() {
+                return Err(err(format!(
+                    "host_process {}: an absolute path (such as /proc/1)",
+                    h.display()
+                )));
+            }
         }
         Ok(c)
     }
@@ -476,6 +571,30 @@ mod tests {
                 dir: "/etc/trellis/networks".into()
             }
         );
+    }
+
+    #[test]
+    fn node_conf_keys_are_checked() {
+        let base = "default_network = \"auto\"\n[networks]\nsource = \"files\"\ndir = \"/d\"\n";
+        for (key, want) in [
+            ("cni_conf_file = \"../x.conflist\"", "cni_conf_file"),
+            ("cni_conf_file = \"00-trellis.conf\"", "cni_conf_file"),
+            ("cni_conf_file = \".conflist\"", "cni_conf_file"),
+            ("cni_conf_dir = \"net.d\"", "cni_conf_dir"),
+            ("cni_version = \"2.0.0\"", "cni_version \"2.0.0\""),
+            ("host_process = \"proc/1\"", "host_process proc/1"),
+        ] {
+            let e = AgentConfig::parse(&format!("{key}\n{base}"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{key}: {e}");
+        }
+        let c = AgentConfig::parse(
+            &format!("cni_conf_file = \"0-trellis.conflist\"\ncni_version = \"1.1.0\"\nhost_process = \"/proc/1\"\n{base}"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.cni_conf_file, "0-trellis.conflist");
     }
 
     #[test]

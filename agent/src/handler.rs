@@ -36,7 +36,10 @@ pub struct Handler {
     /// (container, whether its ADD finished in an earlier agent: its networks' ACLs are
     /// read from their NADs before it is attached, as the pins may have lost them).
     attach_queue: Mutex<Option<std::sync::mpsc::Sender<(String, bool)>>>,
-    default_network: std::path::PathBuf,
+    default_network: crate::config::DefaultNetwork,
+    /// The node's CNI conf dir and trellis's own file in it (auto mode).
+    cni_conf_dir: std::path::PathBuf,
+    cni_conf_file: String,
     pod_resources: std::path::PathBuf,
     invoker: Invoker,
     source: Arc<dyn NetworkSource>,
@@ -58,6 +61,8 @@ pub struct Handler {
     /// earlier (an ADD planned before a NAD edit the sync applied) is not written over
     /// it. The NAD is the last writer.
     acl_read_at: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// The CNI socket is being served (set and cleared by `server::serve`).
+    pub serving: std::sync::atomic::AtomicBool,
 }
 
 /// One network to attach, fully resolved before anything is changed.
@@ -118,6 +123,7 @@ impl Handler {
             bin_dirs: config.cni_bin_dirs.clone(),
             timeout: config.delegate_timeout(),
             in_process: None,
+            host_process: config.host_process.clone(),
         };
         let records = RecordStore::open(&config.state_dir)?;
         let sriov =
@@ -138,6 +144,8 @@ impl Handler {
             dataplane_off: "[dataplane] enabled = false".into(),
             attach_queue: Mutex::new(None),
             default_network: config.default_network.clone(),
+            cni_conf_dir: config.cni_conf_dir.clone(),
+            cni_conf_file: config.cni_conf_file.clone(),
             pod_resources: config.pod_resources_socket.clone(),
             invoker,
             source,
@@ -152,6 +160,7 @@ impl Handler {
             gc_gate: std::sync::RwLock::new(()),
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             acl_read_at: Mutex::new(BTreeMap::new()),
+            serving: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -679,8 +688,25 @@ impl Handler {
         let conf = parse_shim_conf(&req.stdin)?;
         let started = std::time::Instant::now();
         let out = match env.command {
-            Command::Add => self.shared(|| self.add(&env, &conf)).map(Some),
-            Command::Del => self.shared(|| self.del(&env)).map(|_| None),
+            Command::Add => {
+                let added = self.shared(|| self.add(&env, &conf));
+                if let (Err(e), Some(p)) = (&added, pod_ref(&env)) {
+                    let mut message = e.msg.clone();
+                    if !e.details.is_empty() {
+                        message = format!("{message} ({})", e.details);
+                    }
+                    self.source.pod_event(
+                        &p,
+                        crate::source::PodEvent {
+                            warning: true,
+                            reason: "FailedAddingInterface",
+                            message,
+                        },
+                    );
+                }
+                added.map(Some)
+            }
+            Command::Del => self.shared(|| self.del(&env, &conf)).map(|_| None),
             Command::Check => self.shared(|| self.check(&env, &conf)).map(|_| None),
             Command::Gc => self.gc(&conf, received_ms).map(|_| None),
             Command::Status => self.status().map(|_| None),
@@ -704,22 +730,56 @@ impl Handler {
         f()
     }
 
-    fn load_default_network(&self) -> Result<NetConfList, CniError> {
-        let bytes = std::fs::read(&self.default_network).map_err(|e| {
-            invalid(format!(
-                "cannot read the default network config {}: {e}",
-                self.default_network.display()
-            ))
-        })?;
-        NetConfList::parse(&bytes, None).map_err(|e| {
-            CniError::new(
-                e.code(),
-                format!(
-                    "default network config {}: {e}",
-                    self.default_network.display()
-                ),
-            )
-        })
+    /// The default network's conf when no pod annotation overrides it (GC, STATUS).
+    pub fn load_default_network(&self) -> Result<NetConfList, CniError> {
+        use crate::config::DefaultNetwork;
+        match &self.default_network {
+            DefaultNetwork::File(path) => crate::node_conf::read_primary(path)
+                .map(|p| p.conf)
+                .map_err(|e| invalid(format!("default network: {e}"))),
+            DefaultNetwork::Auto => {
+                crate::node_conf::find_primary(&self.cni_conf_dir, &self.cni_conf_file)
+                    .map(|p| p.conf)
+                    .map_err(|e| {
+                        // Node boot, or the cluster network being replaced: the runtime
+                        // tries again.
+                        let code = if e.is_not_yet() {
+                            ErrorCode::TryAgainLater
+                        } else {
+                            ErrorCode::InvalidNetworkConfig
+                        };
+                        CniError::new(code, format!("default network: {e}"))
+                    })
+            }
+            DefaultNetwork::Nad { namespace, name } => {
+                let sel = selection::NetworkSelection {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                Ok(self.default_from_nad(&sel, "eth0")?.1)
+            }
+        }
+    }
+
+    /// A NAD as the cluster default network: (network, conf, ACL).
+    fn default_from_nad(
+        &self,
+        sel: &selection::NetworkSelection,
+        ifname: &str,
+    ) -> Result<(String, NetConfList, Option<PlannedAcl>), CniError> {
+        let read_at = std::time::Instant::now();
+        let nad = self
+            .source
+            .get_nad(&sel.namespace, &sel.name)
+            .map_err(from_source_err)?;
+        let network = nad.qualified_name();
+        let acl = self
+            .nad_acl(&nad, &network, ifname)?
+            .map(|acl| PlannedAcl { acl, read_at });
+        let conf = nad.conf_list().map_err(from_nad_err)?;
+        self.check_policy(&conf, &network, ifname, &nad)?;
+        Ok((network, conf, acl))
     }
 
     /// Resolves every network of the pod; changes nothing.
@@ -733,23 +793,23 @@ impl Handler {
         let pod_ns = pod.map(|p| p.namespace.as_str()).unwrap_or("default");
         let mut default_rc = runtime_config.clone();
         default_rc.remove(POD_ANNOTATIONS_CAPABILITY);
-        let (network, conf, acl) = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
-            Some(a) => {
-                let sel = selection::parse_default_network(a, pod_ns)
-                    .map_err(|e| invalid(e.to_string()))?;
-                let read_at = std::time::Instant::now();
-                let nad = self
-                    .source
-                    .get_nad(&sel.namespace, &sel.name)
-                    .map_err(from_source_err)?;
-                let network = nad.qualified_name();
-                let acl = self
-                    .nad_acl(&nad, &network, &env.ifname)?
-                    .map(|acl| PlannedAcl { acl, read_at });
-                let conf = nad.conf_list().map_err(from_nad_err)?;
-                self.check_policy(&conf, &network, &env.ifname, &nad)?;
-                (network, conf, acl)
-            }
+        let from_nad = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
+            Some(a) => Some(
+                selection::parse_default_network(a, pod_ns).map_err(|e| invalid(e.to_string()))?,
+            ),
+            None => match &self.default_network {
+                crate::config::DefaultNetwork::Nad { namespace, name } => {
+                    Some(selection::NetworkSelection {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        ..Default::default()
+                    })
+                }
+                _ => None,
+            },
+        };
+        let (network, conf, acl) = match from_nad {
+            Some(sel) => self.default_from_nad(&sel, &env.ifname)?,
             None => {
                 let conf = self.load_default_network()?;
                 (conf.name.clone(), conf, None)
@@ -1180,6 +1240,27 @@ impl Handler {
             if let Err(e) = self.source.publish_network_status(p, &status.to_string()) {
                 tracing::warn!(pod = %p, "cannot write {NETWORK_STATUS_ANNOTATION}: {e}");
             }
+            for e in status.as_array().into_iter().flatten() {
+                let ips: Vec<&str> = e["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                self.source.pod_event(
+                    p,
+                    crate::source::PodEvent {
+                        warning: false,
+                        reason: "AddedInterface",
+                        message: format!(
+                            "Add {} [{}] from {}",
+                            e["interface"].as_str().unwrap_or(""),
+                            ips.join(" "),
+                            e["name"].as_str().unwrap_or("")
+                        ),
+                    },
+                );
+            }
         }
         Ok(merged)
     }
@@ -1279,19 +1360,18 @@ impl Handler {
         failures
     }
 
-    fn del(&self, env: &CniEnv) -> Result<(), CniError> {
+    fn del(&self, env: &CniEnv, shim: &ShimConf) -> Result<(), CniError> {
         let _lock = self.locks.lock(&env.container_id);
         let Some(record) = self
             .records
             .load(&env.container_id)
             .map_err(from_record_err)?
         else {
-            // Nothing attached (or already deleted): DEL is idempotent. A record file
-            // with no snapshot in it (the agent died creating it) goes too.
-            return self
-                .records
+            // A record file with no snapshot in it (the agent died creating it) goes.
+            self.records
                 .remove(&env.container_id)
-                .map_err(from_record_err);
+                .map_err(from_record_err)?;
+            return self.del_unrecorded(env, shim);
         };
         let failures = self.tear_down(record, &env.netns);
         if failures.is_empty() {
@@ -1300,6 +1380,53 @@ impl Handler {
             Err(CniError::new(
                 ErrorCode::Io,
                 format!("DEL incomplete: {}", failures.join("; ")),
+            ))
+        }
+    }
+
+    /// DEL of a container trellis has no record of: already deleted, an ADD that
+    /// failed and was undone, or a pod started before trellis was installed. The last
+    /// was made by the node's primary conf, which gets the DEL (DEL is idempotent, so
+    /// the other two lose nothing); secondary networks were never trellis's to undo.
+    fn del_unrecorded(&self, env: &CniEnv, shim: &ShimConf) -> Result<(), CniError> {
+        use crate::config::DefaultNetwork;
+        let primary = match &self.default_network {
+            DefaultNetwork::File(path) => crate::node_conf::read_primary(path),
+            DefaultNetwork::Auto | DefaultNetwork::Nad { .. } => {
+                crate::node_conf::find_primary(&self.cni_conf_dir, &self.cni_conf_file)
+            }
+        };
+        let conf = match primary {
+            Ok(p) => p.conf,
+            Err(e) => {
+                tracing::warn!(container = %env.container_id,
+                    "DEL of a container with no attachments recorded: no primary conf to pass it to ({e})");
+                return Ok(());
+            }
+        };
+        let mut rc = shim.runtime_config.clone();
+        rc.remove(POD_ANNOTATIONS_CAPABILITY);
+        let args = env.args.to_string();
+        let target = Target {
+            container_id: &env.container_id,
+            netns: &env.netns,
+            ifname: &env.ifname,
+            args: &args,
+        };
+        let errs = self.invoker.del_list(&conf, &target, &rc, None);
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                ErrorCode::Io,
+                format!(
+                    "DEL on the primary network {} (no attachments recorded): {}",
+                    conf.name,
+                    errs.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
             ))
         }
     }
@@ -1377,17 +1504,27 @@ impl Handler {
             tracing::info!(container = %r.container_id, "GC: removing stale attachments");
             failures.extend(self.tear_down(r, ""));
         }
+        // Containers the runtime still runs that trellis has no record of (pods
+        // started before trellis was installed): whatever holds them is kept.
+        let recorded: std::collections::BTreeSet<&str> =
+            live.iter().map(|r| r.container_id.as_str()).collect();
+        let unrecorded: Vec<(String, String)> = valid
+            .iter()
+            .filter(|(id, _)| !recorded.contains(id.as_str()))
+            .cloned()
+            .collect();
         for conf in confs.values() {
-            let keep: Vec<(String, String)> = live
+            let keep: Vec<(String, String)> = unrecorded
                 .iter()
-                .flat_map(|r| {
+                .cloned()
+                .chain(live.iter().flat_map(|r| {
                     r.attachments
                         .iter()
                         .filter(|a| {
                             a.conf.get("name").and_then(Value::as_str) == Some(conf.name.as_str())
                         })
                         .map(|a| (r.container_id.clone(), a.ifname.clone()))
-                })
+                }))
                 .collect();
             failures.extend(
                 self.invoker
@@ -1404,6 +1541,45 @@ impl Handler {
                 format!("GC incomplete: {}", failures.join("; ")),
             ))
         }
+    }
+
+    /// `/healthz`: the CNI socket is served.
+    pub fn liveness(&self) -> Result<(), String> {
+        if self.serving.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the CNI socket is not being served (starting or stopping)".into())
+        }
+    }
+
+    /// `/readyz`: the socket is served, the network source's caches are synced, the
+    /// default network is there to delegate to (its plugins found), and, when the agent
+    /// follows the node's primary conf, trellis's conflist is there and first.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.liveness()?;
+        self.source
+            .ready()
+            .map_err(|e| format!("network source not ready: {e}"))?;
+        let conf = self.load_default_network().map_err(|e| e.msg)?;
+        for p in &conf.plugins {
+            let t = p.get("type").and_then(Value::as_str).unwrap_or_default();
+            if self
+                .invoker
+                .in_process
+                .as_ref()
+                .is_some_and(|i| i.handles(t))
+            {
+                continue;
+            }
+            self.invoker
+                .find(t)
+                .map_err(|e| format!("default network {}: {e}", conf.name))?;
+        }
+        if self.default_network == crate::config::DefaultNetwork::Auto {
+            crate::node_conf::check_installed(&self.cni_conf_dir, &self.cni_conf_file)
+                .map_err(|e| format!("node CNI config: {e}"))?;
+        }
+        Ok(())
     }
 
     fn status(&self) -> Result<(), CniError> {

@@ -3,6 +3,7 @@
 
 pub mod acl;
 pub mod builtins;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod handler;
@@ -12,10 +13,12 @@ pub mod metrics;
 pub mod nad;
 pub mod netns;
 pub mod network_status;
+pub mod node_conf;
 pub mod records;
 pub mod routes;
 pub mod selection;
 pub mod server;
 pub mod source;
 pub mod sriov;
+pub mod table;
 pub mod vhostuser;

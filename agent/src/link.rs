@@ -225,7 +225,7 @@ impl Netlink {
     /// Applies `change` to link `index` in one RTM_SETLINK.
     pub fn set(&self, index: u32, what: &str, change: &LinkChange) -> Result<(), LinkError> {
         let netns_file = match change.netns {
-            Some(p) => Some(std::fs::File::open(p).map_err(|source| LinkError::Netns {
+            Some(p) => Some(crate::netns::open(p).map_err(|source| LinkError::Netns {
                 netns: p.display().to_string(),
                 source,
             })?),

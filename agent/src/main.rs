@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use trellis_agent::config::{AgentConfig, NetworksConfig};
 use trellis_agent::handler::Handler;
-use trellis_agent::records::RecordStore;
 use trellis_agent::source::{files::FileSource, kube::KubeSource, NetworkSource};
+
+use trellis_agent::cli::{self, Filter, Output, DEFAULT_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -19,238 +20,278 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// The agent's config. The other commands take bpffs_dir, state_dir, sysfs_root
+    /// and the device config from it (flags win); they read the default path when it
+    /// exists (in the agent's container) and use built-in defaults when not.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
 
+/// `-o` and the older `--json`.
+#[derive(clap::Args)]
+struct OutputArgs {
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
+    /// Same as `-o json`.
+    #[arg(long)]
+    json: bool,
+}
+
+impl OutputArgs {
+    fn get(&self) -> Output {
+        if self.json {
+            Output::Json
+        } else {
+            self.output
+        }
+    }
+}
+
+/// `--namespace`, `--pod`, `--network`: the same on every command that lists pods.
+#[derive(clap::Args)]
+struct FilterArgs {
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    #[arg(long)]
+    pod: Option<String>,
+    /// A network (`namespace/name`, or the cluster network's name).
+    #[arg(long)]
+    network: Option<String>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(f: FilterArgs) -> Filter {
+        Filter {
+            namespace: f.namespace,
+            pod: f.pod,
+            network: f.network,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the node agent.
+    /// Run the node agent (config: --config, default /etc/trellis/agent.toml).
     Agent {
-        #[arg(long)]
-        config: PathBuf,
         /// Read this tree where /sys would be, overriding sysfs_root (tests).
         #[arg(long)]
         sysfs_root: Option<PathBuf>,
     },
-    /// Check a config file and exit.
-    CheckConfig {
+    /// Check the config (and the device pool config it names) and exit.
+    CheckConfig,
+    /// Put trellis on the node (the DaemonSet's init container): copy `trellis-cni`
+    /// into the CNI bin dir atomically and write trellis's conflist in front of the
+    /// node's default network, waiting for one to exist in auto mode.
+    Install {
+        /// The host's CNI bin dir, as this process sees it.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The shim to copy. Default: `trellis-cni` beside this binary.
         #[arg(long)]
-        config: PathBuf,
+        shim: Option<PathBuf>,
+        /// Give up after this many seconds without a primary CNI conf (default: wait).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// The host's CNI conf dir, as this process sees it (default: cni_conf_dir).
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
+    },
+    /// Take trellis off the node: remove its conflist (only if it is trellis's) and
+    /// the shim. Pods keep running; their DEL goes to the primary network directly.
+    Uninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The host's CNI conf dir, as this process sees it (default: cni_conf_dir).
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
     },
     /// The node's network devices and vhost-user sockets, and the pool of each.
     Devices {
         /// Read this tree where /sys would be (fixture trees in tests).
-        #[arg(long, default_value = "/sys")]
-        sysfs_root: PathBuf,
+        #[arg(long)]
+        sysfs_root: Option<PathBuf>,
         /// Resource pool config (sriov-network-device-plugin's config.json format).
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        device_config: Option<PathBuf>,
         /// resourcePrefix for entries without one.
-        #[arg(long, default_value = trellis_device_plugin::config::DEFAULT_PREFIX)]
-        resource_prefix: String,
         #[arg(long)]
-        json: bool,
+        resource_prefix: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Traffic per pod, network and interface, from the dataplane's pins (the agent
     /// need not be running).
     Stats {
-        #[arg(long, default_value = "/sys/fs/bpf/trellis")]
-        bpffs_dir: PathBuf,
         #[arg(long)]
-        namespace: Option<String>,
-        #[arg(long)]
-        pod: Option<String>,
-        /// A network (`namespace/name`, or the cluster network's name).
-        #[arg(long)]
-        network: Option<String>,
-        #[arg(long)]
-        json: bool,
+        bpffs_dir: Option<PathBuf>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        out: OutputArgs,
         /// Print again every SECS seconds, with rates.
         #[arg(long, value_name = "SECS")]
         watch: Option<u64>,
-        /// The networks' ACL rule hits instead of the interface counters.
+        /// The networks' ACL rule hits instead of the interface counters (with
+        /// --namespace/--pod: the ACLs of the networks those pods are on; the hits
+        /// are each network's, summed over all its pods on the node).
         #[arg(long)]
         acl: bool,
     },
     /// List the pods' attachments from the agent's records.
     Attachments {
-        #[arg(long, default_value = "/var/lib/trellis")]
-        state_dir: PathBuf,
         #[arg(long)]
-        json: bool,
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
+    let agent_config = || -> anyhow::Result<(PathBuf, AgentConfig)> {
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let c = AgentConfig::load(&path)?;
+        Ok((path, c))
+    };
     match cli.command {
-        Cmd::Agent { config, sysfs_root } => run_agent(&config, sysfs_root),
-        Cmd::CheckConfig { config } => {
-            AgentConfig::load(&config)?;
-            println!("{}: ok", config.display());
+        Cmd::Agent { sysfs_root } => {
+            let (_, c) = agent_config()?;
+            run_agent(c, sysfs_root)
+        }
+        Cmd::CheckConfig => {
+            let (path, c) = agent_config()?;
+            if let Some(d) = &c.devices {
+                trellis_device_plugin::config::DeviceConfig::load(&d.config, &d.resource_prefix)
+                    .with_context(|| format!("{}: [devices] config", path.display()))?;
+            }
+            println!("{}: ok", path.display());
             Ok(())
         }
-        Cmd::Attachments { state_dir, json } => list_attachments(&state_dir, json),
+        Cmd::Install {
+            cni_bin_dir,
+            shim,
+            wait,
+            cni_conf_dir,
+        } => {
+            let (_, mut c) = agent_config()?;
+            if let Some(d) = cni_conf_dir {
+                c.cni_conf_dir = d;
+            }
+            let shim = match shim {
+                Some(s) => s,
+                None => std::env::current_exe()
+                    .context("finding this binary")?
+                    .with_file_name("trellis-cni"),
+            };
+            trellis_agent::node_conf::install(
+                &c,
+                &shim,
+                &cni_bin_dir,
+                wait.map(std::time::Duration::from_secs),
+            )?;
+            Ok(())
+        }
+        Cmd::Uninstall {
+            cni_bin_dir,
+            cni_conf_dir,
+        } => {
+            let (_, mut c) = agent_config()?;
+            if let Some(d) = cni_conf_dir {
+                c.cni_conf_dir = d;
+            }
+            for p in trellis_agent::node_conf::uninstall(&c, &cni_bin_dir)? {
+                println!("removed {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Attachments {
+            state_dir,
+            filter,
+            out,
+        } => {
+            let c = cli::load_config(cli.config.as_deref())?;
+            let dir = state_dir
+                .or_else(|| c.map(|c| c.state_dir))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/trellis"));
+            print!("{}", cli::attachments(&dir, &filter.into(), out.get())?);
+            Ok(())
+        }
         Cmd::Stats {
             bpffs_dir,
-            network,
-            json,
+            filter,
+            out,
             watch,
-            acl: true,
-            ..
-        } => acl_hits(&bpffs_dir, network, json, watch),
-        Cmd::Stats {
-            bpffs_dir,
-            namespace,
-            pod,
-            network,
-            json,
-            watch,
-            acl: false,
-        } => stats(&bpffs_dir, namespace, pod, network, json, watch),
+            acl,
+        } => {
+            let c = cli::load_config(cli.config.as_deref())?;
+            let dir = bpffs_dir
+                .or_else(|| c.map(|c| c.dataplane.bpffs_dir))
+                .unwrap_or_else(trellis_agent::config::default_bpffs_dir);
+            stats(&dir, filter.into(), out.get(), watch, acl)
+        }
         Cmd::Devices {
             sysfs_root,
-            config,
+            device_config,
             resource_prefix,
-            json,
-        } => list_devices(&sysfs_root, config.as_deref(), &resource_prefix, json),
+            out,
+        } => {
+            let c = cli::load_config(cli.config.as_deref())?;
+            let sysfs_root = sysfs_root
+                .or_else(|| c.as_ref().map(|c| c.sysfs_root.clone()))
+                .unwrap_or_else(|| PathBuf::from("/sys"));
+            let devices = c.and_then(|c| c.devices);
+            let device_config =
+                device_config.or_else(|| devices.as_ref().map(|d| d.config.clone()));
+            let prefix = resource_prefix
+                .or_else(|| devices.map(|d| d.resource_prefix))
+                .unwrap_or_else(|| trellis_device_plugin::config::DEFAULT_PREFIX.into());
+            print!(
+                "{}",
+                cli::devices(&sysfs_root, device_config.as_ref(), &prefix, out.get())?
+            );
+            Ok(())
+        }
     }
 }
 
+/// `trellis stats [--acl] [--watch SECS]`.
 fn stats(
     dir: &std::path::Path,
-    namespace: Option<String>,
-    pod: Option<String>,
-    network: Option<String>,
-    json: bool,
+    filter: Filter,
+    output: Output,
     watch: Option<u64>,
+    acl: bool,
 ) -> anyhow::Result<()> {
-    use trellis_agent::dataplane::read_stats;
-    let wanted = |s: &trellis_agent::dataplane::SlotStats| {
-        namespace.as_ref().is_none_or(|n| &s.owner.namespace == n)
-            && pod.as_ref().is_none_or(|p| &s.owner.pod == p)
-            && network.as_ref().is_none_or(|n| &s.owner.network == n)
-    };
-    let read = || -> anyhow::Result<Vec<_>> {
-        Ok(read_stats(dir)?.into_iter().filter(|s| wanted(s)).collect())
-    };
     let mut prev: Option<(std::time::Instant, Vec<trellis_agent::dataplane::SlotStats>)> = None;
     loop {
-        let now = read()?;
-        let t = std::time::Instant::now();
-        if json {
-            println!("{}", serde_json::to_string(&now)?);
+        if acl {
+            print!("{}", cli::acl_table(dir, &filter, output)?);
         } else {
-            println!(
-                "{:<12} {:<16} {:<20} {:<8} {:>12} {:>9} {:>7} {:>12} {:>9} {:>7}{}",
-                "NAMESPACE",
-                "POD",
-                "NETWORK",
-                "IFACE",
-                "RX_BYTES",
-                "RX_PKTS",
-                "RX_DROP",
-                "TX_BYTES",
-                "TX_PKTS",
-                "TX_DROP",
-                if prev.is_some() {
-                    "   RX_B/s    TX_B/s"
-                } else {
-                    ""
-                }
-            );
-            for s in &now {
-                // Ingress at the pod's interface is what the pod receives.
-                let rate = prev.as_ref().and_then(|(t0, old)| {
-                    let o = old
-                        .iter()
-                        .find(|o| o.slot == s.slot && o.owner == s.owner)?;
-                    let dt = t.duration_since(*t0).as_secs_f64().max(1e-3);
-                    Some(format!(
-                        " {:>9.0} {:>9.0}",
-                        (s.ingress.bytes - o.ingress.bytes) as f64 / dt,
-                        (s.egress.bytes - o.egress.bytes) as f64 / dt
-                    ))
-                });
-                println!(
-                    "{:<12} {:<16} {:<20} {:<8} {:>12} {:>9} {:>7} {:>12} {:>9} {:>7}{}",
-                    s.owner.namespace,
-                    s.owner.pod,
-                    s.owner.network,
-                    s.owner.ifname,
-                    s.ingress.bytes,
-                    s.ingress.packets,
-                    s.ingress.drops,
-                    s.egress.bytes,
-                    s.egress.packets,
-                    s.egress.drops,
-                    rate.unwrap_or_default()
-                );
-            }
-        }
-        let Some(secs) = watch else { return Ok(()) };
-        prev = Some((t, now));
-        std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
-    }
-}
-
-/// `trellis stats --acl`: per network ACL, the hits of every rule that matched
-/// something and of the default.
-fn acl_hits(
-    dir: &std::path::Path,
-    network: Option<String>,
-    json: bool,
-    watch: Option<u64>,
-) -> anyhow::Result<()> {
-    loop {
-        let acls: Vec<_> = trellis_agent::dataplane::read_acl_hits(dir)?
-            .into_iter()
-            .filter(|a| network.as_ref().is_none_or(|n| &a.network == n))
-            .collect();
-        if json {
-            println!("{}", serde_json::to_string(&acls)?);
-        } else {
-            println!(
-                "{:<28} {:>8} {:<6} {:>14}",
-                "NETWORK", "RULE", "ACTION", "PACKETS"
-            );
-            for a in &acls {
-                for (i, (h, act)) in a.rules.iter().zip(&a.actions).enumerate() {
-                    if *h > 0 {
-                        println!("{:<28} {:>8} {:<6} {:>14}", a.network, i, act, h);
-                    }
-                }
-                println!(
-                    "{:<28} {:>8} {:<6} {:>14}",
-                    a.network, "default", a.default_action, a.default
-                );
-            }
+            let now = cli::read_filtered_stats(dir, &filter)?;
+            let t = std::time::Instant::now();
+            let p = prev.as_ref().map(|(t0, old)| {
+                (
+                    old.as_slice(),
+                    t.duration_since(*t0).as_secs_f64().max(1e-3),
+                )
+            });
+            print!("{}", cli::stats_table(&now, p, output)?);
+            prev = Some((t, now));
         }
         let Some(secs) = watch else { return Ok(()) };
         std::thread::sleep(std::time::Duration::from_secs(secs.max(1)));
+        if output != Output::Json {
+            println!();
+        }
     }
-}
-
-fn list_devices(
-    sysfs_root: &std::path::Path,
-    config: Option<&std::path::Path>,
-    prefix: &str,
-    json: bool,
-) -> anyhow::Result<()> {
-    use trellis_device_plugin::{config::DeviceConfig, pool::Inventory, report, sysfs::Sysfs};
-    let config = config.map(|p| DeviceConfig::load(p, prefix)).transpose()?;
-    let inventory = Inventory {
-        pci: Sysfs::new(sysfs_root).discover()?,
-    };
-    let rows = report::rows(&inventory, config.as_ref());
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", report::table(&rows));
-    }
-    Ok(())
 }
 
 fn init_logging(json: bool) {
@@ -268,10 +309,27 @@ fn init_logging(json: bool) {
     }
 }
 
-fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut config = AgentConfig::load(path)?;
+fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(root) = sysfs_root {
         config.sysfs_root = root;
+    }
+    if let Some(h) = &config.host_process {
+        // In a container: pods' netns paths are the host's.
+        trellis_agent::netns::set_host_root(h.join("root"));
+        use std::os::unix::fs::MetadataExt;
+        let ns = |p: PathBuf| std::fs::metadata(&p).map(|m| (m.dev(), m.ino())).ok();
+        let (theirs, ours) = (ns(h.join("ns/mnt")), ns("/proc/self/ns/mnt".into()));
+        if theirs.is_none() {
+            anyhow::bail!(
+                "host_process {}: cannot read its ns/mnt (is the container in the host's PID namespace, hostPID: true?)",
+                h.display()
+            );
+        }
+        if theirs == ours {
+            tracing::warn!(host = %h.display(),
+                "host_process is in this process's own mount namespace: delegates see this container's files, not the host's");
+        }
+        tracing::info!(host = %h.display(), "delegates run in that process's mount namespace");
     }
     let source: Arc<dyn NetworkSource> = match &config.networks {
         NetworksConfig::Files { dir } => Arc::new(FileSource::new(dir)),
@@ -340,6 +398,11 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         }
     }
     let handler = Arc::new(handler);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if config.default_network == trellis_agent::config::DefaultNetwork::Auto {
+        // trellis's conflist follows the primary conf (written first by `trellis install`).
+        trellis_agent::node_conf::follow(config.clone(), stopping.clone());
+    }
     handler.reconcile_dataplane();
     handler.start_dataplane_worker();
     handler.start_acl_sync(std::time::Duration::from_millis(
@@ -351,26 +414,41 @@ fn run_agent(path: &std::path::Path, sysfs_root: Option<PathBuf>) -> anyhow::Res
         l.set_nonblocking(true)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         let h = handler.clone();
-        let exposition = Arc::new(trellis_agent::metrics::Exposition::new(
-            &handler.metrics,
-            config
-                .dataplane
-                .enabled
-                .then(|| config.dataplane.bpffs_dir.clone()),
-            Arc::new(move || {
-                h.records()
-                    .list()
-                    .map(|(r, _)| r.iter().map(|r| r.attachments.len()).sum())
-                    .unwrap_or(0)
-            }),
-        ));
+        let (live, ready) = (handler.clone(), handler.clone());
+        let exposition = Arc::new(
+            trellis_agent::metrics::Exposition::new(
+                &handler.metrics,
+                config
+                    .dataplane
+                    .enabled
+                    .then(|| config.dataplane.bpffs_dir.clone()),
+                Arc::new(move || {
+                    h.records()
+                        .list()
+                        .map(|(r, _)| r.iter().map(|r| r.attachments.len()).sum())
+                        .unwrap_or(0)
+                }),
+            )
+            .with_probes(
+                Arc::new(move || live.liveness()),
+                Arc::new(move || ready.readiness()),
+            ),
+        );
         let l = {
             let _g = rt.enter();
             tokio::net::TcpListener::from_std(l).context("metrics listener")?
         };
-        tracing::info!(listen = %config.metrics.listen, "metrics on /metrics");
+        tracing::info!(listen = %config.metrics.listen, "serving /metrics, /healthz, /readyz");
         rt.spawn(trellis_agent::metrics::serve(l, exposition));
+    } else {
+        tracing::warn!(
+            "[metrics] listen is empty: no /metrics, and no /healthz or /readyz for probes"
+        );
     }
+    let stop = async move {
+        stop.await;
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
     rt.block_on(trellis_agent::server::serve(listener, handler, stop));
     // The device plugin's sockets go with it: kubelet takes a socket left in its
     // dir for a plugin that died.
@@ -429,55 +507,4 @@ fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             std::process::exit(1);
         });
     })
-}
-
-fn list_attachments(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let store = RecordStore::open(state_dir)?;
-    let (records, corrupt) = store.list()?;
-    for e in corrupt {
-        eprintln!("warning: {e}");
-    }
-    if json {
-        let v: Vec<_> = records
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "namespace": r.pod_namespace, "pod": r.pod_name, "container": r.container_id,
-                    "netns": r.netns, "network-status": r.network_status,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!(
-        "{:<28} {:<22} {:<8} {:<18} {:<18}",
-        "POD", "NETWORK", "IFACE", "IPS", "MAC"
-    );
-    for r in &records {
-        let pod = format!("{}/{}", r.pod_namespace, r.pod_name);
-        for s in r
-            .network_status
-            .as_ref()
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-        {
-            let ips: Vec<&str> = s["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.as_str())
-                .collect();
-            println!(
-                "{:<28} {:<22} {:<8} {:<18} {:<18}",
-                pod,
-                s["name"].as_str().unwrap_or(""),
-                s["interface"].as_str().unwrap_or(""),
-                ips.join(","),
-                s["mac"].as_str().unwrap_or("")
-            );
-        }
-    }
-    Ok(())
 }

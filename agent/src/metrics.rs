@@ -182,9 +182,14 @@ impl Collector for Scraped {
     }
 }
 
-/// Everything `/metrics` shows.
+/// A probe: Ok, or why not.
+pub type Probe = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Everything `/metrics` shows, and the probes `/healthz` and `/readyz` run.
 pub struct Exposition {
     registry: Registry,
+    live: Option<Probe>,
+    ready: Option<Probe>,
 }
 
 impl Exposition {
@@ -203,7 +208,18 @@ impl Exposition {
             bpffs_dir,
             attachments,
         }));
-        Exposition { registry }
+        Exposition {
+            registry,
+            live: None,
+            ready: None,
+        }
+    }
+
+    /// `/healthz` runs `live`, `/readyz` runs `ready`.
+    pub fn with_probes(mut self, live: Probe, ready: Probe) -> Exposition {
+        self.live = Some(live);
+        self.ready = Some(ready);
+        self
     }
 
     /// The whole exposition, in the Prometheus text format.
@@ -242,10 +258,43 @@ async fn metrics(
         .into_response()
 }
 
-/// Serves `GET /metrics` on `listener` until the runtime stops.
+async fn probe(probe: Option<Probe>) -> (axum::http::StatusCode, String) {
+    let Some(p) = probe else {
+        return (axum::http::StatusCode::OK, "ok\n".into());
+    };
+    // A probe may read files or ask the API cache: off the async workers.
+    match tokio::task::spawn_blocking(move || p()).await {
+        Ok(Ok(())) => (axum::http::StatusCode::OK, "ok\n".into()),
+        Ok(Err(why)) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why}\n"),
+        ),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("probe failed: {e}\n"),
+        ),
+    }
+}
+
+async fn healthz(
+    axum::extract::State(exp): axum::extract::State<Arc<Exposition>>,
+) -> (axum::http::StatusCode, String) {
+    probe(exp.live.clone()).await
+}
+
+async fn readyz(
+    axum::extract::State(exp): axum::extract::State<Arc<Exposition>>,
+) -> (axum::http::StatusCode, String) {
+    probe(exp.ready.clone()).await
+}
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until the runtime
+/// stops.
 pub async fn serve(listener: tokio::net::TcpListener, exposition: Arc<Exposition>) {
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
         .with_state(exposition);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {

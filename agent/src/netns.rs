@@ -4,7 +4,26 @@
 use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Where the host's files are seen from this process (`/proc/1/root` when the agent
+/// runs in a container with hostPID); pods' netns paths are the host's.
+static HOST_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// Reads pods' netns paths through `root` from now on (once, at start-up).
+pub fn set_host_root(root: PathBuf) {
+    let _ = HOST_ROOT.set(root);
+}
+
+/// Opens a pod's netns (a host path), through the host's root if set, its symlinks
+/// (`/var/run -> /run`) resolved there.
+pub fn open(path: &Path) -> io::Result<File> {
+    match HOST_ROOT.get() {
+        Some(root) => trellis_cni::host::open_in_root(root, path),
+        None => File::open(path),
+    }
+}
 
 /// While alive, this thread is in another netns. `!Send`: it must be dropped on the
 /// thread that made it.
@@ -16,7 +35,7 @@ pub struct NetnsGuard {
 impl NetnsGuard {
     pub fn enter(path: &Path) -> io::Result<NetnsGuard> {
         let original = File::open("/proc/thread-self/ns/net")?;
-        let target = File::open(path)?;
+        let target = open(path)?;
         setns(&target)?;
         Ok(NetnsGuard {
             original,

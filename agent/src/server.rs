@@ -115,6 +115,10 @@ pub async fn serve(
         }
     };
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    handler
+        .serving
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let serving = handler.clone();
     let jobs = start_workers(handler, stopping.clone());
     if let Ok(addr) = listener.local_addr() {
         if let Some(path) = addr.as_pathname() {
@@ -139,6 +143,9 @@ pub async fn serve(
     }
     drop(listener);
     stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    serving
+        .serving
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let busy = MAX_CONNECTIONS - slots.available_permits();
     if busy > 0 {
         tracing::info!(

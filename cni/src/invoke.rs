@@ -138,6 +138,10 @@ pub struct Invoker {
     pub bin_dirs: Vec<PathBuf>,
     pub timeout: Duration,
     pub in_process: Option<std::sync::Arc<dyn InProcessPlugins>>,
+    /// A host process's /proc dir when this program runs in a container: plugins are
+    /// looked up through its root and run in its mount namespace, so `bin_dirs` and
+    /// whatever a plugin reads (its config, a kubeconfig) are the host's.
+    pub host_process: Option<PathBuf>,
 }
 
 impl Invoker {
@@ -151,7 +155,10 @@ impl Invoker {
         self.bin_dirs
             .iter()
             .map(|d| d.join(plugin))
-            .find(|p| p.is_file())
+            .find(|p| match &self.host_process {
+                Some(h) => crate::host::is_file_in_root(&h.join("root"), p),
+                None => p.is_file(),
+            })
             .ok_or_else(|| InvokeError::NotFound {
                 plugin: plugin.to_string(),
                 dirs: self.path_var(),
@@ -195,6 +202,23 @@ impl Invoker {
             .stderr(Stdio::piped())
             // Own process group, so a timeout kills whatever the plugin started too.
             .process_group(0);
+        if let Some(h) = &self.host_process {
+            let ns_path = h.join("ns/mnt");
+            let ns = std::fs::File::open(&ns_path).map_err(|source| InvokeError::Spawn {
+                path: ns_path.display().to_string(),
+                source,
+            })?;
+            // SAFETY: between fork and exec only async-signal-safe calls: setns(2) on
+            // an fd opened before the fork, and chdir(2) (the container's cwd is not
+            // in the host's tree).
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+                    nix::unistd::chdir("/")?;
+                    Ok(())
+                });
+            }
+        }
         // ETXTBSY: the binary is still open for writing somewhere (being installed, or a
         // fork of this process that has not exec'd yet held the writer's fd); it passes.
         let mut tries = 0;
@@ -209,9 +233,18 @@ impl Invoker {
                 }
                 r => {
                     break r.map_err(|source| InvokeError::Spawn {
-                        path: path.display().to_string(),
+                        // setns or chdir failing in the child comes back as the spawn's
+                        // error: say where it ran.
+                        path: match &self.host_process {
+                            Some(h) => format!(
+                                "{} in the mount namespace of {} (entering it needs a privileged container with the host's PID namespace)",
+                                path.display(),
+                                h.display()
+                            ),
+                            None => path.display().to_string(),
+                        },
                         source,
-                    })?
+                    })?;
                 }
             }
         };
@@ -462,6 +495,7 @@ mod tests {
             bin_dirs: vec![PathBuf::from("/nonexistent"), dir.to_path_buf()],
             timeout: Duration::from_millis(timeout_ms),
             in_process: None,
+            host_process: None,
         }
     }
 

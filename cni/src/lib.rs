@@ -6,6 +6,7 @@
 pub mod conf;
 pub mod env;
 pub mod error;
+pub mod host;
 pub mod invoke;
 pub mod result;
 pub mod version;

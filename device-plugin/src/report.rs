@@ -79,13 +79,14 @@ fn role(d: &PciNetDevice) -> String {
     }
 }
 
-/// A fixed-width table, one device per line.
-pub fn table(rows: &[Row]) -> String {
-    let mut lines = vec![[
-        "DEVICE", "ID", "NAME", "DRIVER", "NETDEV", "NUMA", "ROLE", "POOL", "HEALTH",
-    ]
-    .map(String::from)
-    .to_vec()];
+/// The columns of the device table (the CLI renders them).
+pub const HEADER: [&str; 9] = [
+    "DEVICE", "ID", "NAME", "DRIVER", "NETDEV", "NUMA", "ROLE", "POOL", "HEALTH",
+];
+
+/// The table's header and one row of cells per device.
+pub fn cells(rows: &[Row]) -> (&'static [&'static str], Vec<Vec<String>>) {
+    let mut lines = Vec::new();
     for r in rows {
         let health = match &r.device.health {
             Ok(()) => "ok".to_string(),
@@ -134,26 +135,7 @@ pub fn table(rows: &[Row]) -> String {
             ],
         });
     }
-    let widths: Vec<usize> = (0..lines[0].len())
-        .map(|i| {
-            lines
-                .iter()
-                .map(|l| l[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for l in lines {
-        let cells: Vec<String> = l
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    (&HEADER, lines)
 }
 
 #[cfg(test)]
@@ -188,22 +170,28 @@ mod tests {
             .unwrap()
             .contains("PF with VFs enabled"));
         assert_eq!(rows[1].pool.as_deref(), Some("intel.com/igbvf"));
-        let t = table(&rows);
-        let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].starts_with("DEVICE"), "{t}");
+        let (header, cells) = cells(&rows);
+        assert_eq!(header[0], "DEVICE");
+        let line = |i: usize| cells[i].join(" ");
         assert!(
-            lines[1].contains("8086:10c9")
-                && lines[1].contains("82576")
-                && lines[1].contains("PF 2/7 VFs"),
-            "{t}"
+            line(0).contains("8086:10c9")
+                && line(0).contains("82576")
+                && line(0).contains("PF 2/7 VFs"),
+            "{}",
+            line(0)
         );
         assert!(
-            lines[2].contains("VF 0 of enp1s0")
-                && lines[2].contains("intel.com/igbvf")
-                && lines[2].ends_with("ok"),
-            "{t}"
+            line(1).contains("VF 0 of enp1s0")
+                && line(1).contains("intel.com/igbvf")
+                && cells[1][8] == "ok",
+            "{}",
+            line(1)
         );
-        assert!(lines[3].contains("unhealthy: no driver bound"), "{t}");
+        assert!(
+            line(2).contains("unhealthy: no driver bound"),
+            "{}",
+            line(2)
+        );
         let json = serde_json::to_value(&rows).unwrap();
         assert_eq!(json[1]["id"], "0000:01:10.0");
         assert_eq!(json[1]["pool"], "intel.com/igbvf");

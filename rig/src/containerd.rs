@@ -42,55 +42,26 @@ impl Containerd {
             conflist.to_string(),
         )
         .unwrap();
-        let socket = dir.join("containerd.sock");
-        let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[{cri}]
-  sandbox_image = "{image}"
-  netns_mounts_under_state_dir = true
-  restrict_oom_score_adj = true
-  [{cri}.cni]
-    bin_dir = "{bin}"
-    conf_dir = "{conf}"
-    max_conf_num = 1
-  [{cri}.containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [{cri}.containerd.runtimes.runc.options]
-      Root = "{runc}"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
-            image = crate::pause::PAUSE_IMAGE,
-            bin = dir.join("cni-bin").display(),
-            conf = dir.join("cni-conf").display(),
-            runc = dir.join("runc").display(),
+        let child = launch(
+            netns,
+            &dir,
+            &dir.join("cni-bin"),
+            &dir.join("cni-conf"),
+            None,
         );
-        let cfg = dir.join("config.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = netns
-            .command("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
+        let socket = dir.join("containerd.sock");
         let mut c = Containerd {
             dir,
             socket,
             cni_name,
             child,
         };
+        c.wait_and_import();
+        c
+    }
+
+    fn wait_and_import(&mut self) {
+        let c = self;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
             if let Ok(Some(s)) = c.child.try_wait() {
@@ -116,7 +87,74 @@ state = "{state}"
             "ctr images import: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// containerd in a node of its own: a mount namespace where /etc, /opt, /var/lib
+    /// and /run are overlays of the host's (writes land under `dir`, the host's files
+    /// are untouched), a bpffs of its own on /sys/fs/bpf, / shared (as systemd makes
+    /// it, so hostPath mounts may propagate), and the CNI dirs at the standard paths,
+    /// empty but for `loopback`. Containers it runs see a node as a DaemonSet does.
+    pub fn start_node(netns: &Netns, dir: &Path) -> Containerd {
+        let dir = dir.to_path_buf();
+        for d in ["root", "state", "runc", "logs", "image", "overlay"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let cni_name = "trellis".to_string();
+        let mut setup = String::from("set -e\n");
+        for top in ["etc", "opt", "var/lib", "run"] {
+            let key = top.replace('/', "-");
+            let up = dir.join("overlay").join(&key);
+            setup += &format!(
+                "mkdir -p {up}/upper {up}/work\nmount -t overlay overlay -o lowerdir=/{top},upperdir={up}/upper,workdir={up}/work /{top}\n",
+                up = up.display()
+            );
+        }
+        setup += "mkdir -p /opt/cni/bin /etc/cni/net.d\n";
+        setup += "ln -sf /usr/lib/cni/loopback /opt/cni/bin/loopback\n";
+        setup += "mount -t bpf bpf /sys/fs/bpf\nmount --make-rshared /\n";
+        let child = launch(
+            netns,
+            &dir,
+            Path::new("/opt/cni/bin"),
+            Path::new("/etc/cni/net.d"),
+            Some(&setup),
+        );
+        let socket = dir.join("containerd.sock");
+        let mut c = Containerd {
+            dir,
+            socket,
+            cni_name,
+            child,
+        };
+        c.wait_and_import();
         c
+    }
+
+    /// containerd's pid (its mount namespace is the node's, with `start_node`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A path of the node (`start_node`) as this process can open it.
+    pub fn node_path(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{path}", self.pid()))
+    }
+
+    /// Imports an OCI image archive into the CRI namespace.
+    pub fn import(&self, tar: &Path) {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(tar)
+            .output()
+            .expect("ctr");
+        assert!(
+            out.status.success(),
+            "ctr images import {}: {}",
+            tar.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn log(&self) -> String {
@@ -156,6 +194,65 @@ state = "{state}"
         })
         .join();
     }
+}
+
+/// Writes containerd's config and starts it in `netns`, after `setup` (a shell
+/// script, run in a mount namespace of its own) if given.
+fn launch(netns: &Netns, dir: &Path, bin: &Path, conf: &Path, setup: Option<&str>) -> Child {
+    let socket = dir.join("containerd.sock");
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    let config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[{cri}]
+  sandbox_image = "{image}"
+  netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
+  [{cri}.cni]
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
+    max_conf_num = 1
+  [{cri}.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [{cri}.containerd.runtimes.runc.options]
+      Root = "{runc}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = socket.display(),
+        image = crate::pause::PAUSE_IMAGE,
+        bin = bin.display(),
+        conf = conf.display(),
+        runc = dir.join("runc").display(),
+    );
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let mut cmd = match setup {
+        None => {
+            let mut c = netns.command("containerd");
+            c.arg("--config").arg(&cfg);
+            c
+        }
+        // Each step execs the next: the child's pid is containerd's.
+        Some(script) => {
+            let mut c = netns.command("unshare");
+            c.args(["--mount", "--propagation", "slave", "sh", "-c"])
+                .arg(format!("{script}exec containerd --config \"$0\""))
+                .arg(&cfg);
+            c
+        }
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start containerd")
 }
 
 impl Drop for Containerd {

@@ -68,6 +68,88 @@ impl Cri {
         Ok(r.into_inner().pod_sandbox_id)
     }
 
+    /// RunPodSandbox with a config made by the caller (a DaemonSet's pod).
+    pub async fn run_pod_config(
+        &mut self,
+        config: PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        let r = self
+            .client
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await?;
+        Ok(r.into_inner().pod_sandbox_id)
+    }
+
+    /// CreateContainer in `pod` (made from `sandbox`).
+    pub async fn create_container(
+        &mut self,
+        pod: &str,
+        config: ContainerConfig,
+        sandbox: PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        let r = self
+            .client
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox),
+            })
+            .await?;
+        Ok(r.into_inner().container_id)
+    }
+
+    pub async fn start_container(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.client
+            .start_container(StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// StopContainer: SIGTERM, then SIGKILL after `timeout` seconds (as kubelet).
+    pub async fn stop_container(&mut self, id: &str, timeout: i64) -> Result<(), tonic::Status> {
+        self.client
+            .stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.client
+            .remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// (state, exit code) of a container.
+    pub async fn container_state(
+        &mut self,
+        id: &str,
+    ) -> Result<(ContainerState, i32), tonic::Status> {
+        let r = self
+            .client
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await?
+            .into_inner();
+        let s = r.status.unwrap_or_default();
+        Ok((
+            ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown),
+            s.exit_code,
+        ))
+    }
+
     pub async fn pod_ip(&mut self, id: &str) -> Result<String, tonic::Status> {
         let r = self
             .client

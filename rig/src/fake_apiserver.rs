@@ -1,7 +1,7 @@
 //! A fake of the few kube-apiserver endpoints the agent uses, written from the
 //! Kubernetes API conventions (no kube-apiserver can run here): list and watch of
 //! pods (with field selectors) and NetworkAttachmentDefinitions, GET of one object,
-//! and merge-PATCH of a pod's status. HTTP/1.1 on a loopback port, keep-alive, watches
+//! merge-PATCH of a pod's status, and POST of core/v1 Events. HTTP/1.1 on a loopback port, keep-alive, watches
 //! as chunked streams of JSON lines. Every request is recorded for assertions.
 
 use serde_json::{json, Value};
@@ -189,11 +189,23 @@ impl FakeApiServer {
 
     /// Creates or replaces a NetworkAttachmentDefinition; returns its resourceVersion.
     pub fn put_nad(&self, namespace: &str, name: &str, config: &Value) -> u64 {
+        self.put_nad_annotated(namespace, name, config, &BTreeMap::new())
+    }
+
+    /// A NetworkAttachmentDefinition with annotations (`trellis.dev/acl`).
+    pub fn put_nad_annotated(
+        &self,
+        namespace: &str,
+        name: &str,
+        config: &Value,
+        annotations: &BTreeMap<String, String>,
+    ) -> u64 {
         self.put(
             Kind::Nad,
             json!({
                 "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-                "metadata": {"name": name, "namespace": namespace, "uid": format!("nad-{namespace}-{name}")},
+                "metadata": {"name": name, "namespace": namespace, "uid": format!("nad-{namespace}-{name}"),
+                             "annotations": annotations},
                 "spec": {"config": config.to_string()},
             }),
         )
@@ -279,6 +291,10 @@ fn serve_conn(shared: &Shared, conn: TcpStream) {
             ("GET", Some(Route::Collection(kind, ns))) => list(shared, kind, ns, &req.query),
             ("GET", Some(Route::Object(kind, ns, name, false))) => get(shared, kind, ns, name),
             ("PATCH", Some(Route::Object(Kind::Pod, ns, name, _))) => patch(shared, ns, name, &req),
+            ("POST", None) => match segs.as_slice() {
+                ["api", "v1", "namespaces", ns, "events"] => create_event(ns, &req),
+                _ => status_error(405, "MethodNotAllowed", format!("POST {}", req.path)),
+            },
             _ => status_error(
                 404,
                 "NotFound",
@@ -518,6 +534,39 @@ fn patch(shared: &Shared, ns: &str, name: &str, req: &RecordedRequest) -> Respon
     Response {
         status: 200,
         body: pod,
+    }
+}
+
+/// POST of a core/v1 Event: checked for what the API server requires, and answered
+/// as created (the recorded request is what tests read).
+fn create_event(ns: &str, req: &RecordedRequest) -> Response {
+    let Ok(mut ev) = serde_json::from_str::<Value>(&req.body) else {
+        return status_error(400, "BadRequest", "event body is not JSON".into());
+    };
+    let meta = &ev["metadata"];
+    let named = meta["name"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty() && n.len() <= 253)
+        || meta["generateName"].as_str().is_some_and(|n| !n.is_empty());
+    if !named || ev["involvedObject"]["namespace"] != ns || meta["namespace"] != ns {
+        return status_error(
+            422,
+            "Invalid",
+            "event needs metadata.name or generateName (<= 253 characters) and the request's namespace on itself and its involvedObject".into(),
+        );
+    }
+    if ev["metadata"]["name"].is_null() {
+        let base: String = meta["generateName"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(58)
+            .collect();
+        ev["metadata"]["name"] = json!(format!("{base}x7k2q"));
+    }
+    Response {
+        status: 201,
+        body: ev,
     }
 }
 

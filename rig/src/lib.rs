@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bins;
 pub mod containerd;
 pub mod cri;
+pub mod daemonset;
 pub mod dpdk;
 pub mod fake_apiserver;
 pub mod fake_kubelet;

@@ -28,6 +28,8 @@ pub struct TestNode {
     pub devices_toml: Option<String>,
     /// Top-level agent config lines (before the tables), e.g. `sysfs_root = "..."`.
     pub top_toml: String,
+    /// `default_network = ...` as TOML; default: the node's conflist file.
+    pub default_network_toml: Option<String>,
     /// This node's own bpffs dir for the dataplane's pins (removed on drop).
     pub bpf_dir: PathBuf,
     /// Whether the agent attaches the eBPF dataplane (off by default, as in the agent).
@@ -103,6 +105,7 @@ impl TestNode {
             networks_toml: None,
             devices_toml: None,
             top_toml: String::new(),
+            default_network_toml: None,
             bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{}", crate::unique("trellis-node"))),
             dataplane: false,
             nad_policy_toml: RIG_NAD_POLICY.into(),
@@ -154,12 +157,14 @@ impl TestNode {
 
     pub fn config_toml(&self) -> String {
         format!(
-            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {:?}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nenabled = {}\nbpffs_dir = {:?}\n\n{}\n[networks]\n{}\n{}",
+            "socket = {:?}\nstate_dir = {:?}\ncni_bin_dirs = [{:?}, {:?}]\ndefault_network = {}\ndelegate_timeout_secs = {}\n{}\n[dataplane]\nenabled = {}\nbpffs_dir = {:?}\n\n{}\n[networks]\n{}\n{}",
             self.socket(),
             self.state_dir(),
             self.path("bin"),
             REFERENCE_PLUGINS,
-            self.path("default.conflist"),
+            self.default_network_toml
+                .clone()
+                .unwrap_or_else(|| format!("{:?}", self.path("default.conflist"))),
             self.delegate_timeout_secs,
             self.top_toml,
             self.dataplane,

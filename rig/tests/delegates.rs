@@ -249,6 +249,84 @@ fn gc_removes_attachments_not_in_the_valid_list() {
     assert!(node.reservations().is_empty());
 }
 
+/// A pod the runtime started on the primary network before trellis was installed:
+/// trellis has no record of it. GC keeps it (the runtime lists it), and its DEL, which
+/// now comes to trellis, reaches the primary network, which releases its IP.
+#[test]
+fn a_pod_from_before_install_is_kept_by_gc_and_deleted_on_the_primary() {
+    require_root!();
+    let node = node_with_networks();
+    let pod = Netns::new("trp");
+    let conf = node.bridge_conf("cluster", &node.bridge, "10.77.0.0/24");
+    let mut plugin = conf["plugins"][0].clone();
+    plugin["cniVersion"] = conf["cniVersion"].clone();
+    plugin["name"] = conf["name"].clone();
+    let file = node.path("pre.json");
+    std::fs::write(&file, plugin.to_string()).unwrap();
+    // As the runtime ran it, without trellis.
+    node.host.sh(&format!(
+        "CNI_COMMAND=ADD CNI_CONTAINERID=pre CNI_NETNS={} CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni /usr/lib/cni/bridge < {}",
+        pod.path().display(),
+        file.display()
+    ));
+    assert_eq!(node.reservations().len(), 1, "{:?}", node.reservations());
+    // The primary as a 1.1.0 conf, so GC reaches it (Debian's bridge speaks 1.0.0:
+    // the spy keeps what GC is told and hands everything else to bridge at 1.0.0).
+    let seen = node.path("gc-stdin.json");
+    node.add_plugin_script(
+        "spybridge",
+        &format!(
+            "if [ \"$CNI_COMMAND\" = GC ]; then cat > {}; exit 0; fi\nsed 's/\"cniVersion\":\"1.1.0\"/\"cniVersion\":\"1.0.0\"/' | exec /usr/lib/cni/bridge",
+            seen.display()
+        ),
+    );
+    let mut primary = conf.clone();
+    primary["cniVersion"] = json!("1.1.0");
+    primary["plugins"][0]["type"] = json!("spybridge");
+    node.write_default_network(&primary);
+    let mut gc = node.shim_conf(None);
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "pre", "ifname": "eth0"}]);
+    let env: BTreeMap<&str, String> = BTreeMap::from([
+        ("CNI_COMMAND", "GC".to_string()),
+        ("CNI_PATH", "/usr/lib/cni".into()),
+    ]);
+    let out = node.shim_raw(&env, gc.to_string().as_bytes());
+    assert!(out.ok, "GC: {}", out.stdout);
+    let told: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&seen).expect("GC reached the primary")).unwrap();
+    assert_eq!(
+        told["cni.dev/valid-attachments"],
+        json!([{"containerID": "pre", "ifname": "eth0"}]),
+        "GC must keep a container the runtime runs that trellis has no record of"
+    );
+    assert_eq!(node.reservations().len(), 1);
+    node.shim(
+        "DEL",
+        "pre",
+        &pod.path().to_string_lossy(),
+        ("pods", "pre"),
+        &node.shim_conf(None),
+    )
+    .expect_ok("DEL of a pod trellis never saw");
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+    assert!(
+        !pod.links().contains(&"eth0".to_string()),
+        "{:?}",
+        pod.links()
+    );
+    assert!(node.records().is_empty());
+    // Again: DEL is idempotent.
+    node.shim(
+        "DEL",
+        "pre",
+        &pod.path().to_string_lossy(),
+        ("pods", "pre"),
+        &node.shim_conf(None),
+    )
+    .expect_ok("second DEL");
+}
+
 #[test]
 fn status_and_version() {
     require_root!();
@@ -280,4 +358,74 @@ fn status_and_version() {
         .as_array()
         .unwrap()
         .contains(&json!("1.1.0")));
+}
+
+/// `default_network = { nad = ... }`: the cluster network from a NAD, without any pod
+/// annotation; a pod's own default-network annotation still wins.
+#[test]
+fn the_default_network_can_be_a_nad_from_the_config() {
+    require_root!();
+    let mut node = TestNode::new();
+    let br = trellis_rig::unique("trx");
+    node.add_nad(
+        "kube-system",
+        "cluster-nad",
+        &node.bridge_conf("cluster-nad", &br, "10.78.7.0/24"),
+    );
+    node.add_nad("pods", "mv-a", &node.macvlan_conf("10.78.8.0/24"));
+    node.default_network_toml = Some("{ nad = \"kube-system/cluster-nad\" }".into());
+    node.start_agent();
+    let p = Netns::new("trp");
+    let r = node
+        .shim(
+            "ADD",
+            "nad-default",
+            &p.path().to_string_lossy(),
+            ("pods", "p"),
+            &node.shim_conf(None),
+        )
+        .expect_ok("ADD");
+    assert!(
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.78.7."),
+        "{r}"
+    );
+    let status = &node.record("nad-default")["network_status"];
+    assert_eq!(status[0]["name"], "kube-system/cluster-nad", "{status}");
+    let ann: BTreeMap<String, String> = [(
+        "v1.multus-cni.io/default-network".to_string(),
+        "pods/mv-a".to_string(),
+    )]
+    .into();
+    let q = Netns::new("trp");
+    let r = node
+        .shim(
+            "ADD",
+            "nad-override",
+            &q.path().to_string_lossy(),
+            ("pods", "q"),
+            &node.shim_conf(Some(&ann)),
+        )
+        .expect_ok("ADD");
+    assert!(
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.78.8."),
+        "{r}"
+    );
+    for (c, ns) in [("nad-default", &p), ("nad-override", &q)] {
+        node.shim(
+            "DEL",
+            c,
+            &ns.path().to_string_lossy(),
+            ("pods", "p"),
+            &node.shim_conf(None),
+        )
+        .expect_ok("DEL");
+    }
+    assert!(node.records().is_empty());
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
 }

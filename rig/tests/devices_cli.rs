@@ -47,7 +47,7 @@ fn inventory_and_pools_from_a_fixture_tree() {
     let root = fx.root().to_str().unwrap();
     let cfg_path = cfg.path().to_str().unwrap();
 
-    let (ok, table, err) = devices(&["--sysfs-root", root, "--config", cfg_path]);
+    let (ok, table, err) = devices(&["--sysfs-root", root, "--device-config", cfg_path]);
     assert!(ok, "{err}");
     let line = |addr: &str| {
         table
@@ -74,7 +74,7 @@ fn inventory_and_pools_from_a_fixture_tree() {
         "{table}"
     );
 
-    let (ok, json, err) = devices(&["--sysfs-root", root, "--config", cfg_path, "--json"]);
+    let (ok, json, err) = devices(&["--sysfs-root", root, "--device-config", cfg_path, "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let rows = v.as_array().unwrap();
@@ -101,7 +101,7 @@ fn bad_config_and_missing_tree_are_named() {
     let (ok, _, err) = devices(&[
         "--sysfs-root",
         fx.root().to_str().unwrap(),
-        "--config",
+        "--device-config",
         cfg.path().to_str().unwrap(),
     ]);
     assert!(!ok);

@@ -29,7 +29,7 @@ async fn testpmd_sockets_are_devices_with_health() {
 
     // The CLI sees it, healthy.
     let out = std::process::Command::new(trellis_rig::bins::trellis())
-        .args(["devices", "--json", "--config"])
+        .args(["devices", "--json", "--device-config"])
         .arg(&cfg)
         .output()
         .unwrap();

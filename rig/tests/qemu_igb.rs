@@ -32,7 +32,7 @@ PF=$(ls /sys/bus/pci/drivers/igb | grep '^0000:')
 PFDIR=/sys/bus/pci/devices/$PF
 ip link set "$(ls $PFDIR/net)" up
 echo "=== devices-0"
-trellis devices --config /etc/trellis/pools.json --json
+trellis devices --device-config /etc/trellis/pools.json --json
 mkdir -p /var/lib/kubelet/device-plugins /etc/trellis/networks
 trellis-kubelet-probe /var/lib/kubelet/device-plugins trellis.dev/igbvf 40 > /tmp/probe.log 2>&1 &
 trellis agent --config /etc/trellis/agent.toml > /tmp/agent.log 2>&1 &
@@ -40,7 +40,7 @@ sleep 4
 echo 2 > $PFDIR/sriov_numvfs
 sleep 4
 echo "=== devices-2"
-trellis devices --config /etc/trellis/pools.json --json
+trellis devices --device-config /etc/trellis/pools.json --json
 echo 0 > $PFDIR/sriov_numvfs
 echo 4 > $PFDIR/sriov_numvfs
 sleep 4
@@ -50,7 +50,7 @@ echo "$VF" > /sys/bus/pci/devices/$VF/driver/unbind
 echo "$VF" > /sys/bus/pci/drivers_probe
 sleep 4
 echo "=== devices-4"
-trellis devices --config /etc/trellis/pools.json --json
+trellis devices --device-config /etc/trellis/pools.json --json
 echo "=== vfio"
 ls /dev/vfio
 echo "=== probe"

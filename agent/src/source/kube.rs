@@ -2,12 +2,12 @@
 //! NetworkAttachmentDefinitions cached by watches (a miss falls back to a GET, for
 //! objects newer than the cache), and network-status patched onto the pod.
 
-use super::{NetworkSource, PodRef, SourceError};
+use super::{NetworkSource, PodEvent, PodRef, SourceError};
 use crate::nad::NetworkAttachmentDefinition;
 use crate::selection::NETWORK_STATUS_ANNOTATION;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -38,6 +38,7 @@ pub struct KubeSource {
     nads: Store<DynamicObject>,
     nad_ar: ApiResource,
     synced: Arc<AtomicBool>,
+    node_name: String,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> SourceError {
@@ -121,6 +122,7 @@ impl KubeSource {
             nads,
             nad_ar,
             synced,
+            node_name: node_name.to_string(),
         })
     }
 
@@ -209,6 +211,59 @@ impl NetworkSource for KubeSource {
             api.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(&patch)),
         )
         .map(|_| ())
+    }
+
+    fn pod_event(&self, pod: &PodRef, event: PodEvent) {
+        let api = Api::<Event>::namespaced(self.client.clone(), &pod.namespace);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut message = event.message;
+        // The API server refuses longer messages.
+        if message.len() > 1024 {
+            let mut end = 1024;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let ev = Event {
+            metadata: kube::api::ObjectMeta {
+                // The server adds a suffix (and shortens a long pod name to fit).
+                generate_name: Some(format!("{}.", pod.name)),
+                namespace: Some(pod.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(pod.namespace.clone()),
+                name: Some(pod.name.clone()),
+                uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
+                ..Default::default()
+            },
+            reason: Some(event.reason.into()),
+            message: Some(message),
+            type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some("trellis".into()),
+                host: Some(self.node_name.clone()),
+            }),
+            reporting_component: Some("trellis.dev/agent".into()),
+            reporting_instance: Some(self.node_name.clone()),
+            first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            count: Some(1),
+            ..Default::default()
+        };
+        let pod = pod.clone();
+        self.rt.spawn(async move {
+            let posted =
+                tokio::time::timeout(API_TIMEOUT, api.create(&PostParams::default(), &ev)).await;
+            match posted {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(pod = %pod, "cannot post event: {e}"),
+                Err(_) => tracing::warn!(pod = %pod, "cannot post event: no answer"),
+            }
+        });
     }
 
     fn ready(&self) -> Result<(), SourceError> {

@@ -51,4 +51,16 @@ pub trait NetworkSource: Send + Sync {
 
     /// Whether the source can answer (for STATUS).
     fn ready(&self) -> Result<(), SourceError>;
+
+    /// Posts an event on the pod (AddedInterface, FailedAddingInterface), where there
+    /// is a pod object; never blocks the caller, and a failure is only logged.
+    fn pod_event(&self, _pod: &PodRef, _event: PodEvent) {}
+}
+
+/// An event about a pod, as `kubectl describe pod` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
 }

@@ -595,7 +595,8 @@ impl SriovPlugin {
             let tmp = temp_name(&r.device);
             // Where is it now: still in the pod (by its pod or temporary name), or
             // back in the host (the pod netns is gone, or it never left).
-            let netns_there = !r.netns.is_empty() && Path::new(&r.netns).exists();
+            let netns_there =
+                !r.netns.is_empty() && crate::netns::open(Path::new(&r.netns)).is_ok();
             if netns_there {
                 match Netlink::in_netns(Path::new(&r.netns)) {
                     Ok(pod) => {

@@ -59,6 +59,7 @@ fn main() {
             bin_dirs: vec!["/usr/lib/cni".into()],
             timeout: Duration::from_secs(10),
             in_process: None,
+            host_process: None,
         },
     )
     .unwrap();

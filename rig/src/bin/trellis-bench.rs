@@ -133,6 +133,7 @@ fn main() {
             bin_dirs: vec![REFERENCE_PLUGINS.into()],
             timeout: Duration::from_secs(30),
             in_process: None,
+            host_process: None,
         },
         nets: vec![
             (list(&default, "cluster"), "eth0"),

@@ -250,11 +250,11 @@ async fn demo() {
         );
     }
     let out = std::process::Command::new(trellis_rig::bins::trellis())
-        .args(["devices", "--config"])
+        .args(["devices", "--device-config"])
         .arg(&pools)
         .output()
         .expect("trellis devices");
-    println!("trellis devices --config {}:", pools.display());
+    println!("trellis devices --device-config {}:", pools.display());
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         println!("  {l}");
     }
