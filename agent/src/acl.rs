@@ -10,8 +10,8 @@
 use serde::Deserialize;
 use std::net::IpAddr;
 use trellis_ebpf_common::{
-    AclRule, Span, ACL_INTERVALS, ACT_ALLOW, ACT_DENY, DIR_EGRESS, DIR_INGRESS, MAX_ACL_RULES,
-    MAX_RULES_PER_CIDR, PROTO_ANY,
+    AclRule, Bucket, Span, ACL_INDEX_MAX_BITS, ACL_INTERVALS, ACT_ALLOW, ACT_DENY, DIR_EGRESS,
+    DIR_INGRESS, MAX_ACL_RULES, MAX_RULES_PER_CIDR, PROTO_ANY,
 };
 
 pub const ACL_ANNOTATION: &str = "trellis.dev/acl";
@@ -464,6 +464,81 @@ pub struct Table {
     pub rules: Vec<AclRule>,
 }
 
+/// A table's first-level index (see `TableRef` in ebpf/common): buckets of equal
+/// address width from `lo`, each naming the intervals an address in it can be in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    pub lo: u128,
+    pub bits: u32,
+    pub shift: u32,
+    pub buckets: Vec<Bucket>,
+}
+
+impl Table {
+    /// The first-level index of this table, for addresses of `width` bits (32 or 128).
+    /// 2^bits buckets, fewer than the starts they divide, plus the last: an address
+    /// is searched among the few intervals of its bucket, not all of them.
+    pub fn index(&self, width: u32) -> Index {
+        let n = self.intervals.len();
+        let max: u128 = if width == 128 {
+            u128::MAX
+        } else {
+            (1u128 << width) - 1
+        };
+        if n < 2 {
+            // Every address is in interval 0: below `lo` (or the one bucket) says so.
+            return Index {
+                lo: max,
+                bits: 0,
+                shift: 0,
+                buckets: vec![Bucket { first: 0, last: 0 }; 2],
+            };
+        }
+        let lo = self.intervals[1].0;
+        let span = self.intervals[n - 1].0 - lo;
+        let span_bits = 128 - span.leading_zeros();
+        // floor(log2(starts after 0)), so the buckets are no more than the intervals.
+        let bits = (usize::BITS - 1 - (n - 1).leading_zeros())
+            .min(ACL_INDEX_MAX_BITS)
+            .min(span_bits);
+        // At most 127: 128 would need span_bits 128 with bits 0, i.e. one start after 0
+        // and a span of 0.
+        let shift = span_bits - bits;
+        let last = 1usize << bits;
+        // The interval holding each bucket's first address, then each bucket's range.
+        let mut firsts = Vec::with_capacity(last + 1);
+        let mut i = 0usize;
+        for b in 0..=last {
+            // The bucket's first address (past the last address: the last).
+            let at = if (b as u128) > (max - lo) >> shift {
+                max
+            } else {
+                lo + ((b as u128) << shift)
+            };
+            while i + 1 < n && self.intervals[i + 1].0 <= at {
+                i += 1;
+            }
+            firsts.push(i as u32);
+        }
+        let buckets = (0..=last)
+            .map(|b| Bucket {
+                first: firsts[b],
+                last: if b == last {
+                    n as u32 - 1
+                } else {
+                    firsts[b + 1]
+                },
+            })
+            .collect();
+        Index {
+            lo,
+            bits,
+            shift,
+            buckets,
+        }
+    }
+}
+
 struct Prefix {
     start: u128,
     end: u128,
@@ -496,6 +571,31 @@ mod tests {
             .map(|r| r.id as usize)
     }
 
+    /// Looks an address up the way the programs do: its bucket, then a binary search
+    /// of the bucket's intervals (the steps it took, too).
+    pub(crate) fn lookup_indexed(t: &Table, x: &Index, addr: u128) -> (usize, u32) {
+        if addr < x.lo {
+            return (0, 0);
+        }
+        let last = 1u128 << x.bits;
+        let b = ((addr - x.lo) >> x.shift).min(last) as usize;
+        let bucket = x.buckets[b];
+        let (mut lo, mut size, mut steps) = (bucket.first, bucket.last - bucket.first + 1, 0);
+        while size > 1 {
+            let half = size / 2;
+            if t.intervals[(lo + half) as usize].0 <= addr {
+                lo += half;
+            }
+            size -= half;
+            steps += 1;
+        }
+        assert!(
+            steps <= trellis_ebpf_common::ACL_SEARCH_STEPS,
+            "within the programs' bound"
+        );
+        (lo as usize, steps)
+    }
+
     /// `n` deny rules on adjacent IPv4 /24s from 10.0.0.0/24.
     fn adjacent_24s(n: u32) -> String {
         let rules: Vec<String> = (0..n)
@@ -521,8 +621,8 @@ mod tests {
         assert_eq!(size_of::<IntervalV4>(), 8);
         assert_eq!(size_of::<IntervalV6>(), 24);
         assert_eq!(size_of::<AclRule>(), 8);
-        assert_eq!(size_of::<TableRef>(), 16);
-        assert_eq!(size_of::<AclHeader>(), 4 * 16 + 8);
+        assert_eq!(size_of::<TableRef>(), 48);
+        assert_eq!(size_of::<AclHeader>(), 4 * 48 + 16);
     }
 
     #[test]
@@ -706,7 +806,18 @@ mod tests {
                         (g.next() as u128) << 64 | g.next() as u128
                     });
                 }
+                let table = Table {
+                    intervals: iv.clone(),
+                    rules: compiled.clone(),
+                };
+                let index = table.index(if v4 { 32 } else { 128 });
+                assert!(index.buckets.len() <= iv.len().max(2));
                 for addr in probes {
+                    assert_eq!(
+                        lookup_indexed(&table, &index, addr).0,
+                        iv.partition_point(|(s, _)| *s <= addr) - 1,
+                        "round {round} dir {dir}: indexed lookup of {addr:#x}"
+                    );
                     for (proto, dport) in [(6, Some(5)), (6, Some(50)), (17, Some(110)), (1, None)]
                     {
                         let remote = from_bits(addr, v4);
@@ -731,5 +842,37 @@ mod tests {
             u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) as u128
         );
         assert_eq!(t.rules.len(), MAX_ACL_RULES as usize);
+        // The index leaves at most one search step for any of its addresses.
+        let x = t.index(32);
+        let worst = t
+            .intervals
+            .iter()
+            .flat_map(|(s, _)| [*s, s.saturating_sub(1), s + 1])
+            .map(|a| lookup_indexed(&t, &x, a.min(u32::MAX as u128)).1)
+            .max();
+        assert!(worst <= Some(2), "{worst:?} steps");
+    }
+
+    #[test]
+    fn one_interval_and_ipv6_tables_index() {
+        // No rules on a direction: one interval, every address in it.
+        let a = acl(
+            r#"{"rules": [{"action": "deny", "cidr": "fd00:20::/48", "direction": "ingress"}]}"#,
+        );
+        let [_, _, v6_in, v6_out] = a.tables();
+        let x = v6_out.index(128);
+        assert_eq!(lookup_indexed(&v6_out, &x, u128::MAX).0, 0);
+        assert_eq!(lookup_indexed(&v6_out, &x, 0).0, 0);
+        let x = v6_in.index(128);
+        let net: u128 = "fd00:20::".parse::<std::net::Ipv6Addr>().unwrap().into();
+        for (addr, want) in [
+            (net - 1, 0),
+            (net, 1),
+            (net + (1 << 80) - 1, 1),
+            (net + (1 << 80), 2),
+            (u128::MAX, 2),
+        ] {
+            assert_eq!(lookup_indexed(&v6_in, &x, addr).0, want, "{addr:#x}");
+        }
     }
 }

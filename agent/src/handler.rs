@@ -35,7 +35,6 @@ pub struct Handler {
     /// Containers whose interfaces await the dataplane (done off the ADD's path).
     /// (container, whether its ADD finished in an earlier agent: its networks' ACLs are
     /// read from their NADs before it is attached, as the pins may have lost them).
-    attach_queue: Mutex<Option<std::sync::mpsc::Sender<(String, bool)>>>,
     default_network: crate::config::DefaultNetwork,
     /// The node's CNI conf dir and trellis's own file in it (auto mode).
     cni_conf_dir: std::path::PathBuf,
@@ -142,7 +141,6 @@ impl Handler {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             dataplane: None,
             dataplane_off: "[dataplane] enabled = false".into(),
-            attach_queue: Mutex::new(None),
             default_network: config.default_network.clone(),
             cni_conf_dir: config.cni_conf_dir.clone(),
             cni_conf_file: config.cni_conf_file.clone(),
@@ -187,64 +185,36 @@ impl Handler {
         self
     }
 
-    /// Attaches the dataplane in the background: each TCX attach waits out an RCU grace
-    /// period in the kernel (~10-30 ms per interface), which the runtime should not
-    /// wait for. Records left without slots (an agent restart mid-way) are queued too.
-    pub fn start_dataplane_worker(self: &Arc<Self>) {
+    /// Attaches the interfaces of records left without slots (an agent stopped
+    /// mid-way, or pins gone after a reboot), at start-up after the reconcile and
+    /// before any request. Each failure is logged; the next start tries again.
+    pub fn attach_unattached(&self) {
         if self.dataplane.is_none() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
-        if let Ok((records, _)) = self.records.list() {
-            for r in records {
-                if r.attachments.iter().any(|a| a.slot.is_none()) {
-                    let _ = tx.send((r.container_id, true));
-                }
+        let Ok((records, _)) = self.records.list() else {
+            return;
+        };
+        for r in records {
+            if !r.attachments.iter().any(|a| a.slot.is_none()) {
+                continue;
+            }
+            let Some(_lock) = self.locks.try_lock(&r.container_id) else {
+                continue;
+            };
+            let Ok(Some(mut record)) = self.records.load(&r.container_id) else {
+                continue;
+            };
+            if let Err(e) = self.attach_dataplane(&mut record, true) {
+                tracing::warn!(container = %r.container_id, "{}", e.msg);
             }
         }
-        *self.attach_queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-        let h = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("trellis-dataplane".into())
-            .spawn(move || {
-                // Containers whose lock was busy (a DEL or a hung delegate holding it)
-                // wait here without stalling the others.
-                let mut waiting: std::collections::VecDeque<(String, bool)> = Default::default();
-                loop {
-                    let next = if waiting.is_empty() {
-                        rx.recv().map(Some).map_err(|_| ())
-                    } else {
-                        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
-                            r => Ok(r.ok()),
-                        }
-                    };
-                    let Ok(next) = next else { return };
-                    waiting.extend(next);
-                    waiting.extend(rx.try_iter());
-                    for _ in 0..waiting.len() {
-                        let (id, earlier) = waiting.pop_front().expect("counted");
-                        let Some(_lock) = h.locks.try_lock(&id) else {
-                            waiting.push_back((id, earlier));
-                            continue;
-                        };
-                        // Gone already (DEL came first): nothing to attach.
-                        let Ok(Some(mut record)) = h.records.load(&id) else {
-                            continue;
-                        };
-                        if let Err(e) = h.attach_dataplane(&mut record, earlier) {
-                            tracing::warn!(container = %id, "{}", e.msg);
-                        }
-                    }
-                }
-            })
-            .expect("dataplane worker thread");
     }
 
     /// Makes the pins and the records agree, at agent start-up before any request: a
     /// slot no record owns is detached, a record whose slot is gone or another's
-    /// forgets it (the worker attaches it again if its interface is there), link pins
-    /// without an owner and ACLs without attachments go. Each is logged.
+    /// forgets it (`attach_unattached` attaches it again if its interface is there),
+    /// pins of older layouts and ACLs without attachments go. Each is logged.
     pub fn reconcile_dataplane(&self) {
         let Some(dp) = &self.dataplane else { return };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
@@ -304,7 +274,7 @@ impl Handler {
         }
         match dp.remove_orphan_pins() {
             Ok(p) if !p.is_empty() => {
-                tracing::warn!(pins = ?p, "link pins with no slot owner: removed")
+                tracing::warn!(pins = ?p, "link pins of an older layout: removed")
             }
             Err(e) => tracing::warn!("dataplane reconcile: {e}"),
             _ => {}
@@ -315,18 +285,6 @@ impl Handler {
             }
             Err(e) => tracing::warn!("dataplane reconcile: {e}"),
             _ => {}
-        }
-    }
-
-    /// After a successful ADD: queued for the worker, or done here if there is none.
-    fn dataplane_after_add(&self, record: &mut Record) -> Result<(), CniError> {
-        let queue = self.attach_queue.lock().unwrap_or_else(|p| p.into_inner());
-        match queue.as_ref() {
-            Some(tx) if tx.send((record.container_id.clone(), false)).is_ok() => Ok(()),
-            _ => {
-                drop(queue);
-                self.attach_dataplane(record, false)
-            }
         }
     }
 
@@ -342,7 +300,6 @@ impl Handler {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
-        // Most pods have no ACL network: they do not wait for the worker's attach.
         if acls.iter().all(Option::is_none) {
             return Ok(());
         }
@@ -1221,8 +1178,10 @@ impl Handler {
         if let Err(e) = self.attach_with_acls(&mut record, &acls) {
             return Err(self.roll_back(record, e));
         }
-        if let Err(e) = self.dataplane_after_add(&mut record) {
-            return Err(self.roll_back(record, e));
+        // The other interfaces: counted from their first packet too. One that cannot
+        // be attached does not fail the pod (it is retried at the next agent start).
+        if let Err(e) = self.attach_dataplane(&mut record, false) {
+            tracing::warn!(container = %record.container_id, "dataplane: {}", e.msg);
         }
         let merged = match merged_result(&record.attachments, &shim.cni_version) {
             Ok(m) => m,

@@ -404,7 +404,7 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
         trellis_agent::node_conf::follow(config.clone(), stopping.clone());
     }
     handler.reconcile_dataplane();
-    handler.start_dataplane_worker();
+    handler.attach_unattached();
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod bpf;
 pub mod containerd;
 pub mod cri;
 pub mod daemonset;

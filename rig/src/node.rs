@@ -193,11 +193,10 @@ impl TestNode {
         self.agent = None;
     }
 
-    /// TCX links the agent's dataplane has pinned (two per attached interface).
-    pub fn link_pins(&self) -> usize {
-        std::fs::read_dir(self.bpf_dir.join("links"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+    /// Hooks the agent's dataplane has live: two per attached interface, and one on
+    /// the host side of a veth whose peer is in the node's netns.
+    pub fn live_hooks(&self) -> usize {
+        crate::bpf::live_hooks(&self.bpf_dir)
     }
 
     /// Writes a NetworkAttachmentDefinition file.

@@ -250,5 +250,5 @@ async fn per_network_counts_and_acl_drops_for_containerd_pods() {
         cri.remove_pod(id).await.unwrap();
     }
     assert!(stats(&node, "pod-a").is_empty() && stats(&node, "pod-b").is_empty());
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
 }

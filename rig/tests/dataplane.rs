@@ -1,6 +1,7 @@
-//! The TCX accounting programs on a real veth between namespaces this test makes:
-//! counters equal the packets and bytes sent, survive the loader going away (pins),
-//! are read from the pins alone, and detach leaves nothing of that attachment.
+//! The accounting programs on a real veth between namespaces this test makes:
+//! counters equal the packets and bytes sent, survive the loader going away (pins
+//! and filters), are read from the pins alone, and detach leaves nothing of that
+//! attachment.
 
 use trellis_agent::dataplane::{check_bpffs, read_stats, Dataplane, DataplaneError, Owner};
 use trellis_rig::netns::Netns;
@@ -29,7 +30,7 @@ fn counters_match_the_traffic_and_survive_the_loader() {
         let mut dp = Dataplane::open(&dir.0).expect("load");
         dp.attach(&a.path(), &owner).expect("attach")
     };
-    // The loader is gone; the pinned links keep the programs on the interface.
+    // The loader is gone; the filters and pinned maps keep the programs running.
     assert!(a
         .sh("ping -c 5 -i 0.2 -W 2 10.88.0.2")
         .contains("5 received"));
@@ -61,18 +62,19 @@ fn counters_match_the_traffic_and_survive_the_loader() {
     assert_eq!(slot_stats(&dir.0, slot2).egress.packets, 2);
     assert_eq!(slot_stats(&dir.0, slot).egress.packets, 8);
 
-    // Detach: its link pins and map entries go, the other attachment stays.
+    // Detach: its filters, the clsact qdisc it added and its map entries go, the
+    // other attachment stays.
+    assert!(a
+        .sh("tc filter show dev a0 ingress")
+        .contains(&format!("trellis-{slot}")));
     dp.detach(slot).expect("detach");
-    let links: Vec<String> = std::fs::read_dir(dir.0.join("links"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(links.len(), 2, "{links:?}");
-    assert!(
-        links.iter().all(|l| l.starts_with(&format!("{slot2}-"))),
-        "{links:?}"
-    );
+    assert_eq!(trellis_rig::bpf::live_hooks(&dir.0), 2);
+    assert_eq!(a.sh("tc filter show dev a0 ingress").trim(), "");
+    assert_eq!(a.sh("tc filter show dev a0 egress").trim(), "");
+    assert!(!a.sh("tc qdisc show dev a0").contains("clsact"));
+    assert!(c
+        .sh("tc filter show dev a0 egress")
+        .contains(&format!("trellis-{slot2}")));
     assert!(read_stats(&dir.0).unwrap().iter().all(|s| s.slot != slot));
     assert!(
         a.sh("ping -c 1 -W 2 10.88.0.2").contains("1 received"),
@@ -80,6 +82,74 @@ fn counters_match_the_traffic_and_survive_the_loader() {
     );
     dp.detach(slot2).expect("detach second");
     assert!(read_stats(&dir.0).unwrap().is_empty());
+    assert_eq!(trellis_rig::bpf::live_hooks(&dir.0), 0);
+}
+
+/// A clsact qdisc that was there before (with someone else's filter) is kept, with
+/// that filter, when the attachment goes; a stub whose filter could not be removed
+/// (its netns unreachable) counts nothing once its slot is freed.
+#[test]
+fn other_filters_are_kept_and_a_stray_stub_is_inert() {
+    require_root!();
+    let dir = BpfDir::new("trellis-test");
+    let (a, _b) = veth_pair("tro", ["a0", "b0"], "10.88.1", None);
+    a.sh("tc qdisc add dev a0 clsact && tc filter add dev a0 ingress pref 9 u32 match u32 0 0 classid 1:1");
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    let slot = dp.attach(&a.path(), &owner_a()).expect("attach");
+    assert!(a
+        .sh("ping -c 2 -i 0.2 -W 2 10.88.1.2")
+        .contains("2 received"));
+    assert_eq!(slot_stats(&dir.0, slot).egress.packets, 2);
+    dp.detach(slot).expect("detach");
+    assert!(a.sh("tc qdisc show dev a0").contains("clsact"));
+    let left = a.sh("tc filter show dev a0 ingress");
+    assert!(left.contains("u32") && !left.contains("trellis"), "{left}");
+
+    // Attached again, then its filter's netns path made unreachable for the agent:
+    // the detach cannot remove the filter, but the slot's PROGS entries go.
+    let alias = a.path().with_extension("alias");
+    std::fs::write(&alias, "").unwrap();
+    let mount = |args: &[&std::ffi::OsStr]| {
+        assert!(std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success())
+    };
+    mount(&[
+        "mount".as_ref(),
+        "--bind".as_ref(),
+        a.path().as_os_str(),
+        alias.as_os_str(),
+    ]);
+    let slot = dp.attach(&alias, &owner_a()).expect("attach again");
+    mount(&["umount".as_ref(), alias.as_os_str()]);
+    std::fs::remove_file(&alias).unwrap();
+    dp.detach(slot).expect("detach without its netns");
+    assert!(a
+        .sh("tc filter show dev a0 egress")
+        .contains(&format!("trellis-{slot}")));
+    assert_eq!(trellis_rig::bpf::live_hooks(&dir.0), 0);
+    // A new attachment elsewhere gets another slot; the stray stub counts nothing.
+    let (c, _d) = veth_pair("tro", ["a0", "b0"], "10.88.1", None);
+    let slot2 = dp
+        .attach(
+            &c.path(),
+            &Owner {
+                pod: "c".into(),
+                ..owner_a()
+            },
+        )
+        .expect("attach c");
+    assert_ne!(
+        slot2, slot,
+        "a freed slot number is not handed out again at once"
+    );
+    assert!(a
+        .sh("ping -c 2 -i 0.2 -W 2 10.88.1.2")
+        .contains("2 received"));
+    assert_eq!(slot_stats(&dir.0, slot2).egress.packets, 0);
+    dp.detach(slot2).expect("detach c");
 }
 
 #[test]

@@ -103,7 +103,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         "{text}"
     );
 
-    let pins_before = node.link_pins();
+    let pins_before = node.live_hooks();
     // Per pod: eth0 (a bridge veth) has its two directions and the egress check
     // on its host side; net1 (macvlan) has no host side.
     assert_eq!(pins_before, 10, "2 pods x (3 + 2)");
@@ -117,7 +117,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
     .expect_ok("DEL");
     assert!(stats(&node, "a").is_empty());
     assert_eq!(stats(&node, "b").len(), 2);
-    assert_eq!(node.link_pins(), 5);
+    assert_eq!(node.live_hooks(), 5);
     node.shim(
         "DEL",
         "cb",
@@ -126,7 +126,7 @@ fn pod_interfaces_are_counted_and_del_leaves_no_pins() {
         &conf,
     )
     .expect_ok("DEL");
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
 }
 
 /// `GET /metrics` from the agent, which listens on 0.0.0.0:9105 in the node's netns.
@@ -254,7 +254,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         ]})),
     );
     let c = Netns::new("tra");
-    let links_before = node.link_pins();
+    let links_before = node.live_hooks();
     let bad = node.shim_conf(Some(&networks_annotation("mv-bad")));
     let (_, msg) = node
         .shim(
@@ -270,7 +270,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         "{msg}"
     );
     assert!(stats(&node, "c").is_empty());
-    assert_eq!(node.link_pins(), links_before);
+    assert_eq!(node.live_hooks(), links_before);
     assert!(c.links().iter().all(|l| l == "lo"), "{:?}", c.links());
     assert!(!node.records().iter().any(|r| r.contains("cc")));
 
@@ -284,7 +284,7 @@ fn nad_acls_apply_at_add_follow_nad_edits_and_survive_restarts() {
         )
         .expect_ok("DEL");
     }
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
     let hits = std::process::Command::new(trellis_rig::bins::trellis())
         .args(["stats", "--json", "--bpffs-dir"])
         .arg(&node.bpf_dir)
@@ -349,5 +349,5 @@ fn a_default_network_nad_with_an_acl_is_filtered_at_add() {
         )
         .expect_ok("DEL");
     }
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
 }

@@ -293,9 +293,10 @@ fn egress_rules_hold_at_the_host_side_of_a_veth() {
     })
     .join()
     .unwrap();
+    let host_filters = node.sh("tc filter show dev b0 ingress");
     assert!(
-        dir.0.join(format!("links/{slot}-peer")).exists(),
-        "no program on the host side"
+        host_filters.contains(&format!("trellis-{slot}")),
+        "no program on the host side: {host_filters}"
     );
     let to = |port: u16| SocketAddr::from(([10, 91, 0, 2], port));
     // Through the pod's stack: dropped at its own egress.
@@ -327,7 +328,7 @@ fn egress_rules_hold_at_the_host_side_of_a_veth() {
     assert_eq!(s.egress.drops, 3 + 2, "{s:?}");
     let mut dp = dp;
     dp.detach(slot).unwrap();
-    assert_eq!(std::fs::read_dir(dir.0.join("links")).unwrap().count(), 0);
+    assert_eq!(trellis_rig::bpf::live_hooks(&dir.0), 0);
     // Detached: the bypass reaches the node again.
     let got = received_while(&node, to(9050), || send_raw(&pod, "a0", &raw(9050), true));
     assert_eq!(got, 1);
@@ -336,11 +337,11 @@ fn egress_rules_hold_at_the_host_side_of_a_veth() {
 
 fn wait_for_pins(node: &TestNode, n: usize) {
     let start = Instant::now();
-    while node.link_pins() != n {
+    while node.live_hooks() != n {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "{} link pins, not {n}\n{}",
-            node.link_pins(),
+            "{} live hooks, not {n}\n{}",
+            node.live_hooks(),
             node.agent_log()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -388,7 +389,7 @@ fn after_a_reboot_an_old_sandbox_cannot_detach_a_new_pod() {
         .expect_ok("DEL old");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        node.link_pins(),
+        node.live_hooks(),
         5,
         "the old sandbox's DEL detached the new pod"
     );
@@ -408,7 +409,7 @@ fn after_a_reboot_an_old_sandbox_cannot_detach_a_new_pod() {
         &node.shim_conf(None),
     )
     .expect_ok("DEL new");
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
 }
 
 #[test]
@@ -672,5 +673,5 @@ fn an_acl_interface_whose_nad_cannot_be_read_comes_back_denying_all() {
     }
     node.shim("DEL", "c1", &pod_path, ("pods", "p"), &node.shim_conf(None))
         .expect_ok("DEL");
-    assert_eq!(node.link_pins(), 0);
+    assert_eq!(node.live_hooks(), 0);
 }

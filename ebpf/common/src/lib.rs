@@ -7,7 +7,10 @@ pub const MAX_SLOTS: u32 = 16384;
 /// The version of every pinned map's layout (names, sizes, key and value shapes).
 /// Pins of another version are not re-adopted: the loader refuses them by name.
 /// 2: names held whole (SlotMeta, AclInfo), the host peer in SlotMeta, LAYOUT itself.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: programs loaded once and entered through per-attachment stubs (PROGS, the slot
+/// in `cb[0]`), tc filters instead of TCX links, 1,024 ACL ids with hit counters as
+/// regions, a first-level index per ACL table, the netns path in SlotMeta.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
 /// them, one per attachment), not all at load.
@@ -26,6 +29,48 @@ pub const CONTAINER_LEN: usize = 256;
 
 pub const DIR_INGRESS: u32 = 0;
 pub const DIR_EGRESS: u32 = 1;
+
+/// The three hooks an attachment can have, each a program of the object and an entry
+/// of PROGS per slot: the pod interface's ingress and egress, and the ingress of the
+/// host side of its veth (where the pod's egress rules are enforced again).
+pub const HOOK_INGRESS: u32 = 0;
+pub const HOOK_EGRESS: u32 = 1;
+pub const HOOK_PEER: u32 = 2;
+pub const HOOKS: u32 = 3;
+
+/// The PROGS entry a slot's stub for `hook` tail-calls. An entry is set while the
+/// slot is owned and deleted when it is freed, so a stub left anywhere does nothing.
+pub const fn prog_index(slot: u32, hook: u32) -> u32 {
+    slot * HOOKS + hook
+}
+
+/// The STATS entry of a slot's counters in direction `dir`.
+pub const fn stats_index(slot: u32, dir: u32) -> u32 {
+    slot * 2 + dir
+}
+
+/// `__sk_buff.cb[0]` (include/uapi/linux/bpf.h: `struct __sk_buff`), where a stub
+/// leaves its slot for the shared program it tail-calls.
+pub const SKB_CB0_OFFSET: i16 = 48;
+
+/// Pinned map names, shared by the programs' `#[map(name = ...)]` and the loader.
+pub mod maps {
+    pub const STATS: &str = "STATS";
+    pub const META: &str = "META";
+    pub const LAYOUT: &str = "LAYOUT";
+    pub const PROGS: &str = "PROGS";
+    pub const SLOT_ACL: &str = "SLOT_ACL";
+    pub const ACL_HDR: &str = "ACL_HDR";
+    pub const ACL_IV4: &str = "ACL_IV4";
+    pub const ACL_IV6: &str = "ACL_IV6";
+    pub const ACL_IDX: &str = "ACL_IDX";
+    pub const ACL_RULES: &str = "ACL_RULES";
+    pub const ACL_INFO: &str = "ACL_INFO";
+    pub const RULE_HITS: &str = "RULE_HITS";
+}
+
+/// Longest netns path a slot keeps (where its filters are, to remove them).
+pub const NETNS_LEN: usize = 256;
 
 /// Which attachment a packet belongs to: the interface's netns cookie and ifindex
 /// (an ifindex alone repeats across pod namespaces).
@@ -64,31 +109,41 @@ pub struct SlotMeta {
     /// The host side of the pod's veth, where egress rules are enforced again (0:
     /// none, e.g. macvlan or a VF).
     pub peer_ifindex: u32,
-    pub _pad: u32,
+    /// SLOT_CLSACT_* bits: which clsact qdiscs the agent added (and removes with
+    /// the slot's filters when no other filter is left on them).
+    pub flags: u32,
     pub namespace: [u8; NAMESPACE_LEN],
     pub pod: [u8; POD_LEN],
     pub network: [u8; NETWORK_LEN],
     pub ifname: [u8; IFNAME_LEN],
     pub container: [u8; CONTAINER_LEN],
+    /// The pod's netns as the runtime named it (bind mount or /proc path).
+    pub netns: [u8; NETNS_LEN],
 }
+
+/// SlotMeta::flags: the agent added the clsact qdisc of the pod interface / of the
+/// host side of its veth.
+pub const SLOT_CLSACT_POD: u32 = 1;
+pub const SLOT_CLSACT_PEER: u32 = 2;
 
 impl Default for SlotMeta {
     fn default() -> Self {
         SlotMeta {
             key: IfKey::default(),
             peer_ifindex: 0,
-            _pad: 0,
+            flags: 0,
             namespace: [0; NAMESPACE_LEN],
             pod: [0; POD_LEN],
             network: [0; NETWORK_LEN],
             ifname: [0; IFNAME_LEN],
             container: [0; CONTAINER_LEN],
+            netns: [0; NETNS_LEN],
         }
     }
 }
 
-/// Networks with an ACL on one node at once (each holds its rule hit counters).
-pub const MAX_ACLS: u32 = 64;
+/// Networks with an ACL on one node at once.
+pub const MAX_ACLS: u32 = 1024;
 /// Rules in one network's ACL.
 pub const MAX_ACL_RULES: u32 = 10_000;
 /// Rules one CIDR may have per direction (the program scans them in order).
@@ -96,12 +151,11 @@ pub const MAX_RULES_PER_CIDR: u32 = 32;
 /// Address intervals one table can have: every prefix splits at most one interval in
 /// three, so n prefixes make at most 2n + 1.
 pub const ACL_INTERVALS: usize = 2 * MAX_ACL_RULES as usize + 1;
-/// Binary search steps over ACL_INTERVALS (2^15 > 20,001).
+/// Binary search steps over ACL_INTERVALS (2^15 > 20,001): the bound the verifier
+/// sees; the first-level index leaves one or two of them for most addresses.
 pub const ACL_SEARCH_STEPS: u32 = 15;
-/// Per ACL: a hit counter per rule, then one for the default action.
-pub const ACL_HIT_STRIDE: u32 = MAX_ACL_RULES + 1;
-/// The default action's hit counter within an ACL's stride.
-pub const ACL_HIT_DEFAULT: u32 = MAX_ACL_RULES;
+/// Largest first-level index of one table: 2^16 buckets (+1 entry).
+pub const ACL_INDEX_MAX_BITS: u32 = 16;
 /// A decision no rule made (a packet the program could not parse): no hit counted.
 pub const ACL_HIT_NONE: u32 = u32::MAX;
 
@@ -136,6 +190,22 @@ pub struct Span {
 pub const ACL_SPACE: u32 = 262_144;
 /// Rule entries in the shared rule space (a rule on both directions takes two).
 pub const RULE_SPACE: u32 = 262_144;
+/// One first-level bucket: the intervals (from the table's base, both inclusive) an
+/// address in it can be in; a binary search of them finds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// First-level buckets, shared: a table of n >= 2 intervals has 2^bits <= n - 1
+/// buckets plus the last (n at most), one of 1 interval has 2; so this holds both
+/// families' interval spaces whole plus every header's one-interval tables.
+pub const IDX_SPACE: u32 = 2 * ACL_SPACE + 8 * MAX_ACLS;
+/// Rule hit counters, shared: an ACL of n rules takes n + 1 (the last is its
+/// default's), and n is at most the rule entries it holds.
+pub const HIT_SPACE: u32 = RULE_SPACE + MAX_ACLS;
 
 /// One address interval of an IPv4 table: from `start` to the next entry's start.
 #[repr(C)]
@@ -155,7 +225,12 @@ pub struct IntervalV6 {
 }
 
 /// Where one table (family and direction) of an ACL lives: `len` intervals from
-/// `base` in its family's interval space, its rules from `rules` in the rule space.
+/// `base` in its family's interval space, its rules from `rules` in the rule space,
+/// and its first-level index: `2^bits + 1` buckets from `idx` in ACL_IDX. Bucket b
+/// (below the last) covers the addresses from `lo + (b << shift)` to the next
+/// bucket's; the last covers every address after. An address below `lo` (the
+/// table's second start) is in interval 0. `lo` is an address as (high, low) 64-bit
+/// halves (IPv4: the low half).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableRef {
@@ -163,6 +238,11 @@ pub struct TableRef {
     pub len: u32,
     pub rules: u32,
     pub nrules: u32,
+    pub idx: u32,
+    pub bits: u32,
+    pub shift: u32,
+    pub _pad: u32,
+    pub lo: [u64; 2],
 }
 
 /// Table index in AclHeader::tables: `family * 2 + direction` (family 0 = IPv4).
@@ -174,14 +254,18 @@ pub fn table_index(v6: bool, dir: u32) -> usize {
 /// intervals; interval i runs to the next start and its span says which rules apply)
 /// and default. Two headers per ACL id (`id * 2 + version`): an update writes the
 /// tables and the header not in use, then points the slots at it, one u32 each.
-/// A lookup is a binary search (15 steps at most) of array entries the verifier
-/// inlines: no hashing, no trie walk.
+/// A lookup is one first-level index read and a binary search of the few intervals
+/// it leaves, array entries the verifier inlines: no hashing, no trie walk. Rule
+/// `r`'s hits are counted at `hits + r` in RULE_HITS, the default's at
+/// `hits + nhits - 1`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AclHeader {
     pub tables: [TableRef; 4],
     pub default_action: u32,
     pub acl: u32,
+    pub hits: u32,
+    pub nhits: u32,
 }
 
 /// Which network an ACL id belongs to (pinned, so a restarted agent and `trellis
@@ -230,6 +314,8 @@ mod user {
     unsafe impl aya::Pod for super::AclHeader {}
     // SAFETY: bytes and integers, explicit _pad.
     unsafe impl aya::Pod for super::AclInfo {}
+    // SAFETY: two u32.
+    unsafe impl aya::Pod for super::Bucket {}
     // SAFETY: two u8 and three u16, no padding.
     unsafe impl aya::Pod for super::AclRule {}
 }

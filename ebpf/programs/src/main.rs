@@ -1,5 +1,6 @@
-//! TCX programs for every kernel interface an attachment makes: accounting per
-//! attachment slot and direction, and the network's ACL. Built for the BPF target
+//! tc programs for every kernel interface an attachment makes: accounting per
+//! attachment slot and direction, and the network's ACL. Loaded once per agent and
+//! entered through a per-attachment stub (see PROGS). Built for the BPF target
 //! only; on the host this is an empty program so that workspace-wide builds and lints
 //! pass.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -13,22 +14,16 @@ mod packet;
 mod tc {
     use crate::packet::{count, parse, rule_matches, Packet};
     use aya_ebpf::macros::{classifier, map};
-    use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
+    use aya_ebpf::maps::{Array, HashMap, PerCpuArray, ProgramArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
-        table_index, AclHeader, AclInfo, AclRule, Counters, IntervalV4, IntervalV6, SlotMeta, Span,
-        TableRef, ACL_HIT_DEFAULT, ACL_HIT_NONE, ACL_HIT_STRIDE, ACL_SEARCH_STEPS, ACL_SPACE,
-        ACT_DENY, DIR_EGRESS, DIR_INGRESS, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
-        RULE_SPACE, TCX_DROP, TCX_NEXT,
+        stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters, IntervalV4,
+        IntervalV6, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY,
+        DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, IDX_SPACE, MAX_ACLS, MAX_RULES_PER_CIDR,
+        MAX_SLOTS, NO_PREALLOC, RULE_SPACE, TCX_DROP, TCX_NEXT,
     };
 
-    /// This instance's attachment slot: the agent loads the object once per attachment
-    /// with this set (the maps are shared through their pins), so the programs need no
-    /// per-packet lookup to know whose packet it is.
-    #[unsafe(no_mangle)]
-    static SLOT: u32 = 0;
-
-    /// Slot and direction -> counters.
+    /// Slot and direction (`stats_index`) -> counters.
     #[map(name = "STATS")]
     static STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SLOTS * 2, 0);
 
@@ -40,6 +35,13 @@ mod tc {
     /// loader; read by the next one before it re-adopts them).
     #[map(name = "LAYOUT")]
     static LAYOUT: Array<u32> = Array::pinned(1, 0);
+
+    /// `prog_index(slot, hook)` -> this object's program for the hook. Each
+    /// attachment's filters run a stub of a few instructions that puts its slot in
+    /// `cb[0]` and tail-calls its entry here: the programs below are loaded and
+    /// verified once per agent, not once per interface. The programs never use it.
+    #[map(name = "PROGS")]
+    static PROGS: ProgramArray = ProgramArray::pinned(MAX_SLOTS * HOOKS, 0);
 
     /// Slot -> its network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A
     /// map, not a constant: a NAD that gains, changes or loses an ACL moves live
@@ -63,6 +65,10 @@ mod tc {
     #[map(name = "ACL_IV6")]
     static ACL_IV6: Array<IntervalV6> = Array::pinned(ACL_SPACE, MMAPABLE);
 
+    /// The first-level bucket space (see TableRef) every table's index is a region of.
+    #[map(name = "ACL_IDX")]
+    static ACL_IDX: Array<Bucket> = Array::pinned(IDX_SPACE, MMAPABLE);
+
     /// The rule space the spans point into.
     #[map(name = "ACL_RULES")]
     static ACL_RULES: Array<AclRule> = Array::pinned(RULE_SPACE, MMAPABLE);
@@ -71,12 +77,11 @@ mod tc {
     #[map(name = "ACL_INFO")]
     static ACL_INFO: HashMap<u32, AclInfo> = HashMap::pinned(MAX_ACLS, NO_PREALLOC);
 
-    /// `acl * ACL_HIT_STRIDE + rule` -> packets that rule decided (the last one of each
-    /// ACL is its default). Shared across CPUs (atomic adds): per-CPU copies of
-    /// 640,064 counters would cost too much memory. Mapped by the agent and `trellis
-    /// stats`, which zero and read an ACL's counters as memory.
+    /// Rule hit counters: each ACL header's region (`hits`, `nhits`). Shared across
+    /// CPUs (atomic adds): per-CPU copies would cost too much memory. Mapped by the
+    /// agent and `trellis stats`, which read and zero them as memory.
     #[map(name = "RULE_HITS")]
-    static RULE_HITS: Array<u64> = Array::pinned(MAX_ACLS * ACL_HIT_STRIDE, MMAPABLE);
+    static RULE_HITS: Array<u64> = Array::pinned(HIT_SPACE, MMAPABLE);
 
     /// The first rule of `t`'s span that matches the packet: (action, rule id).
     #[inline(always)]
@@ -95,16 +100,46 @@ mod tc {
         None
     }
 
+    /// The first-level bucket of an address `(hi, lo)` in table `t` (IPv4: hi = 0);
+    /// None below `lo`, the table's second start: such an address is in interval 0.
+    #[inline(always)]
+    fn bucket(t: &TableRef, hi: u64, lo: u64) -> Option<u32> {
+        let last = 1u64 << (t.bits & 31);
+        if hi < t.lo[0] || (hi == t.lo[0] && lo < t.lo[1]) {
+            return None;
+        }
+        let borrow = (lo < t.lo[1]) as u64;
+        let dlo = lo.wrapping_sub(t.lo[1]);
+        let dhi = hi - t.lo[0] - borrow;
+        let shift = t.shift & 127;
+        let b = if shift >= 64 {
+            dhi >> (shift - 64)
+        } else if shift == 0 {
+            if dhi != 0 {
+                last
+            } else {
+                dlo
+            }
+        } else if dhi >> shift != 0 {
+            last
+        } else {
+            (dhi << (64 - shift)) | (dlo >> shift)
+        };
+        Some(if b > last { last as u32 } else { b as u32 })
+    }
+
     /// Index (from the table's base) of the interval holding `addr`: the last start
-    /// <= addr (a table's first start is 0).
+    /// <= addr (a table's first start is 0), searched among bucket `b`'s intervals.
     #[inline(always)]
     fn search<T: PartialOrd>(
         t: &TableRef,
         addr: T,
+        b: u32,
         start_at: impl Fn(u32) -> Option<T>,
     ) -> Option<u32> {
-        let mut lo = 0u32;
-        let mut size = t.len;
+        let bucket = ACL_IDX.get(t.idx + b)?;
+        let mut lo = bucket.first;
+        let mut size = bucket.last.checked_sub(lo)? + 1;
         let mut step = 0;
         while step < ACL_SEARCH_STEPS && size > 1 {
             let half = size / 2;
@@ -118,9 +153,9 @@ mod tc {
         Some(lo)
     }
 
-    /// The ACL's decision for this packet: (action, hit index), or None to let it pass
-    /// unjudged (not IP, neighbour discovery). An IPv6 packet whose headers cannot be
-    /// walked is dropped, counted under no rule.
+    /// The ACL's decision for this packet: (action, hit index in the ACL's region),
+    /// or None to let it pass unjudged (not IP, neighbour discovery). A packet that
+    /// cannot be judged is dropped, counted under no rule.
     #[inline(always)]
     fn judge(ctx: &TcContext, hdr: &AclHeader, dir: u32) -> Option<(u8, u32)> {
         let p = parse(ctx, dir)?;
@@ -129,20 +164,27 @@ mod tc {
         }
         let t = hdr.tables.get(table_index(p.v6, dir))?;
         let span = if p.v6 {
-            let i = search(t, p.remote6, |i| ACL_IV6.get(i).map(|e| e.start))?;
+            let i = match bucket(t, p.remote6[0], p.remote6[1]) {
+                Some(b) => search(t, p.remote6, b, |i| ACL_IV6.get(i).map(|e| e.start))?,
+                None => 0,
+            };
             ACL_IV6.get(t.base + i)?.span
         } else {
-            let i = search(t, p.remote4, |i| ACL_IV4.get(i).map(|e| e.start))?;
+            let i = match bucket(t, 0, p.remote4 as u64) {
+                Some(b) => search(t, p.remote4, b, |i| ACL_IV4.get(i).map(|e| e.start))?,
+                None => 0,
+            };
             ACL_IV4.get(t.base + i)?.span
         };
-        Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, ACL_HIT_DEFAULT)))
+        let default = hdr.nhits.checked_sub(1)?;
+        Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, default)))
     }
 
-    /// This instance's slot.
+    /// The slot the stub that tail-called us put in `cb[0]`.
     #[inline(always)]
-    fn slot() -> u32 {
-        // SAFETY: a constant the loader set; volatile so it is not folded to 0.
-        unsafe { core::ptr::read_volatile(&SLOT) }
+    fn slot(ctx: &TcContext) -> Option<u32> {
+        let slot = *ctx.cb().first()?;
+        (slot < MAX_SLOTS).then_some(slot)
     }
 
     /// The slot's ACL verdict for this packet in direction `dir` (TCX_NEXT or
@@ -160,8 +202,8 @@ mod tc {
             return TCX_NEXT;
         };
         let deny = action == ACT_DENY;
-        if hit != ACL_HIT_NONE && (deny || count_allowed) {
-            if let Some(h) = RULE_HITS.get_ptr_mut(hdr.acl * ACL_HIT_STRIDE + hit) {
+        if hit != ACL_HIT_NONE && hit < hdr.nhits && (deny || count_allowed) {
+            if let Some(h) = RULE_HITS.get_ptr_mut(hdr.hits + hit) {
                 // SAFETY: a valid, aligned u64 in the map's value area; BPF's atomic
                 // add (core has no atomic RMW for the BPF target).
                 unsafe {
@@ -178,9 +220,11 @@ mod tc {
 
     #[inline(always)]
     fn account(ctx: &TcContext, dir: u32) -> i32 {
-        let slot = slot();
+        let Some(slot) = slot(ctx) else {
+            return TCX_NEXT;
+        };
         let verdict = acl_verdict(ctx, slot, dir, true);
-        if let Some(c) = STATS.get_ptr_mut(slot * 2 + dir) {
+        if let Some(c) = STATS.get_ptr_mut(stats_index(slot, dir)) {
             // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
             unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
         }
@@ -197,16 +241,18 @@ mod tc {
         account(&ctx, DIR_EGRESS)
     }
 
-    /// At the host side of a pod's veth (its TCX ingress): what the pod sends, judged
+    /// At the host side of a pod's veth (its tc ingress): what the pod sends, judged
     /// again by the pod's egress rules, for a pod that skipped its own egress hook
     /// (AF_PACKET with PACKET_QDISC_BYPASS). Only drops are counted here; what
     /// passes was counted at the pod's egress, or bypassed it.
     #[classifier]
     pub fn trellis_peer(ctx: TcContext) -> i32 {
-        let slot = slot();
+        let Some(slot) = slot(&ctx) else {
+            return TCX_NEXT;
+        };
         let verdict = acl_verdict(&ctx, slot, DIR_EGRESS, false);
         if verdict == TCX_DROP {
-            if let Some(c) = STATS.get_ptr_mut(slot * 2 + DIR_EGRESS) {
+            if let Some(c) = STATS.get_ptr_mut(stats_index(slot, DIR_EGRESS)) {
                 // SAFETY: as in `account`.
                 unsafe { count(c, true, ctx.len()) };
             }

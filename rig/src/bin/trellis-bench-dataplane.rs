@@ -1,4 +1,9 @@
 //! Dataplane cost, every figure side by side in one run (rounds interleaved, medians):
+//! 0. attaching one interface: the agent's attach + detach (a stub and a tc filter per
+//!    direction) against two TCX links of an already loaded program (the kernel's
+//!    part of the previous design, which also loaded and verified the whole object
+//!    per interface), wall time and this process's CPU; then the kernel memory of
+//!    1,000 attachments against what the previous design's per-interface copies held;
 //! 1. per packet, through BPF_PROG_TEST_RUN: the TCX program with accounting only, and
 //!    with an ACL of 0, 100 and 10,000 rules (IPv4, IPv6), against the same parse and
 //!    accounting with the rules in a kernel LPM trie;
@@ -9,7 +14,8 @@
 //!    same rules in iptables (nft and legacy).
 //!
 //! Root. Prints figures; asserts nothing about speed.
-//! `trellis-bench-dataplane [--rounds N] [--seconds S] [--quick] [--per-packet]`
+//! `trellis-bench-dataplane [--rounds N] [--seconds S] [--quick] [--per-packet]
+//! [--attach]` (the last two: only that part).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -18,7 +24,7 @@ use trellis_agent::acl::Acl;
 use trellis_agent::dataplane::{Dataplane, Owner};
 use trellis_agent::lpm_baseline::LpmBaseline;
 use trellis_ebpf_common::{AclRule, ACT_DENY, DIR_INGRESS, TCX_NEXT};
-use trellis_rig::figures::percentiles;
+use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::packets::{frame, TCP};
 use trellis_rig::traffic::veth_pair;
@@ -77,6 +83,7 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
         lpm: Option<LpmBaseline>,
         packet: Vec<u8>,
         ours: Vec<f64>,
+        direct: Vec<f64>,
         trie: Vec<f64>,
     }
     let mut cases = Vec::new();
@@ -141,6 +148,7 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
                 lpm,
                 packet,
                 ours: vec![],
+                direct: vec![],
                 trie: vec![],
             });
         }
@@ -168,6 +176,12 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
                 .expect("test run");
             assert_eq!(v, TCX_NEXT, "{}: the bench packet passes", c.label);
             c.ours.push(d.as_nanos() as f64);
+            let (v, d) = c
+                .probe
+                .run_direct(DIR_INGRESS, &c.packet, repeat)
+                .expect("test run");
+            assert_eq!(v, TCX_NEXT);
+            c.direct.push(d.as_nanos() as f64);
             if let Some(l) = &c.lpm {
                 let (v, d) = l.run(&c.packet, repeat).expect("LPM test run");
                 assert_eq!(v, TCX_NEXT);
@@ -176,9 +190,12 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
         }
     }
     println!("\nper packet (BPF_PROG_TEST_RUN, {repeat} runs x {rounds} rounds, median ns):");
+    println!("  (trellis: the stub and its tail call, as attached; no stub: the shared program");
+    println!("  entered directly with the slot in cb[0], what a per-interface copy with the");
+    println!("  slot as a constant would cost)");
     println!(
-        "  {:<32} {:>10} {:>14} {:>8}",
-        "", "trellis", "LPM trie", "ratio"
+        "  {:<32} {:>10} {:>10} {:>14} {:>8}",
+        "", "trellis", "no stub", "LPM trie", "ratio"
     );
     println!(
         "  {:<32} {:>10.1}",
@@ -187,20 +204,35 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
     );
     println!("  {:<32} {:>10.1}", "one per-CPU counter", median(&counter));
     for c in &cases {
-        let ours = median(&c.ours);
+        let (ours, direct) = (median(&c.ours), median(&c.direct));
         if c.trie.is_empty() {
-            println!("  {:<32} {:>10.1} {:>14} {:>8}", c.label, ours, "-", "-");
+            println!(
+                "  {:<32} {:>10.1} {:>10.1} {:>14} {:>8}",
+                c.label, ours, direct, "-", "-"
+            );
         } else {
             let trie = median(&c.trie);
             println!(
-                "  {:<32} {:>10.1} {:>14.1} {:>8.2}",
+                "  {:<32} {:>10.1} {:>10.1} {:>14.1} {:>8.2}",
                 c.label,
                 ours,
+                direct,
                 trie,
                 trie / ours
             );
         }
     }
+    let (acct, big4, big6) = (
+        median(&cases[0].ours),
+        median(&cases[3].ours),
+        median(&cases[7].ours),
+    );
+    let acct6 = median(&cases[4].ours);
+    println!(
+        "  ACL of 10,000 rules above accounting only: IPv4 {:.1} ns, IPv6 {:.1} ns",
+        big4 - acct,
+        big6 - acct6
+    );
     for c in cases {
         dp.detach(c.probe.slot).expect("release probe");
     }
@@ -439,6 +471,152 @@ fn veth(dp: &mut Dataplane, rounds: usize, secs: f64) {
     }
 }
 
+/// CPU time this process has used (user + system, all threads).
+fn cpu_time() -> Duration {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// Part 0: what one interface's attach and detach cost, and 1,000 attachments' kernel
+/// memory.
+fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
+    use std::os::fd::AsFd;
+    let n = rounds * 10;
+    // Fresh dummy devices for every measurement (an attach creates the device's
+    // hook state, as on a new pod interface).
+    let ns = Netns::new("tba");
+    let batch: String = (0..2 * n + many)
+        .map(|i| format!("link add d{i} type dummy\nlink set d{i} up\n"))
+        .collect();
+    let file = std::env::temp_dir().join(format!("trellis-bench-{}.batch", ns.name));
+    std::fs::write(&file, batch).unwrap();
+    ns.sh(&format!("ip -batch {}", file.display()));
+    let _ = std::fs::remove_file(&file);
+    let pass = trellis_rig::bpf::load_pass_program().expect("a pass program");
+    let (mut ours, mut ours_det, mut ours_cpu) = (vec![], vec![], vec![]);
+    let (mut tcx, mut tcx_det, mut tcx_cpu) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        let (a, b) = (format!("d{}", 2 * i), 2 * i + 1);
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            if which == 0 {
+                let (c0, t0) = (cpu_time(), Instant::now());
+                let slot = dp
+                    .attach(&ns.path(), &owner("bench/attach", &a))
+                    .expect("attach");
+                let t1 = Instant::now();
+                dp.detach(slot).expect("detach");
+                ours.push(ms(t1 - t0));
+                ours_det.push(ms(t1.elapsed()));
+                ours_cpu.push(ms(cpu_time() - c0));
+            } else {
+                let pass = pass.as_fd();
+                let (att, det, cpu) = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        ns.enter_this_thread();
+                        let index =
+                            nix::net::if_::if_nametoindex(format!("d{b}").as_str()).expect("dummy");
+                        let (c0, t0) = (cpu_time(), Instant::now());
+                        let l1 =
+                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_INGRESS)
+                                .expect("TCX ingress");
+                        let l2 =
+                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_EGRESS)
+                                .expect("TCX egress");
+                        let t1 = Instant::now();
+                        drop((l1, l2));
+                        (ms(t1 - t0), ms(t1.elapsed()), ms(cpu_time() - c0))
+                    })
+                    .join()
+                    .unwrap()
+                });
+                tcx.push(att);
+                tcx_det.push(det);
+                tcx_cpu.push(cpu);
+            }
+        }
+    }
+    println!("\nattaching one interface ({n} each, interleaved; ms, p50 / p99):");
+    println!(
+        "  {:<44} {:>16} {:>16} {:>12}",
+        "", "attach", "detach", "CPU p50"
+    );
+    for (label, a, d, c) in [
+        (
+            "trellis: stub + tc filter per direction",
+            &ours,
+            &ours_det,
+            &ours_cpu,
+        ),
+        (
+            "two TCX links of a loaded program",
+            &tcx,
+            &tcx_det,
+            &tcx_cpu,
+        ),
+    ] {
+        let (a, d) = (
+            percentiles(a.clone(), [0.5, 0.99]),
+            percentiles(d.clone(), [0.5, 0.99]),
+        );
+        println!(
+            "  {:<44} {:>7.3} / {:<7.3} {:>7.3} / {:<7.3} {:>12.3}",
+            label,
+            a[0],
+            a[1],
+            d[0],
+            d[1],
+            median(c)
+        );
+    }
+
+    // Kernel memory: `many` attachments at once.
+    let marker = trellis_rig::bpf::last_prog_id();
+    let t0 = Instant::now();
+    let slots: Vec<u32> = (0..many)
+        .map(|i| {
+            dp.attach(
+                &ns.path(),
+                &owner("bench/attach", &format!("d{}", 2 * n + i)),
+            )
+            .expect("attach")
+        })
+        .collect();
+    let took = t0.elapsed();
+    let stubs: u64 = trellis_rig::bpf::prog_ids_after(marker)
+        .into_iter()
+        .filter_map(trellis_rig::bpf::prog_memlock)
+        .sum();
+    let shared = dp.program_memlock().expect("shared programs' memlock");
+    let t1 = Instant::now();
+    for s in slots {
+        dp.detach(s).expect("detach");
+    }
+    let detach_took = t1.elapsed();
+    let old: u64 = shared[0] + shared[1];
+    println!(
+        "\n{many} attachments: attached in {:.0} ms, detached in {:.0} ms",
+        ms(took),
+        ms(detach_took)
+    );
+    println!(
+        "  program memory (memlock): {:.1} MiB of stubs ({} bytes each) + {:.2} MiB shared, once per node",
+        stubs as f64 / 1048576.0,
+        stubs / (2 * many as u64).max(1),
+        shared.iter().sum::<u64>() as f64 / 1048576.0
+    );
+    println!(
+        "  the previous design (the programs loaded per interface): {:.1} MiB ({} bytes each): {:.1}x",
+        (old * many as u64) as f64 / 1048576.0,
+        old,
+        (old * many as u64) as f64 / (stubs + shared.iter().sum::<u64>()) as f64
+    );
+}
+
 fn main() {
     if !trellis_rig::is_root() {
         eprintln!("trellis-bench-dataplane needs root (bpffs, network namespaces)");
@@ -454,8 +632,16 @@ fn main() {
         "trellis-bench-dataplane: {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let only = |a: &str| std::env::args().any(|x| x == a);
+    let (attach_only, packet_only) = (only("--attach"), only("--per-packet"));
+    if !packet_only {
+        attach_cost(&mut dp, rounds.max(3), if quick { 50 } else { 1000 });
+    }
+    if attach_only {
+        return;
+    }
     per_packet(&mut dp, rounds.max(3), repeat);
-    if !std::env::args().any(|a| a == "--per-packet") {
+    if !packet_only {
         veth(&mut dp, rounds, secs);
     }
 }

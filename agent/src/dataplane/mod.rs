@@ -1,0 +1,928 @@
+//! The eBPF dataplane: the programs of ebpf/programs (embedded at build time),
+//! loaded and verified once per agent start, and entered from each pod interface
+//! through a stub of a few instructions (its slot, then a tail call) attached as a
+//! tc filter (see tc.rs for why not TCX). Maps are pinned under one bpffs dir, so
+//! the agent can restart (counters and attachments stay; the maps are re-adopted by
+//! name and PROGS points every live stub at the new programs) and `trellis stats`
+//! can read everything from the pins alone.
+
+mod acl_space;
+mod read;
+mod stub;
+mod tc;
+
+pub use read::{read_acl_hits, read_stats, AclHits};
+
+use acl_space::Mapped;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray};
+use aya::programs::{ProgramFd, SchedClassifier};
+use aya::{Ebpf, EbpfLoader};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use tc::{Rtnl, Side};
+use trellis_ebpf_common::{
+    maps, prog_index, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6,
+    SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS,
+    HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_SLOTS, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
+
+/// The object's program for each hook, in HOOK_* order.
+const PROGRAMS: [&str; HOOKS as usize] = ["trellis_ingress", "trellis_egress", "trellis_peer"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{dir} is not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NoBpffs { dir: String },
+    #[error("the pins in {dir} are layout {found} and this agent's are layout {LAYOUT_VERSION}: they cannot be re-adopted. Remove the directory to start over (rm -r {dir}: it detaches the programs from every pod interface and resets the counters; restart the agent and its records re-attach live pods)")]
+    Layout { dir: String, found: String },
+    #[error("{field} {value:?} is {len} bytes; the dataplane holds at most {max} (names are kept whole, never cut)")]
+    NameTooLong {
+        field: &'static str,
+        value: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    #[error("attaching to {ifname}: {message}")]
+    Attach { ifname: String, message: String },
+    #[error("{what}: {message}")]
+    Op { what: String, message: String },
+    #[error("all {MAX_SLOTS} attachment slots are in use")]
+    Full,
+    #[error("network {0}: all {max} ACL ids are in use by other networks", max = trellis_ebpf_common::MAX_ACLS)]
+    AclFull(String),
+    #[error("network {network}: its ACL needs {need} more {what} entries than are free in the shared table space ({cap} in all, the rest held by other networks' ACLs)")]
+    AclSpace {
+        network: String,
+        what: &'static str,
+        need: u32,
+        cap: u32,
+    },
+}
+
+fn op(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
+    let what = what.into();
+    move |message| DataplaneError::Op { what, message }
+}
+
+/// Who an attachment belongs to (what `trellis stats` labels its counters with).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Owner {
+    pub namespace: String,
+    pub pod: String,
+    pub network: String,
+    pub ifname: String,
+    pub container: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlotStats {
+    pub slot: u32,
+    pub owner: Owner,
+    pub ingress: CountersView,
+    pub egress: CountersView,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct CountersView {
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+}
+
+impl From<Counters> for CountersView {
+    fn from(c: Counters) -> Self {
+        CountersView {
+            packets: c.packets,
+            bytes: c.bytes,
+            drops: c.drops,
+        }
+    }
+}
+
+/// `s` into a NUL-padded field, whole, or an error naming the field.
+fn put(dst: &mut [u8], field: &'static str, s: &str) -> Result<(), DataplaneError> {
+    if s.len() > dst.len() || s.as_bytes().contains(&0) {
+        return Err(DataplaneError::NameTooLong {
+            field,
+            value: s.to_string(),
+            len: s.len(),
+            max: dst.len(),
+        });
+    }
+    dst[..s.len()].copy_from_slice(s.as_bytes());
+    dst[s.len()..].fill(0);
+    Ok(())
+}
+
+fn get(src: &[u8]) -> String {
+    let end = src.iter().position(|b| *b == 0).unwrap_or(src.len());
+    String::from_utf8_lossy(&src[..end]).into_owned()
+}
+
+/// The slot's owner as the map keeps it; a name that does not fit whole is refused.
+fn slot_meta(owner: &Owner, netns: &Path) -> Result<SlotMeta, DataplaneError> {
+    let mut m = SlotMeta::default();
+    put(&mut m.namespace, "namespace", &owner.namespace)?;
+    put(&mut m.pod, "pod", &owner.pod)?;
+    put(&mut m.network, "network", &owner.network)?;
+    put(&mut m.ifname, "interface", &owner.ifname)?;
+    put(&mut m.container, "container", &owner.container)?;
+    let netns = netns.to_str().ok_or_else(|| DataplaneError::NameTooLong {
+        field: "netns path",
+        value: netns.display().to_string(),
+        len: netns.as_os_str().len(),
+        max: 0,
+    })?;
+    put(&mut m.netns, "netns path", netns)?;
+    Ok(m)
+}
+
+fn owner_of(m: &SlotMeta) -> Owner {
+    Owner {
+        namespace: get(&m.namespace),
+        pod: get(&m.pod),
+        network: get(&m.network),
+        ifname: get(&m.ifname),
+        container: get(&m.container),
+    }
+}
+
+/// Checks that `dir` is, or would be created, on a bpffs.
+pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.exists() {
+            let on_bpffs = nix::sys::statfs::statfs(d)
+                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+            if on_bpffs {
+                return Ok(());
+            }
+            return Err(DataplaneError::NoBpffs {
+                dir: dir.display().to_string(),
+            });
+        }
+        p = d.parent();
+    }
+    Err(DataplaneError::NoBpffs {
+        dir: dir.display().to_string(),
+    })
+}
+
+/// Loads (verifies) the TC classifier `name` of an object.
+pub(crate) fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+    classifier(bpf, name)?
+        .load()
+        .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))
+}
+
+fn classifier<'a>(
+    bpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    bpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))
+}
+
+/// The netns cookie (SO_NETNS_COOKIE) of the calling thread's namespace.
+fn netns_cookie() -> Result<u64, String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    // nix has no SO_NETNS_COOKIE (include/uapi/asm-generic/socket.h: 71).
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own, into a u64 of the length we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "SO_NETNS_COOKIE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(cookie)
+}
+
+/// The filter name of a slot's stubs (how a filter is known to be this slot's).
+fn filter_name(slot: u32) -> String {
+    format!("trellis-{slot}")
+}
+
+/// The sides of a device a hook's stub is attached to.
+const fn side(hook: u32) -> Side {
+    if hook == HOOK_EGRESS {
+        Side::Egress
+    } else {
+        Side::Ingress
+    }
+}
+
+pub struct Dataplane {
+    bpf: Ebpf,
+    dir: PathBuf,
+    /// The object's programs per hook (HOOK_* order), loaded once.
+    progs: Vec<ProgramFd>,
+    /// Every owned slot's META entry: the agent is its only writer, so lookups by
+    /// network and free slots need no walk of the map (one syscall per entry).
+    slots: BTreeMap<u32, SlotMeta>,
+    /// Where the search for a free slot starts: numbers are handed out in turn, so a
+    /// number freed is not reused until the others have been.
+    next_slot: u32,
+    /// A netlink socket in the agent's netns (host sides of veths).
+    host: Option<Rtnl>,
+    /// The agent's own netns, to ask a pod's netns which nsid it gives it.
+    own_netns: std::fs::File,
+    /// The ACL table spaces, mapped: IPv4 and IPv6 intervals, first-level buckets,
+    /// rules, and rule hit counters.
+    iv4: Mapped<IntervalV4>,
+    iv6: Mapped<IntervalV6>,
+    idx: Mapped<Bucket>,
+    rules: Mapped<AclRule>,
+    hits: Mapped<u64>,
+    /// When table regions were last given up (slots moved off them): they are not
+    /// written again until every program that may still be reading them has returned.
+    freed_at: Option<std::time::Instant>,
+}
+
+/// What attaching found out about the pod's interface.
+struct Found {
+    rtnl: Rtnl,
+    key: IfKey,
+    /// The host side of its veth in the agent's netns (ifindex), if any.
+    peer: Option<u32>,
+}
+
+impl Dataplane {
+    /// Loads the programs, re-adopting maps already pinned in `dir`, and points every
+    /// live slot's PROGS entries at them.
+    pub fn open(dir: &Path) -> Result<Dataplane, DataplaneError> {
+        check_bpffs(dir)?;
+        check_layout(dir)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| op(format!("creating {}", dir.display()))(e.to_string()))?;
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        for name in PINNED_MAPS {
+            if bpf.map(name).is_none() {
+                return Err(DataplaneError::Load(format!(
+                    "the object has no map {name}"
+                )));
+            }
+        }
+        // The maps are pinned now: say which layout they are before anything can fail.
+        let mut layout: Array<&mut MapData, u32> =
+            Array::try_from(bpf.map_mut(maps::LAYOUT).expect("checked"))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        let mut progs = Vec::new();
+        for name in PROGRAMS {
+            load_classifier(&mut bpf, name)?;
+            let fd = classifier(&mut bpf, name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+            progs.push(fd);
+        }
+        let own_netns = std::fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| op("opening the agent's netns")(e.to_string()))?;
+        let mut dp = Dataplane {
+            iv4: Mapped::new(&bpf, maps::ACL_IV4, ACL_SPACE)?,
+            iv6: Mapped::new(&bpf, maps::ACL_IV6, ACL_SPACE)?,
+            idx: Mapped::new(&bpf, maps::ACL_IDX, IDX_SPACE)?,
+            rules: Mapped::new(&bpf, maps::ACL_RULES, RULE_SPACE)?,
+            hits: Mapped::new(&bpf, maps::RULE_HITS, HIT_SPACE)?,
+            freed_at: None,
+            progs,
+            slots: BTreeMap::new(),
+            next_slot: 0,
+            host: None,
+            own_netns,
+            bpf,
+            dir: dir.to_path_buf(),
+        };
+        let mut slots = BTreeMap::new();
+        for e in dp.meta()?.iter() {
+            let (slot, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+            slots.insert(slot, m);
+        }
+        // Live stubs run this agent's programs from here on (an upgrade takes over
+        // every attachment in place; the old programs go with their last entry).
+        for (slot, m) in &slots {
+            dp.set_progs(*slot, m.peer_ifindex != 0)?;
+        }
+        dp.next_slot = slots.keys().next_back().map_or(0, |s| (s + 1) % MAX_SLOTS);
+        dp.slots = slots;
+        Ok(dp)
+    }
+
+    fn meta(&mut self) -> Result<BpfHashMap<&mut MapData, u32, SlotMeta>, DataplaneError> {
+        BpfHashMap::try_from(self.bpf.map_mut(maps::META).expect("checked at open"))
+            .map_err(|e| op("META map")(e.to_string()))
+    }
+
+    fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.bpf.map_mut(name).expect("checked at open")
+    }
+
+    fn prog_array(&mut self) -> Result<ProgramArray<&mut MapData>, DataplaneError> {
+        ProgramArray::try_from(self.map_mut(maps::PROGS))
+            .map_err(|e| op("PROGS map")(e.to_string()))
+    }
+
+    /// Points `slot`'s PROGS entries at the programs (the peer's only if it has one).
+    fn set_progs(&mut self, slot: u32, peer: bool) -> Result<(), DataplaneError> {
+        let progs: Vec<ProgramFd> = self
+            .progs
+            .iter()
+            .map(|p| p.try_clone())
+            .collect::<Result<_, _>>()
+            .map_err(|e| op("PROGS map")(e.to_string()))?;
+        let mut array = self.prog_array()?;
+        for (hook, p) in progs.iter().enumerate() {
+            let hook = hook as u32;
+            if hook == HOOK_PEER && !peer {
+                continue;
+            }
+            array
+                .set(prog_index(slot, hook), p, 0)
+                .map_err(|e| op("PROGS map")(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Empties `slot`'s PROGS entries: its stubs, wherever they are, do nothing now.
+    fn clear_progs(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let mut array = self.prog_array()?;
+        for hook in 0..HOOKS {
+            match array.clear_index(&prog_index(slot, hook)) {
+                Ok(()) => {}
+                // An entry never set.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(op("PROGS map")(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// A slot no attachment holds, after the last one handed out.
+    fn free_slot(&mut self) -> Result<u32, DataplaneError> {
+        let slot = (0..MAX_SLOTS)
+            .map(|i| (self.next_slot + i) % MAX_SLOTS)
+            .find(|s| !self.slots.contains_key(s))
+            .ok_or(DataplaneError::Full)?;
+        self.next_slot = (slot + 1) % MAX_SLOTS;
+        Ok(slot)
+    }
+
+    /// Records `m` as `slot`'s owner (META and the index).
+    fn own(&mut self, slot: u32, m: SlotMeta) -> Result<(), DataplaneError> {
+        self.meta()?
+            .insert(slot, m, 0)
+            .map_err(|e| op("META map")(e.to_string()))?;
+        self.slots.insert(slot, m);
+        Ok(())
+    }
+
+    /// Zeroes the slot's counters.
+    fn zero_counters(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| op("counting CPUs")(e.to_string()))?;
+        let mut stats: PerCpuArray<&mut MapData, Counters> =
+            PerCpuArray::try_from(self.map_mut(maps::STATS))
+                .map_err(|e| op("STATS map")(e.to_string()))?;
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let zero =
+                PerCpuValues::try_from(vec![Counters::default(); ncpus]).expect("one per CPU");
+            stats
+                .set(stats_index(slot, dir), zero, 0)
+                .map_err(|e| op("zeroing counters")(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Finds `ifname` in the netns at `netns`: a socket there, its key, and the host
+    /// side of its veth when that is in the agent's netns (bridge and ptp delegates
+    /// put it there; macvlan and VFs have none).
+    fn find(&mut self, netns: &Path, ifname: &str) -> Result<Found, DataplaneError> {
+        let attach_err = |m: String| DataplaneError::Attach {
+            ifname: ifname.to_string(),
+            message: m,
+        };
+        let (rtnl, cookie) = crate::netns::run_in(netns, || -> std::io::Result<_> {
+            Ok((
+                Rtnl::here()?,
+                netns_cookie().map_err(std::io::Error::other)?,
+            ))
+        })
+        .and_then(|r| r)
+        .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))?;
+        let mut found = Found {
+            rtnl,
+            key: IfKey::default(),
+            peer: None,
+        };
+        let link = found
+            .rtnl
+            .link(ifname)
+            .map_err(|e| attach_err(e.to_string()))?
+            .ok_or_else(|| attach_err(format!("no interface {ifname} in {}", netns.display())))?;
+        found.key = IfKey {
+            netns_cookie: cookie,
+            ifindex: link.index,
+            _pad: 0,
+        };
+        let Some((peer, Some(nsid))) = link.veth_peer else {
+            return Ok(found);
+        };
+        // The peer's netns, as the pod's netns numbers it, must be ours...
+        let peer_err = |e: std::io::Error| DataplaneError::Attach {
+            ifname: format!("the host side of {ifname}"),
+            message: e.to_string(),
+        };
+        if found.rtnl.nsid_of(&self.own_netns).map_err(peer_err)? != Some(nsid) {
+            return Ok(found);
+        }
+        if self.host.is_none() {
+            self.host = Some(Rtnl::here().map_err(peer_err)?);
+        }
+        let host = self.host.as_mut().expect("just set");
+        // ...and the link there must name the pod's end back.
+        let back = host.link_by_index(peer).map_err(peer_err)?;
+        if back.and_then(|b| b.veth_peer).map(|(i, _)| i) == Some(link.index) {
+            found.peer = Some(peer);
+        }
+        Ok(found)
+    }
+
+    /// Attaches the programs to `ifname` in the netns at `netns` (and the egress
+    /// check to the host side of its veth when that is in the agent's netns);
+    /// returns its slot. On any failure nothing of it is left.
+    pub fn attach(&mut self, netns: &Path, owner: &Owner) -> Result<u32, DataplaneError> {
+        // Every name fits whole, or nothing is attached.
+        let mut meta = slot_meta(owner, netns)?;
+        let mut found = self.find(netns, &owner.ifname)?;
+        let slot = self.free_slot()?;
+        meta.key = found.key;
+        meta.peer_ifindex = found.peer.unwrap_or(0);
+        // Owned first: from here on, everything made is found (and undone) from META.
+        self.own(slot, meta)?;
+        match self.make(slot, &mut meta, &mut found, &owner.network) {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                if let Err(undo) = self.remove(slot, Some(&mut found.rtnl)) {
+                    tracing::warn!(slot, "undoing a failed attach: {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The parts of an attach after its slot is owned: rules, counters, PROGS
+    /// entries, then the filters (the first packet a filter passes is judged).
+    fn make(
+        &mut self,
+        slot: u32,
+        meta: &mut SlotMeta,
+        found: &mut Found,
+        network: &str,
+    ) -> Result<(), DataplaneError> {
+        let header = self.acl_header_of(network)?;
+        self.set_slot_acl(slot, header)?;
+        self.zero_counters(slot)?;
+        self.set_progs(slot, found.peer.is_some())?;
+        let name = filter_name(slot);
+        let ifname = get(&meta.ifname);
+        let fail = |ifname: &str, what: &str, e: std::io::Error| DataplaneError::Attach {
+            ifname: ifname.to_string(),
+            message: format!("{what}: {e}"),
+        };
+        let progs = self.progs_fd();
+        if found
+            .rtnl
+            .add_clsact(meta.key.ifindex)
+            .map_err(|e| fail(&ifname, "adding a clsact qdisc", e))?
+        {
+            meta.flags |= SLOT_CLSACT_POD;
+            self.own(slot, *meta)?;
+        }
+        for hook in [HOOK_INGRESS, HOOK_EGRESS] {
+            let stub = stub::load(progs.as_fd(), slot, hook)
+                .map_err(|e| DataplaneError::Load(format!("the stub of slot {slot}: {e}")))?;
+            found
+                .rtnl
+                .add_filter(meta.key.ifindex, side(hook), stub.as_fd(), &name)
+                .map_err(|e| {
+                    let what = if e.raw_os_error() == Some(libc::EINVAL) && hook == HOOK_EGRESS {
+                        "adding the egress filter (does the interface have an ingress qdisc instead of clsact?)"
+                    } else {
+                        "adding a filter"
+                    };
+                    fail(&ifname, what, e)
+                })?;
+        }
+        let Some(peer) = found.peer else {
+            return Ok(());
+        };
+        let host_name = format!("the host side of {ifname}");
+        let host = self.host.as_mut().expect("found a peer with it");
+        if host
+            .add_clsact(peer)
+            .map_err(|e| fail(&host_name, "adding a clsact qdisc", e))?
+        {
+            meta.flags |= SLOT_CLSACT_PEER;
+            self.own(slot, *meta)?;
+        }
+        let stub = stub::load(progs.as_fd(), slot, HOOK_PEER)
+            .map_err(|e| DataplaneError::Load(format!("the stub of slot {slot}: {e}")))?;
+        let host = self.host.as_mut().expect("found a peer with it");
+        host.add_filter(peer, Side::Ingress, stub.as_fd(), &name)
+            .map_err(|e| fail(&host_name, "adding a filter", e))
+    }
+
+    /// A duplicate of the PROGS map's fd, for stubs to refer to.
+    fn progs_fd(&self) -> OwnedFd {
+        match self.bpf.map(maps::PROGS) {
+            Some(aya::maps::Map::ProgramArray(m)) => m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .expect("duplicating a map fd"),
+            _ => unreachable!("checked at open"),
+        }
+    }
+
+    /// Detaches the attachment in `slot` only if the slot still belongs to
+    /// `container`'s `ifname` (after a reboot or a lost record, the slot number may
+    /// be another pod's now). Whether it was detached.
+    pub fn detach_owned(
+        &mut self,
+        slot: u32,
+        container: &str,
+        ifname: &str,
+    ) -> Result<bool, DataplaneError> {
+        let mine = self
+            .slots
+            .get(&slot)
+            .is_some_and(|m| get(&m.container) == container && get(&m.ifname) == ifname);
+        if mine {
+            self.detach(slot)?;
+        }
+        Ok(mine)
+    }
+
+    /// Detaches and forgets the attachment in `slot`: its stubs are disabled at
+    /// once (PROGS), its filters removed where its interface still is, its owner
+    /// forgotten. The last attachment of a network takes its ACL with it.
+    pub fn detach(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let network = self.slots.get(&slot).map(|m| get(&m.network));
+        self.remove(slot, None)?;
+        if let Some(network) = network {
+            self.forget_unused_acl(&network)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything of `slot` (with `pod`, a socket already in its netns).
+    fn remove(&mut self, slot: u32, pod: Option<&mut Rtnl>) -> Result<(), DataplaneError> {
+        self.clear_progs(slot)?;
+        if let Some(m) = self.slots.get(&slot).copied() {
+            self.remove_filters(slot, &m, pod);
+        }
+        self.set_slot_acl(slot, None)?;
+        let _ = self.meta()?.remove(&slot);
+        self.slots.remove(&slot);
+        Ok(())
+    }
+
+    /// Removes `slot`'s filters (and clsact qdiscs it added, once empty) from its
+    /// interface, if that is still where META says (same netns cookie and ifindex),
+    /// and from the host side of its veth. Failures are logged: the stubs are
+    /// disabled already.
+    fn remove_filters(&mut self, slot: u32, m: &SlotMeta, pod: Option<&mut Rtnl>) {
+        let name = filter_name(slot);
+        let netns = get(&m.netns);
+        let mut opened = None;
+        let pod = match pod {
+            Some(r) => Some(r),
+            None if netns.is_empty() => None,
+            None => {
+                let here = crate::netns::run_in(Path::new(&netns), || -> std::io::Result<_> {
+                    Ok((
+                        Rtnl::here()?,
+                        netns_cookie().map_err(std::io::Error::other)?,
+                    ))
+                })
+                .and_then(|r| r);
+                match here {
+                    // The netns is another one now (a reused path): not ours to touch.
+                    Ok((r, cookie)) if cookie == m.key.netns_cookie => opened.insert(r).into(),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(rtnl) = pod {
+            let ifindex = m.key.ifindex;
+            let done = unfilter(
+                rtnl,
+                ifindex,
+                &[Side::Ingress, Side::Egress],
+                &name,
+                m.flags & SLOT_CLSACT_POD != 0,
+            );
+            if let Err(e) = done {
+                tracing::warn!(slot, netns, ifindex, "removing the slot's filters: {e}");
+            }
+        }
+        if m.peer_ifindex != 0 {
+            if self.host.is_none() {
+                self.host = Rtnl::here().ok();
+            }
+            if let Some(host) = self.host.as_mut() {
+                let done = unfilter(
+                    host,
+                    m.peer_ifindex,
+                    &[Side::Ingress],
+                    &name,
+                    m.flags & SLOT_CLSACT_PEER != 0,
+                );
+                if let Err(e) = done {
+                    tracing::warn!(
+                        slot,
+                        ifindex = m.peer_ifindex,
+                        "removing the slot's filter from the host side of its veth: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every slot and who it belongs to.
+    pub fn slots(&mut self) -> Result<Vec<(u32, Owner)>, DataplaneError> {
+        Ok(self.slots.iter().map(|(s, m)| (*s, owner_of(m))).collect())
+    }
+
+    /// Slots whose owner is on `network`.
+    pub fn slots_of(&mut self, network: &str) -> Result<Vec<u32>, DataplaneError> {
+        Ok(self
+            .slots
+            .iter()
+            .filter(|(_, m)| get(&m.network) == network)
+            .map(|(s, _)| *s)
+            .collect())
+    }
+
+    /// Networks that have live attachments.
+    pub fn networks(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let set: std::collections::BTreeSet<String> =
+            self.slots.values().map(|m| get(&m.network)).collect();
+        Ok(set.into_iter().collect())
+    }
+
+    /// Removes what older layouts pinned per link (`links/`; tc filters need none).
+    pub fn remove_orphan_pins(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let dir = self.dir.join("links");
+        let mut removed = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if std::fs::remove_file(e.path()).is_ok() {
+                    removed.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(removed)
+    }
+
+    /// Points `slot` at ACL header `header` (None: no ACL).
+    fn set_slot_acl(&mut self, slot: u32, header: Option<u32>) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::SLOT_ACL))
+            .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
+        m.set(slot, header.map(|h| h + 1).unwrap_or(0), 0)
+            .map_err(|e| op("SLOT_ACL map")(e.to_string()))
+    }
+
+    /// The kernel memory (memlock) each shared program holds, in HOOK_* order.
+    pub fn program_memlock(&self) -> Result<Vec<u64>, DataplaneError> {
+        self.progs
+            .iter()
+            .map(|p| {
+                let fd = p.as_fd().as_raw_fd();
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("memlock:"))
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                    .ok_or_else(|| op("reading a program's fdinfo")("no memlock".into()))
+            })
+            .collect()
+    }
+
+    /// A slot for `owner` with stubs loaded but attached nowhere, to run packets
+    /// through with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
+    pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
+        let meta = slot_meta(owner, Path::new(""))?;
+        let slot = self.free_slot()?;
+        self.own(slot, meta)?;
+        let made = (|| {
+            let header = self.acl_header_of(&owner.network)?;
+            self.set_slot_acl(slot, header)?;
+            self.zero_counters(slot)?;
+            self.set_progs(slot, true)?;
+            let progs = self.progs_fd();
+            let mut stubs = Vec::new();
+            for hook in 0..HOOKS {
+                stubs.push(
+                    stub::load(progs.as_fd(), slot, hook)
+                        .map_err(|e| DataplaneError::Load(format!("a stub: {e}")))?,
+                );
+            }
+            let programs = self
+                .progs
+                .iter()
+                .map(|p| p.as_fd().try_clone_to_owned())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| op("duplicating a program fd")(e.to_string()))?;
+            Ok(Probe {
+                slot,
+                stubs,
+                programs,
+            })
+        })();
+        if made.is_err() {
+            let _ = self.remove(slot, None);
+        }
+        made
+    }
+}
+
+/// Removes our filter named `name` from each of `sides` of `ifindex`, then the
+/// clsact qdisc if we added it (`ours`) and no filter of anyone is left on it.
+fn unfilter(
+    rtnl: &mut Rtnl,
+    ifindex: u32,
+    sides: &[Side],
+    name: &str,
+    ours: bool,
+) -> std::io::Result<()> {
+    for &side in sides {
+        if rtnl.filter_name(ifindex, side)?.as_deref() == Some(name) {
+            rtnl.del_filter(ifindex, side)?;
+        }
+    }
+    if ours
+        && rtnl.filters(ifindex, Side::Ingress)? == 0
+        && rtnl.filters(ifindex, Side::Egress)? == 0
+    {
+        rtnl.del_clsact(ifindex)?;
+    }
+    Ok(())
+}
+
+/// One slot's stubs, loaded but not attached: packets go through them (and the
+/// shared programs they tail-call) with BPF_PROG_TEST_RUN, with the slot's
+/// counters and its network's ACL.
+pub struct Probe {
+    pub slot: u32,
+    stubs: Vec<OwnedFd>,
+    programs: Vec<OwnedFd>,
+}
+
+impl Probe {
+    /// Runs `packet` (an Ethernet frame) `repeat` times through the stub of `dir`:
+    /// its verdict (TCX_NEXT passes, TCX_DROP drops) and the kernel's mean time per run.
+    pub fn run(
+        &self,
+        dir: u32,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        stub::test_run(self.stubs[dir as usize].as_fd(), packet, repeat, None)
+            .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
+    }
+
+    /// As `run`, through the stub on the host side of a veth.
+    pub fn run_peer(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        stub::test_run(self.stubs[HOOK_PEER as usize].as_fd(), packet, repeat, None)
+            .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
+    }
+
+    /// As `run`, straight into the shared program with the slot in `cb[0]` (no stub,
+    /// no tail call): what the stub costs, for the benchmark.
+    pub fn run_direct(
+        &self,
+        dir: u32,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        stub::test_run(
+            self.programs[dir as usize].as_fd(),
+            packet,
+            repeat,
+            Some(self.slot),
+        )
+        .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
+    }
+}
+
+/// Runs `packet` `repeat` times through the loaded classifier `name` of `bpf`
+/// (BPF_PROG_TEST_RUN): its return value and the kernel's mean time per run.
+pub(crate) fn test_run(
+    bpf: &Ebpf,
+    name: &str,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<(i32, std::time::Duration), DataplaneError> {
+    let p: &SchedClassifier = bpf
+        .program(name)
+        .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    let fd = p
+        .fd()
+        .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+    stub::test_run(fd.as_fd(), packet, repeat, None)
+        .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))
+}
+
+/// The maps the programs pin (a dir with any of them holds pins to re-adopt).
+const PINNED_MAPS: [&str; 12] = [
+    maps::STATS,
+    maps::META,
+    maps::LAYOUT,
+    maps::PROGS,
+    maps::SLOT_ACL,
+    maps::ACL_HDR,
+    maps::ACL_IV4,
+    maps::ACL_IV6,
+    maps::ACL_IDX,
+    maps::ACL_RULES,
+    maps::ACL_INFO,
+    maps::RULE_HITS,
+];
+
+/// Whether the pinned owner map in `dir` is empty (or absent).
+fn no_owners(dir: &Path) -> bool {
+    let Ok(m) = MapData::from_pin(dir.join("META")) else {
+        return true;
+    };
+    BpfHashMap::<MapData, u32, SlotMeta>::try_from(aya::maps::Map::HashMap(m))
+        .map(|m| m.keys().next().is_none())
+        .unwrap_or(false)
+}
+
+/// Refuses pins of another layout in `dir` (their sizes and shapes differ from what
+/// the programs expect); a dir without pins is fine.
+fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
+    if !PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+        return Ok(());
+    }
+    let found = match MapData::from_pin(dir.join("LAYOUT")) {
+        Err(_) => "1 (no LAYOUT pin)".to_string(),
+        Ok(m) => {
+            let layout: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(m))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+            match layout.get(&0, 0) {
+                Ok(v) if v == LAYOUT_VERSION => return Ok(()),
+                // Pinned by a start that died before writing its version (older
+                // agents wrote it last): ours if nothing was ever attached.
+                Ok(0) if no_owners(dir) => return Ok(()),
+                Ok(v) => v.to_string(),
+                Err(e) => format!("unreadable ({e})"),
+            }
+        }
+    };
+    Err(DataplaneError::Layout {
+        dir: dir.display().to_string(),
+        found,
+    })
+}

@@ -1,0 +1,196 @@
+//! bpf(2) for tests and benchmarks: what the dataplane has live, straight from the
+//! kernel (the PROGS entries that are set: one per attached hook, a pod interface's
+//! ingress and egress and the host side of its veth), programs' kernel memory, and
+//! TCX links for baselines.
+
+use std::path::Path;
+use trellis_ebpf_common::{maps, HOOKS, MAX_SLOTS};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGet {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    _rest: [u64; 4],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Lookup {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+    _rest: [u64; 4],
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: a live `union bpf_attr` prefix of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// How many hooks are live (PROGS entries set) in the dataplane pinned in `dir`;
+/// 0 when there are no pins.
+pub fn live_hooks(dir: &Path) -> usize {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = std::ffi::CString::new(dir.join(maps::PROGS).into_os_string().into_encoded_bytes())
+        .expect("no NUL in a path");
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let Ok(fd) = bpf(BPF_OBJ_GET, &mut get) else {
+        return 0;
+    };
+    // SAFETY: a new fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    (0..MAX_SLOTS * HOOKS)
+        .filter(|i| {
+            let key = *i;
+            let mut value = 0u32;
+            let mut l = Lookup {
+                map_fd: fd.as_raw_fd() as u32,
+                key: &key as *const u32 as u64,
+                value: &mut value as *mut u32 as u64,
+                ..Default::default()
+            };
+            bpf(BPF_MAP_LOOKUP_ELEM, &mut l).is_ok()
+        })
+        .count()
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// enum bpf_attach_type: BPF_TCX_INGRESS, BPF_TCX_EGRESS.
+pub const TCX_INGRESS: u32 = 46;
+pub const TCX_EGRESS: u32 = 47;
+
+#[repr(C)]
+#[derive(Default)]
+struct ById {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    _rest: [u32; 13],
+}
+
+/// IDs of the BPF programs loaded now whose id is above `after` (ids only grow).
+pub fn prog_ids_after(after: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut id = after;
+    loop {
+        let mut a = ById {
+            id,
+            ..Default::default()
+        };
+        if bpf(BPF_PROG_GET_NEXT_ID, &mut a).is_err() {
+            return out;
+        }
+        id = a.next_id;
+        out.push(id);
+    }
+}
+
+/// The highest BPF program id in use now (0: none).
+pub fn last_prog_id() -> u32 {
+    prog_ids_after(0).last().copied().unwrap_or(0)
+}
+
+/// The kernel memory a program holds (`memlock` of its fdinfo, as bpftool shows);
+/// None if it is gone.
+pub fn prog_memlock(id: u32) -> Option<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut a = ById {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).ok()?;
+    // SAFETY: a new fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    fd_memlock(fd.as_raw_fd())
+}
+
+/// `memlock` from /proc/self/fdinfo of a BPF program or map fd.
+pub fn fd_memlock(fd: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    _rest: [u64; 16],
+}
+
+/// A tc program that passes everything (`r0 = -1; exit`), for baselines.
+pub fn load_pass_program() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // BPF_ALU64|BPF_MOV|BPF_K r0 = -1; BPF_JMP|BPF_EXIT.
+    let insns: [u64; 2] = [0xb7 | ((-1i32 as u32 as u64) << 32), 0x95];
+    let license = c"GPL";
+    let mut a = ProgLoad {
+        prog_type: 3,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut a)?;
+    // SAFETY: a new fd from the kernel.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 8],
+}
+
+/// Attaches `prog` to `ifindex` (in the calling thread's netns) as a TCX link of
+/// `attach_type`; the link lives as long as the returned fd.
+pub fn tcx_link(
+    prog: std::os::fd::BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut a = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut a)?;
+    // SAFETY: a new fd from the kernel.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
