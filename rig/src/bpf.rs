@@ -1,33 +1,7 @@
-//! bpf(2) for tests and benchmarks: what the dataplane has live, straight from the
-//! kernel (the PROGS entries that are set: one per attached hook, a pod interface's
-//! ingress and egress and the host side of its veth), programs' kernel memory, and
-//! TCX links for baselines.
+//! bpf(2) for tests and benchmarks: what the dataplane has live, programs' names
+//! and kernel memory, and TCX links for baselines.
 
 use std::path::Path;
-use trellis_ebpf_common::{maps, HOOKS, MAX_SLOTS};
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_OBJ_GET: libc::c_long = 7;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjGet {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    _rest: [u64; 4],
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Lookup {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-    _rest: [u64; 4],
-}
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: a live `union bpf_attr` prefix of the size passed.
@@ -46,34 +20,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     }
 }
 
-/// How many hooks are live (PROGS entries set) in the dataplane pinned in `dir`;
-/// 0 when there are no pins.
+/// How many hooks are live in the dataplane pinned in `dir`: the hooks of every
+/// slot its META names (ingress and egress, and the host side of a veth when it has
+/// one), straight from the pinned map; 0 when there are no pins.
 pub fn live_hooks(dir: &Path) -> usize {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let path = std::ffi::CString::new(dir.join(maps::PROGS).into_os_string().into_encoded_bytes())
-        .expect("no NUL in a path");
-    let mut get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        ..Default::default()
-    };
-    let Ok(fd) = bpf(BPF_OBJ_GET, &mut get) else {
-        return 0;
-    };
-    // SAFETY: a new fd from the kernel.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    (0..MAX_SLOTS * HOOKS)
-        .filter(|i| {
-            let key = *i;
-            let mut value = 0u32;
-            let mut l = Lookup {
-                map_fd: fd.as_raw_fd() as u32,
-                key: &key as *const u32 as u64,
-                value: &mut value as *mut u32 as u64,
-                ..Default::default()
-            };
-            bpf(BPF_MAP_LOOKUP_ELEM, &mut l).is_ok()
-        })
-        .count()
+    trellis_agent::dataplane::live_hooks(dir).unwrap_or(0)
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;

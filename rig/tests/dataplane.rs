@@ -86,10 +86,10 @@ fn counters_match_the_traffic_and_survive_the_loader() {
 }
 
 /// A clsact qdisc that was there before (with someone else's filter) is kept, with
-/// that filter, when the attachment goes; a stub whose filter could not be removed
-/// (its netns unreachable) counts nothing once its slot is freed.
+/// that filter, when the attachment goes; a filter that could not be removed (its
+/// netns unreachable) counts nothing once its slot is freed.
 #[test]
-fn other_filters_are_kept_and_a_stray_stub_is_inert() {
+fn other_filters_are_kept_and_a_stray_filter_is_inert() {
     require_root!();
     let dir = BpfDir::new("trellis-test");
     let (a, _b) = veth_pair("tro", ["a0", "b0"], "10.88.1", None);
@@ -106,7 +106,7 @@ fn other_filters_are_kept_and_a_stray_stub_is_inert() {
     assert!(left.contains("u32") && !left.contains("trellis"), "{left}");
 
     // Attached again, then its filter's netns path made unreachable for the agent:
-    // the detach cannot remove the filter, but the slot's PROGS entries go.
+    // the detach cannot remove the filter, but the slot moves to a new generation.
     let alias = a.path().with_extension("alias");
     std::fs::write(&alias, "").unwrap();
     let mount = |args: &[&std::ffi::OsStr]| {
@@ -130,7 +130,7 @@ fn other_filters_are_kept_and_a_stray_stub_is_inert() {
         .sh("tc filter show dev a0 egress")
         .contains(&format!("trellis-{slot}")));
     assert_eq!(trellis_rig::bpf::live_hooks(&dir.0), 0);
-    // A new attachment elsewhere gets another slot; the stray stub counts nothing.
+    // A new attachment elsewhere gets another slot; the stray filter counts nothing.
     let (c, _d) = veth_pair("tro", ["a0", "b0"], "10.88.1", None);
     let slot2 = dp
         .attach(

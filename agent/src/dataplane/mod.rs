@@ -1,36 +1,39 @@
 //! The eBPF dataplane: the programs of ebpf/programs (embedded at build time),
-//! loaded and verified once per agent start, and entered from each pod interface
-//! through a stub of a few instructions (its slot, then a tail call) attached as a
-//! tc filter (see tc.rs for why not TCX). Maps are pinned under one bpffs dir, so
-//! the agent can restart (counters and attachments stay; the maps are re-adopted by
-//! name and PROGS points every live stub at the new programs) and `trellis stats`
-//! can read everything from the pins alone.
+//! loaded and verified once per agent start and attached to each pod interface as
+//! tc filters (see tc.rs for why not TCX) whose classid names the attachment's slot
+//! and generation. Maps are pinned under one bpffs dir, so the agent can restart
+//! (counters and attachments stay; the maps are re-adopted by name; filters keep the
+//! programs they were made with, which share those maps) and `trellis stats` can
+//! read everything from the pins alone.
 
 mod acl_space;
 mod read;
-mod stub;
 mod tc;
+mod testrun;
 
-pub use read::{read_acl_hits, read_stats, AclHits};
+pub use read::{live_hooks, read_acl_hits, read_stats, AclHits};
 
 use acl_space::Mapped;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use tc::{Rtnl, Side};
 use trellis_ebpf_common::{
-    maps, prog_index, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6,
-    SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS,
-    HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_SLOTS, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD,
+    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6, SlotMeta,
+    ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER,
+    IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS, RULE_SPACE, SLOT_CLSACT_PEER,
+    SLOT_CLSACT_POD,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
 
 /// The object's program for each hook, in HOOK_* order.
 const PROGRAMS: [&str; HOOKS as usize] = ["trellis_ingress", "trellis_egress", "trellis_peer"];
+/// The program tests and benchmarks run packets through (BPF_PROG_TEST_RUN).
+const PROBE_PROGRAM: &str = "trellis_probe";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -242,14 +245,19 @@ pub struct Dataplane {
     dir: PathBuf,
     /// The object's programs per hook (HOOK_* order), loaded once.
     progs: Vec<ProgramFd>,
+    /// Whether the probe program is loaded and its PROBE table filled.
+    probe_ready: bool,
     /// Every owned slot's META entry: the agent is its only writer, so lookups by
     /// network and free slots need no walk of the map (one syscall per entry).
     slots: BTreeMap<u32, SlotMeta>,
-    /// Where the search for a free slot starts: numbers are handed out in turn, so a
-    /// number freed is not reused until the others have been.
+    /// Where the search for a free slot starts: numbers are handed out in turn.
     next_slot: u32,
     /// A netlink socket in the agent's netns (host sides of veths).
     host: Option<Rtnl>,
+    /// The last pod netns worked in: its identity (st_dev, st_ino), a socket there
+    /// and its cookie. A pod's interfaces are attached (and detached) one after the
+    /// other: one trip into its netns serves them all.
+    pod_ns: Option<((u64, u64), Rtnl, u64)>,
     /// The agent's own netns, to ask a pod's netns which nsid it gives it.
     own_netns: std::fs::File,
     /// The ACL table spaces, mapped: IPv4 and IPv6 intervals, first-level buckets,
@@ -272,9 +280,16 @@ struct Found {
     peer: Option<u32>,
 }
 
+/// The identity of the netns at `path` (a bind mount of it, or /proc/PID/ns/net):
+/// its nsfs inode.
+fn netns_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = crate::netns::open(path)?.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
 impl Dataplane {
-    /// Loads the programs, re-adopting maps already pinned in `dir`, and points every
-    /// live slot's PROGS entries at them.
+    /// Loads the programs, re-adopting maps already pinned in `dir`.
     pub fn open(dir: &Path) -> Result<Dataplane, DataplaneError> {
         check_bpffs(dir)?;
         check_layout(dir)?;
@@ -317,9 +332,11 @@ impl Dataplane {
             hits: Mapped::new(&bpf, maps::RULE_HITS, HIT_SPACE)?,
             freed_at: None,
             progs,
+            probe_ready: false,
             slots: BTreeMap::new(),
             next_slot: 0,
             host: None,
+            pod_ns: None,
             own_netns,
             bpf,
             dir: dir.to_path_buf(),
@@ -328,11 +345,6 @@ impl Dataplane {
         for e in dp.meta()?.iter() {
             let (slot, m) = e.map_err(|e| op("META map")(e.to_string()))?;
             slots.insert(slot, m);
-        }
-        // Live stubs run this agent's programs from here on (an upgrade takes over
-        // every attachment in place; the old programs go with their last entry).
-        for (slot, m) in &slots {
-            dp.set_progs(*slot, m.peer_ifindex != 0)?;
         }
         dp.next_slot = slots.keys().next_back().map_or(0, |s| (s + 1) % MAX_SLOTS);
         dp.slots = slots;
@@ -348,45 +360,27 @@ impl Dataplane {
         self.bpf.map_mut(name).expect("checked at open")
     }
 
-    fn prog_array(&mut self) -> Result<ProgramArray<&mut MapData>, DataplaneError> {
-        ProgramArray::try_from(self.map_mut(maps::PROGS))
-            .map_err(|e| op("PROGS map")(e.to_string()))
+    fn generations(&mut self) -> Result<Array<&mut MapData, u32>, DataplaneError> {
+        Array::try_from(self.map_mut(maps::GEN)).map_err(|e| op("GEN map")(e.to_string()))
     }
 
-    /// Points `slot`'s PROGS entries at the programs (the peer's only if it has one).
-    fn set_progs(&mut self, slot: u32, peer: bool) -> Result<(), DataplaneError> {
-        let progs: Vec<ProgramFd> = self
-            .progs
-            .iter()
-            .map(|p| p.try_clone())
-            .collect::<Result<_, _>>()
-            .map_err(|e| op("PROGS map")(e.to_string()))?;
-        let mut array = self.prog_array()?;
-        for (hook, p) in progs.iter().enumerate() {
-            let hook = hook as u32;
-            if hook == HOOK_PEER && !peer {
-                continue;
-            }
-            array
-                .set(prog_index(slot, hook), p, 0)
-                .map_err(|e| op("PROGS map")(e.to_string()))?;
-        }
-        Ok(())
+    /// The generation `slot` is at.
+    fn generation(&mut self, slot: u32) -> Result<u32, DataplaneError> {
+        self.generations()?
+            .get(&slot, 0)
+            .map_err(|e| op("GEN map")(e.to_string()))
     }
 
-    /// Empties `slot`'s PROGS entries: its stubs, wherever they are, do nothing now.
-    fn clear_progs(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        let mut array = self.prog_array()?;
-        for hook in 0..HOOKS {
-            match array.clear_index(&prog_index(slot, hook)) {
-                Ok(()) => {}
-                // An entry never set.
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(op("PROGS map")(e.to_string())),
-            }
-        }
-        Ok(())
+    /// Moves `slot` to its next generation (before its filters are made, and at its
+    /// release: every filter of an earlier generation does nothing from then on).
+    /// The new generation.
+    fn next_generation(&mut self, slot: u32) -> Result<u32, DataplaneError> {
+        let now = self.generation(slot)?;
+        let next = if now >= MAX_GENERATION { 1 } else { now + 1 };
+        self.generations()?
+            .set(slot, next, 0)
+            .map_err(|e| op("GEN map")(e.to_string()))?;
+        Ok(next)
     }
 
     /// A slot no attachment holds, after the last one handed out.
@@ -424,6 +418,31 @@ impl Dataplane {
         Ok(())
     }
 
+    /// A socket in the netns at `path` and its cookie: the last one's if `path` is
+    /// still that netns, else a new one (a thread's trip into it). `keep_socket`
+    /// gives it back.
+    fn pod_socket(&mut self, path: &Path) -> std::io::Result<(Rtnl, u64)> {
+        let id = netns_id(path)?;
+        if let Some((last, rtnl, cookie)) = self.pod_ns.take() {
+            if last == id {
+                return Ok((rtnl, cookie));
+            }
+        }
+        crate::netns::run_in(path, || -> std::io::Result<_> {
+            Ok((
+                Rtnl::here()?,
+                netns_cookie().map_err(std::io::Error::other)?,
+            ))
+        })?
+    }
+
+    /// Keeps `rtnl` (in the netns at `path`, of `cookie`) for the next attachment.
+    fn keep_socket(&mut self, path: &Path, rtnl: Rtnl, cookie: u64) {
+        if let Ok(id) = netns_id(path) {
+            self.pod_ns = Some((id, rtnl, cookie));
+        }
+    }
+
     /// Finds `ifname` in the netns at `netns`: a socket there, its key, and the host
     /// side of its veth when that is in the agent's netns (bridge and ptp delegates
     /// put it there; macvlan and VFs have none).
@@ -432,37 +451,35 @@ impl Dataplane {
             ifname: ifname.to_string(),
             message: m,
         };
-        let (rtnl, cookie) = crate::netns::run_in(netns, || -> std::io::Result<_> {
-            Ok((
-                Rtnl::here()?,
-                netns_cookie().map_err(std::io::Error::other)?,
-            ))
-        })
-        .and_then(|r| r)
-        .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))?;
+        let (rtnl, cookie) = self
+            .pod_socket(netns)
+            .map_err(|e| attach_err(format!("entering {}: {e}", netns.display())))?;
         let mut found = Found {
             rtnl,
-            key: IfKey::default(),
+            key: IfKey {
+                netns_cookie: cookie,
+                ..Default::default()
+            },
             peer: None,
         };
-        let link = found
-            .rtnl
-            .link(ifname)
-            .map_err(|e| attach_err(e.to_string()))?
-            .ok_or_else(|| attach_err(format!("no interface {ifname} in {}", netns.display())))?;
-        found.key = IfKey {
-            netns_cookie: cookie,
-            ifindex: link.index,
-            _pad: 0,
+        let link = match found.rtnl.link(ifname) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                let e = attach_err(format!("no interface {ifname} in {}", netns.display()));
+                self.keep_socket(netns, found.rtnl, cookie);
+                return Err(e);
+            }
+            Err(e) => return Err(attach_err(e.to_string())),
         };
+        found.key.ifindex = link.index;
         let Some((peer, Some(nsid))) = link.veth_peer else {
             return Ok(found);
         };
-        // The peer's netns, as the pod's netns numbers it, must be ours...
         let peer_err = |e: std::io::Error| DataplaneError::Attach {
             ifname: format!("the host side of {ifname}"),
             message: e.to_string(),
         };
+        // The peer's netns, as the pod's netns numbers it, must be ours...
         if found.rtnl.nsid_of(&self.own_netns).map_err(peer_err)? != Some(nsid) {
             return Ok(found);
         }
@@ -489,20 +506,20 @@ impl Dataplane {
         meta.key = found.key;
         meta.peer_ifindex = found.peer.unwrap_or(0);
         // Owned first: from here on, everything made is found (and undone) from META.
-        self.own(slot, meta)?;
-        match self.make(slot, &mut meta, &mut found, &owner.network) {
-            Ok(()) => Ok(slot),
-            Err(e) => {
-                if let Err(undo) = self.remove(slot, Some(&mut found.rtnl)) {
-                    tracing::warn!(slot, "undoing a failed attach: {undo}");
-                }
-                Err(e)
+        let made = self
+            .own(slot, meta)
+            .and_then(|()| self.make(slot, &mut meta, &mut found, &owner.network));
+        if let Err(e) = &made {
+            if let Err(undo) = self.remove(slot, Some(&mut found.rtnl)) {
+                tracing::warn!(slot, "undoing a failed attach ({e}): {undo}");
             }
         }
+        self.keep_socket(netns, found.rtnl, found.key.netns_cookie);
+        made.map(|()| slot)
     }
 
-    /// The parts of an attach after its slot is owned: rules, counters, PROGS
-    /// entries, then the filters (the first packet a filter passes is judged).
+    /// The parts of an attach after its slot is owned: rules, counters, the slot's
+    /// new generation, then the filters (the first packet a filter passes is judged).
     fn make(
         &mut self,
         slot: u32,
@@ -513,14 +530,13 @@ impl Dataplane {
         let header = self.acl_header_of(network)?;
         self.set_slot_acl(slot, header)?;
         self.zero_counters(slot)?;
-        self.set_progs(slot, found.peer.is_some())?;
+        let class = classid(slot, self.next_generation(slot)?);
         let name = filter_name(slot);
         let ifname = get(&meta.ifname);
         let fail = |ifname: &str, what: &str, e: std::io::Error| DataplaneError::Attach {
             ifname: ifname.to_string(),
             message: format!("{what}: {e}"),
         };
-        let progs = self.progs_fd();
         if found
             .rtnl
             .add_clsact(meta.key.ifindex)
@@ -530,11 +546,10 @@ impl Dataplane {
             self.own(slot, *meta)?;
         }
         for hook in [HOOK_INGRESS, HOOK_EGRESS] {
-            let stub = stub::load(progs.as_fd(), slot, hook)
-                .map_err(|e| DataplaneError::Load(format!("the stub of slot {slot}: {e}")))?;
+            let prog = self.progs[hook as usize].as_fd();
             found
                 .rtnl
-                .add_filter(meta.key.ifindex, side(hook), stub.as_fd(), &name)
+                .add_filter(meta.key.ifindex, side(hook), prog, class, &name)
                 .map_err(|e| {
                     let what = if e.raw_os_error() == Some(libc::EINVAL) && hook == HOOK_EGRESS {
                         "adding the egress filter (does the interface have an ingress qdisc instead of clsact?)"
@@ -556,23 +571,10 @@ impl Dataplane {
             meta.flags |= SLOT_CLSACT_PEER;
             self.own(slot, *meta)?;
         }
-        let stub = stub::load(progs.as_fd(), slot, HOOK_PEER)
-            .map_err(|e| DataplaneError::Load(format!("the stub of slot {slot}: {e}")))?;
+        let prog = self.progs[HOOK_PEER as usize].as_fd();
         let host = self.host.as_mut().expect("found a peer with it");
-        host.add_filter(peer, Side::Ingress, stub.as_fd(), &name)
+        host.add_filter(peer, Side::Ingress, prog, class, &name)
             .map_err(|e| fail(&host_name, "adding a filter", e))
-    }
-
-    /// A duplicate of the PROGS map's fd, for stubs to refer to.
-    fn progs_fd(&self) -> OwnedFd {
-        match self.bpf.map(maps::PROGS) {
-            Some(aya::maps::Map::ProgramArray(m)) => m
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .expect("duplicating a map fd"),
-            _ => unreachable!("checked at open"),
-        }
     }
 
     /// Detaches the attachment in `slot` only if the slot still belongs to
@@ -594,9 +596,9 @@ impl Dataplane {
         Ok(mine)
     }
 
-    /// Detaches and forgets the attachment in `slot`: its stubs are disabled at
-    /// once (PROGS), its filters removed where its interface still is, its owner
-    /// forgotten. The last attachment of a network takes its ACL with it.
+    /// Detaches and forgets the attachment in `slot`: its filters do nothing from
+    /// now on (a new generation), are removed where its interface still is, and its
+    /// owner is forgotten. The last attachment of a network takes its ACL with it.
     pub fn detach(&mut self, slot: u32) -> Result<(), DataplaneError> {
         let network = self.slots.get(&slot).map(|m| get(&m.network));
         self.remove(slot, None)?;
@@ -608,9 +610,10 @@ impl Dataplane {
 
     /// Undoes everything of `slot` (with `pod`, a socket already in its netns).
     fn remove(&mut self, slot: u32, pod: Option<&mut Rtnl>) -> Result<(), DataplaneError> {
-        self.clear_progs(slot)?;
+        let class = classid(slot, self.generation(slot)?);
+        self.next_generation(slot)?;
         if let Some(m) = self.slots.get(&slot).copied() {
-            self.remove_filters(slot, &m, pod);
+            self.remove_filters(class, &m, pod);
         }
         self.set_slot_acl(slot, None)?;
         let _ = self.meta()?.remove(&slot);
@@ -618,58 +621,42 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes `slot`'s filters (and clsact qdiscs it added, once empty) from its
-    /// interface, if that is still where META says (same netns cookie and ifindex),
-    /// and from the host side of its veth. Failures are logged: the stubs are
-    /// disabled already.
-    fn remove_filters(&mut self, slot: u32, m: &SlotMeta, pod: Option<&mut Rtnl>) {
-        let name = filter_name(slot);
+    /// Removes the filters of classid `class` (and clsact qdiscs its slot added, once
+    /// empty) from its interface, if that is still where META says (same netns cookie
+    /// and ifindex), and from the host side of its veth. Failures are logged: the
+    /// filters do nothing already.
+    fn remove_filters(&mut self, class: u32, m: &SlotMeta, pod: Option<&mut Rtnl>) {
+        let slot = class & (MAX_SLOTS - 1);
         let netns = get(&m.netns);
         let mut opened = None;
         let pod = match pod {
             Some(r) => Some(r),
             None if netns.is_empty() => None,
-            None => {
-                let here = crate::netns::run_in(Path::new(&netns), || -> std::io::Result<_> {
-                    Ok((
-                        Rtnl::here()?,
-                        netns_cookie().map_err(std::io::Error::other)?,
-                    ))
-                })
-                .and_then(|r| r);
-                match here {
-                    // The netns is another one now (a reused path): not ours to touch.
-                    Ok((r, cookie)) if cookie == m.key.netns_cookie => opened.insert(r).into(),
-                    _ => None,
+            None => match self.pod_socket(Path::new(&netns)) {
+                // The path names another netns now (reused): not ours to touch.
+                Ok((r, cookie)) if cookie == m.key.netns_cookie => {
+                    Some(&mut opened.insert((r, cookie)).0)
                 }
-            }
+                _ => None,
+            },
         };
         if let Some(rtnl) = pod {
             let ifindex = m.key.ifindex;
-            let done = unfilter(
-                rtnl,
-                ifindex,
-                &[Side::Ingress, Side::Egress],
-                &name,
-                m.flags & SLOT_CLSACT_POD != 0,
-            );
-            if let Err(e) = done {
+            let ours = m.flags & SLOT_CLSACT_POD != 0;
+            if let Err(e) = unfilter(rtnl, ifindex, &[Side::Ingress, Side::Egress], class, ours) {
                 tracing::warn!(slot, netns, ifindex, "removing the slot's filters: {e}");
             }
+        }
+        if let Some((rtnl, cookie)) = opened {
+            self.keep_socket(Path::new(&netns), rtnl, cookie);
         }
         if m.peer_ifindex != 0 {
             if self.host.is_none() {
                 self.host = Rtnl::here().ok();
             }
             if let Some(host) = self.host.as_mut() {
-                let done = unfilter(
-                    host,
-                    m.peer_ifindex,
-                    &[Side::Ingress],
-                    &name,
-                    m.flags & SLOT_CLSACT_PEER != 0,
-                );
-                if let Err(e) = done {
+                let ours = m.flags & SLOT_CLSACT_PEER != 0;
+                if let Err(e) = unfilter(host, m.peer_ifindex, &[Side::Ingress], class, ours) {
                     tracing::warn!(
                         slot,
                         ifindex = m.peer_ifindex,
@@ -743,8 +730,34 @@ impl Dataplane {
             .collect()
     }
 
-    /// A slot for `owner` with stubs loaded but attached nowhere, to run packets
-    /// through with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
+    /// Loads the probe program and points its PROBE table at the hooks' programs.
+    fn ready_probe(&mut self) -> Result<ProgramFd, DataplaneError> {
+        if !self.probe_ready {
+            load_classifier(&mut self.bpf, PROBE_PROGRAM)?;
+            let progs: Vec<ProgramFd> = self
+                .progs
+                .iter()
+                .map(|p| p.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|e| op("duplicating a program fd")(e.to_string()))?;
+            let mut table: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(self.map_mut("PROBE"))
+                    .map_err(|e| op("PROBE map")(e.to_string()))?;
+            for (hook, p) in progs.iter().enumerate() {
+                table
+                    .set(hook as u32, p, 0)
+                    .map_err(|e| op("PROBE map")(e.to_string()))?;
+            }
+            self.probe_ready = true;
+        }
+        classifier(&mut self.bpf, PROBE_PROGRAM)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|e| DataplaneError::Load(format!("{PROBE_PROGRAM}: {e}")))
+    }
+
+    /// A slot for `owner` attached nowhere, to run packets through its programs
+    /// with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
     pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
         let meta = slot_meta(owner, Path::new(""))?;
         let slot = self.free_slot()?;
@@ -753,25 +766,11 @@ impl Dataplane {
             let header = self.acl_header_of(&owner.network)?;
             self.set_slot_acl(slot, header)?;
             self.zero_counters(slot)?;
-            self.set_progs(slot, true)?;
-            let progs = self.progs_fd();
-            let mut stubs = Vec::new();
-            for hook in 0..HOOKS {
-                stubs.push(
-                    stub::load(progs.as_fd(), slot, hook)
-                        .map_err(|e| DataplaneError::Load(format!("a stub: {e}")))?,
-                );
-            }
-            let programs = self
-                .progs
-                .iter()
-                .map(|p| p.as_fd().try_clone_to_owned())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| op("duplicating a program fd")(e.to_string()))?;
+            let class = classid(slot, self.next_generation(slot)?);
             Ok(Probe {
                 slot,
-                stubs,
-                programs,
+                class,
+                program: self.ready_probe()?,
             })
         })();
         if made.is_err() {
@@ -781,74 +780,85 @@ impl Dataplane {
     }
 }
 
-/// Removes our filter named `name` from each of `sides` of `ifindex`, then the
-/// clsact qdisc if we added it (`ours`) and no filter of anyone is left on it.
+/// Removes our filter of classid `class` from each of `sides` of `ifindex`, then the
+/// clsact qdisc if we added it (`ours`) and no filter of anyone else is left on it.
 fn unfilter(
     rtnl: &mut Rtnl,
     ifindex: u32,
     sides: &[Side],
-    name: &str,
+    class: u32,
     ours: bool,
 ) -> std::io::Result<()> {
+    let mut ours_found = Vec::new();
+    let mut others = 0;
     for &side in sides {
-        if rtnl.filter_name(ifindex, side)?.as_deref() == Some(name) {
-            rtnl.del_filter(ifindex, side)?;
+        let filters = rtnl.filters(ifindex, side)?;
+        if filters.contains(&Some(class)) {
+            ours_found.push(side);
         }
+        others += filters.iter().filter(|c| **c != Some(class)).count();
     }
-    if ours
-        && rtnl.filters(ifindex, Side::Ingress)? == 0
-        && rtnl.filters(ifindex, Side::Egress)? == 0
-    {
-        rtnl.del_clsact(ifindex)?;
+    if ours && others == 0 {
+        // The qdisc takes our filters with it: one request.
+        return rtnl.del_clsact(ifindex);
+    }
+    for side in ours_found {
+        rtnl.del_filter(ifindex, side)?;
     }
     Ok(())
 }
 
-/// One slot's stubs, loaded but not attached: packets go through them (and the
-/// shared programs they tail-call) with BPF_PROG_TEST_RUN, with the slot's
-/// counters and its network's ACL.
+/// One slot's programs as its filters would run them, through BPF_PROG_TEST_RUN,
+/// with the slot's counters and its network's ACL.
 pub struct Probe {
     pub slot: u32,
-    stubs: Vec<OwnedFd>,
-    programs: Vec<OwnedFd>,
+    class: u32,
+    program: ProgramFd,
 }
 
 impl Probe {
-    /// Runs `packet` (an Ethernet frame) `repeat` times through the stub of `dir`:
-    /// its verdict (TCX_NEXT passes, TCX_DROP drops) and the kernel's mean time per run.
+    /// Runs `packet` (an Ethernet frame) `repeat` times through the program of `dir`:
+    /// its verdict (TCX_NEXT passes, TCX_DROP drops) and the kernel's mean time per
+    /// run (the probe's tail call into the program included).
     pub fn run(
         &self,
         dir: u32,
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        stub::test_run(self.stubs[dir as usize].as_fd(), packet, repeat, None)
-            .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
+        self.run_hook(dir, packet, repeat)
     }
 
-    /// As `run`, through the stub on the host side of a veth.
+    /// As `run`, through the program on the host side of a veth.
     pub fn run_peer(
         &self,
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        stub::test_run(self.stubs[HOOK_PEER as usize].as_fd(), packet, repeat, None)
-            .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
+        self.run_hook(HOOK_PEER, packet, repeat)
     }
 
-    /// As `run`, straight into the shared program with the slot in `cb[0]` (no stub,
-    /// no tail call): what the stub costs, for the benchmark.
-    pub fn run_direct(
+    /// As `run`, through the probe alone (its tail call finds no program): what the
+    /// probe itself costs, to read the other figures by.
+    pub fn run_probe_only(
         &self,
-        dir: u32,
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        stub::test_run(
-            self.programs[dir as usize].as_fd(),
+        self.run_hook(HOOKS, packet, repeat)
+    }
+
+    fn run_hook(
+        &self,
+        hook: u32,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        testrun::test_run(
+            self.program.as_fd(),
             packet,
             repeat,
-            Some(self.slot),
+            Some(&[self.class, hook]),
         )
         .map_err(|e| op("BPF_PROG_TEST_RUN")(e.to_string()))
     }
@@ -870,7 +880,7 @@ pub(crate) fn test_run(
     let fd = p
         .fd()
         .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
-    stub::test_run(fd.as_fd(), packet, repeat, None)
+    testrun::test_run(fd.as_fd(), packet, repeat, None)
         .map_err(|e| op(format!("{name}: BPF_PROG_TEST_RUN"))(e.to_string()))
 }
 
@@ -879,7 +889,7 @@ const PINNED_MAPS: [&str; 12] = [
     maps::STATS,
     maps::META,
     maps::LAYOUT,
-    maps::PROGS,
+    maps::GEN,
     maps::SLOT_ACL,
     maps::ACL_HDR,
     maps::ACL_IV4,

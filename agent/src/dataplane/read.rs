@@ -115,3 +115,17 @@ pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
     });
     Ok(out)
 }
+
+/// How many hooks the slots in the pins of `dir` have: two per attached interface,
+/// and one on the host side of a veth whose peer is in the agent's netns.
+pub fn live_hooks(dir: &Path) -> Result<usize, DataplaneError> {
+    let meta: BpfHashMap<MapData, u32, SlotMeta> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(open_pin(dir, maps::META)?))
+            .map_err(|e| op("META map")(e.to_string()))?;
+    let mut n = 0;
+    for e in meta.iter() {
+        let (_, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+        n += if m.peer_ifindex != 0 { 3 } else { 2 };
+    }
+    Ok(n)
+}

@@ -5,8 +5,8 @@
 //! RTNL lock held (`bpf_mprog_commit`; measured 13 ms each on a 2-vCPU VM, one per
 //! direction), so one interface cost ~50 ms and blocked every other netlink user on
 //! the node meanwhile; a clsact qdisc and two filters cost ~0.5 ms. Filters live with
-//! the device (no pins), and a stub left behind does nothing once its PROGS entries
-//! are gone. TCX programs of other components run before tc filters.
+//! the device (no pins), and a filter left behind does nothing once its slot has a
+//! new generation. TCX programs of other components run before tc filters.
 //!
 //! The socket is opened inside the netns it works in (a socket stays in the netns it
 //! was made in), then used from the calling thread: one thread hop per netns.
@@ -233,13 +233,15 @@ impl Rtnl {
         }
     }
 
-    /// Attaches the program `prog` as our filter on `side` of `ifindex`, named `name`,
-    /// in place of ours already there (a stub of an earlier agent whose pins are gone).
+    /// Attaches the program `prog` as our filter on `side` of `ifindex`, of classid
+    /// `class` and named `name`, in place of ours already there (left by an agent
+    /// whose pins are gone).
     pub fn add_filter(
         &mut self,
         ifindex: u32,
         side: Side,
         prog: std::os::fd::BorrowedFd<'_>,
+        class: u32,
         name: &str,
     ) -> io::Result<()> {
         let m = TcMessage::from_parts(
@@ -248,6 +250,7 @@ impl Rtnl {
                 TcAttribute::Kind("bpf".into()),
                 TcAttribute::Options(vec![
                     TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.as_raw_fd() as u32)),
+                    TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle::from(class))),
                     TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string())),
                     TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
                 ]),
@@ -258,30 +261,6 @@ impl Rtnl {
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(|_| ())
-    }
-
-    /// The name of our filter on `side` of `ifindex` (None: there is none).
-    pub fn filter_name(&mut self, ifindex: u32, side: Side) -> io::Result<Option<String>> {
-        let mut h = Self::filter_header(ifindex, side);
-        h.handle = TcHandle::from(HANDLE);
-        let m = TcMessage::from_parts(h, vec![TcAttribute::Kind("bpf".into())]);
-        let answers = match self.request(RouteNetlinkMessage::GetTrafficFilter(m), 0) {
-            Ok(a) => a,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(answers.iter().find_map(|a| match a {
-            RouteNetlinkMessage::NewTrafficFilter(m) => m.attributes.iter().find_map(|x| match x {
-                TcAttribute::Options(o) => o.iter().find_map(|o| match o {
-                    TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
-                    _ => None,
-                }),
-                _ => None,
-            }),
-            _ => None,
-        }))
     }
 
     /// Removes our filter from `side` of `ifindex`; whether there was one.
@@ -297,23 +276,39 @@ impl Rtnl {
         }
     }
 
-    /// How many filters (anyone's) are on `side` of `ifindex`.
-    pub fn filters(&mut self, ifindex: u32, side: Side) -> io::Result<usize> {
+    /// The filters (anyone's) on `side` of `ifindex`: the classid of each of ours
+    /// (bpf, our handle), None for any other.
+    pub fn filters(&mut self, ifindex: u32, side: Side) -> io::Result<Vec<Option<u32>>> {
         let mut m = TcMessage::with_index(ifindex as i32);
         m.header.parent = side.parent();
         let answers = match self.request(RouteNetlinkMessage::GetTrafficFilter(m), NLM_F_DUMP) {
             Ok(a) => a,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
-                return Ok(0)
+                return Ok(Vec::new())
             }
             Err(e) => return Err(e),
         };
         // A dump names each priority's classifier (handle 0), then its filters.
         Ok(answers
             .iter()
-            .filter(|a| {
-                matches!(a, RouteNetlinkMessage::NewTrafficFilter(m) if u32::from(m.header.handle) != 0)
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewTrafficFilter(m) if u32::from(m.header.handle) != 0 => {
+                    Some(m)
+                }
+                _ => None,
             })
-            .count())
+            .map(|m| {
+                if u32::from(m.header.handle) != HANDLE {
+                    return None;
+                }
+                m.attributes.iter().find_map(|x| match x {
+                    TcAttribute::Options(o) => o.iter().find_map(|o| match o {
+                        TcOption::Bpf(TcFilterBpfOption::ClassId(c)) => Some(u32::from(*c)),
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+            })
+            .collect())
     }
 }

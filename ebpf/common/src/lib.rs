@@ -7,8 +7,8 @@ pub const MAX_SLOTS: u32 = 16384;
 /// The version of every pinned map's layout (names, sizes, key and value shapes).
 /// Pins of another version are not re-adopted: the loader refuses them by name.
 /// 2: names held whole (SlotMeta, AclInfo), the host peer in SlotMeta, LAYOUT itself.
-/// 3: programs loaded once and entered through per-attachment stubs (PROGS, the slot
-/// in `cb[0]`), tc filters instead of TCX links, 1,024 ACL ids with hit counters as
+/// 3: programs loaded once and attached as tc filters (not TCX links) whose classid
+/// names the slot and its generation (GEN), 1,024 ACL ids with hit counters as
 /// regions, a first-level index per ACL table, the netns path in SlotMeta.
 pub const LAYOUT_VERSION: u32 = 3;
 
@@ -30,35 +30,48 @@ pub const CONTAINER_LEN: usize = 256;
 pub const DIR_INGRESS: u32 = 0;
 pub const DIR_EGRESS: u32 = 1;
 
-/// The three hooks an attachment can have, each a program of the object and an entry
-/// of PROGS per slot: the pod interface's ingress and egress, and the ingress of the
-/// host side of its veth (where the pod's egress rules are enforced again).
+/// The hooks an attachment can have, each a program of the object: the pod
+/// interface's ingress and egress, and the ingress of the host side of its veth
+/// (where the pod's egress rules are enforced again).
 pub const HOOK_INGRESS: u32 = 0;
 pub const HOOK_EGRESS: u32 = 1;
 pub const HOOK_PEER: u32 = 2;
 pub const HOOKS: u32 = 3;
 
-/// The PROGS entry a slot's stub for `hook` tail-calls. An entry is set while the
-/// slot is owned and deleted when it is freed, so a stub left anywhere does nothing.
-pub const fn prog_index(slot: u32, hook: u32) -> u32 {
-    slot * HOOKS + hook
+/// Bits of a filter's classid that hold its slot (MAX_SLOTS = 2^14); the rest hold
+/// the slot's generation when the filter was made.
+pub const SLOT_BITS: u32 = 14;
+const _: () = assert!(MAX_SLOTS == 1 << SLOT_BITS);
+
+/// The classid of a slot's tc filters: the shared programs read it as
+/// `__sk_buff.tc_classid` (cls_bpf sets it from the filter before running the
+/// program), so one loaded program serves every interface. A filter counts only
+/// while its generation is the slot's current one (GEN): a filter left behind
+/// anywhere is inert once its slot is freed or handed to another attachment.
+pub const fn classid(slot: u32, generation: u32) -> u32 {
+    (generation << SLOT_BITS) | slot
 }
+
+/// A classid's slot and generation.
+pub const fn slot_of(classid: u32) -> (u32, u32) {
+    (classid & (MAX_SLOTS - 1), classid >> SLOT_BITS)
+}
+
+/// Generations run from 1 to this and wrap (0 is never current: a classid of 0 is
+/// no trellis filter).
+pub const MAX_GENERATION: u32 = u32::MAX >> SLOT_BITS;
 
 /// The STATS entry of a slot's counters in direction `dir`.
 pub const fn stats_index(slot: u32, dir: u32) -> u32 {
     slot * 2 + dir
 }
 
-/// `__sk_buff.cb[0]` (include/uapi/linux/bpf.h: `struct __sk_buff`), where a stub
-/// leaves its slot for the shared program it tail-calls.
-pub const SKB_CB0_OFFSET: i16 = 48;
-
 /// Pinned map names, shared by the programs' `#[map(name = ...)]` and the loader.
 pub mod maps {
     pub const STATS: &str = "STATS";
     pub const META: &str = "META";
     pub const LAYOUT: &str = "LAYOUT";
-    pub const PROGS: &str = "PROGS";
+    pub const GEN: &str = "GEN";
     pub const SLOT_ACL: &str = "SLOT_ACL";
     pub const ACL_HDR: &str = "ACL_HDR";
     pub const ACL_IV4: &str = "ACL_IV4";

@@ -1,6 +1,6 @@
 //! tc programs for every kernel interface an attachment makes: accounting per
 //! attachment slot and direction, and the network's ACL. Loaded once per agent and
-//! entered through a per-attachment stub (see PROGS). Built for the BPF target
+//! attached as every interface's tc filters, which name their slot (see `slot`). Built for the BPF target
 //! only; on the host this is an empty program so that workspace-wide builds and lints
 //! pass.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -17,10 +17,10 @@ mod tc {
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray, ProgramArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
-        stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters, IntervalV4,
-        IntervalV6, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY,
-        DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, IDX_SPACE, MAX_ACLS, MAX_RULES_PER_CIDR,
-        MAX_SLOTS, NO_PREALLOC, RULE_SPACE, TCX_DROP, TCX_NEXT,
+        slot_of, stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters,
+        IntervalV4, IntervalV6, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS,
+        ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, IDX_SPACE, MAX_ACLS,
+        MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC, RULE_SPACE, TCX_DROP, TCX_NEXT,
     };
 
     /// Slot and direction (`stats_index`) -> counters.
@@ -36,12 +36,16 @@ mod tc {
     #[map(name = "LAYOUT")]
     static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
-    /// `prog_index(slot, hook)` -> this object's program for the hook. Each
-    /// attachment's filters run a stub of a few instructions that puts its slot in
-    /// `cb[0]` and tail-calls its entry here: the programs below are loaded and
-    /// verified once per agent, not once per interface. The programs never use it.
-    #[map(name = "PROGS")]
-    static PROGS: ProgramArray = ProgramArray::pinned(MAX_SLOTS * HOOKS, 0);
+    /// Slot -> its current generation: a filter whose classid carries another one
+    /// (left behind by a freed slot) does nothing.
+    #[map(name = "GEN")]
+    static GEN: Array<u32> = Array::pinned(MAX_SLOTS, 0);
+
+    /// Hook -> its program, for `trellis_probe` only (tests and benchmarks run
+    /// packets through the programs with BPF_PROG_TEST_RUN, which cannot set
+    /// tc_classid). Not pinned: each loader fills its own.
+    #[map(name = "PROBE")]
+    static PROBE: ProgramArray = ProgramArray::with_max_entries(HOOKS, 0);
 
     /// Slot -> its network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A
     /// map, not a constant: a NAD that gains, changes or loses an ACL moves live
@@ -180,11 +184,14 @@ mod tc {
         Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, default)))
     }
 
-    /// The slot the stub that tail-called us put in `cb[0]`.
+    /// The slot of the filter running us: its classid (cls_bpf puts it in
+    /// tc_classid before the program runs), if its generation is the slot's current.
     #[inline(always)]
     fn slot(ctx: &TcContext) -> Option<u32> {
-        let slot = *ctx.cb().first()?;
-        (slot < MAX_SLOTS).then_some(slot)
+        // SAFETY: the context the kernel passed; tc_classid is readable in tc programs.
+        let classid = unsafe { (*ctx.skb.skb).tc_classid };
+        let (slot, generation) = slot_of(classid);
+        (classid != 0 && GEN.get(slot) == Some(&generation)).then_some(slot)
     }
 
     /// The slot's ACL verdict for this packet in direction `dir` (TCX_NEXT or
@@ -258,6 +265,21 @@ mod tc {
             }
         }
         verdict
+    }
+
+    /// A packet in BPF_PROG_TEST_RUN (tests, benchmarks): `cb[0]` holds the classid
+    /// a filter would have, `cb[1]` the hook; runs that hook's program as a filter
+    /// would. Never attached.
+    #[classifier]
+    pub fn trellis_probe(mut ctx: TcContext) -> i32 {
+        let (Some(&classid), Some(&hook)) = (ctx.cb().first(), ctx.cb().get(1)) else {
+            return TCX_NEXT;
+        };
+        // SAFETY: tc_classid is writable in tc programs.
+        unsafe { (*ctx.skb.skb).tc_classid = classid };
+        // SAFETY: a tail call into a program of the same type; on failure we go on.
+        unsafe { PROBE.tail_call(&mut ctx, hook) };
+        TCX_NEXT
     }
 
     #[panic_handler]
