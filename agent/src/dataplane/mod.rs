@@ -730,6 +730,29 @@ impl Dataplane {
             .collect()
     }
 
+    /// The kernel memory (memlock) the pinned maps hold, in all.
+    pub fn map_memlock(&self) -> Result<u64, DataplaneError> {
+        let mut total = 0;
+        for name in PINNED_MAPS {
+            let Some(m) = self.bpf.map(name) else { continue };
+            let fd = match m {
+                aya::maps::Map::Array(d)
+                | aya::maps::Map::HashMap(d)
+                | aya::maps::Map::PerCpuArray(d) => d.fd().as_fd().as_raw_fd(),
+                _ => continue,
+            };
+            total += std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("memlock:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     /// Loads the probe program and points its PROBE table at the hooks' programs.
     fn ready_probe(&mut self) -> Result<ProgramFd, DataplaneError> {
         if !self.probe_ready {

@@ -132,15 +132,11 @@ mod tc {
         Some(if b > last { last as u32 } else { b as u32 })
     }
 
-    /// Index (from the table's base) of the interval holding `addr`: the last start
-    /// <= addr (a table's first start is 0), searched among bucket `b`'s intervals.
+    /// Index (from the table's base) of the interval holding an address: the last
+    /// whose start is `at_or_below` it (a table's first start is 0), searched among
+    /// bucket `b`'s intervals.
     #[inline(always)]
-    fn search<T: PartialOrd>(
-        t: &TableRef,
-        addr: T,
-        b: u32,
-        start_at: impl Fn(u32) -> Option<T>,
-    ) -> Option<u32> {
+    fn search(t: &TableRef, b: u32, at_or_below: impl Fn(u32) -> Option<bool>) -> Option<u32> {
         let bucket = ACL_IDX.get(t.idx + b)?;
         let mut lo = bucket.first;
         let mut size = bucket.last.checked_sub(lo)? + 1;
@@ -148,7 +144,7 @@ mod tc {
         while step < ACL_SEARCH_STEPS && size > 1 {
             let half = size / 2;
             let mid = lo + half;
-            if start_at(t.base + mid)? <= addr {
+            if at_or_below(t.base + mid)? {
                 lo = mid;
             }
             size -= half;
@@ -169,13 +165,18 @@ mod tc {
         let t = hdr.tables.get(table_index(p.v6, dir))?;
         let span = if p.v6 {
             let i = match bucket(t, p.remote6[0], p.remote6[1]) {
-                Some(b) => search(t, p.remote6, b, |i| ACL_IV6.get(i).map(|e| e.start))?,
+                // Compared half by half: an array comparison is a loop to the verifier.
+                Some(b) => search(t, b, |i| {
+                    let [hi, lo] = ACL_IV6.get(i)?.start;
+                    let [ahi, alo] = p.remote6;
+                    Some(hi < ahi || (hi == ahi && lo <= alo))
+                })?,
                 None => 0,
             };
             ACL_IV6.get(t.base + i)?.span
         } else {
             let i = match bucket(t, 0, p.remote4 as u64) {
-                Some(b) => search(t, p.remote4, b, |i| ACL_IV4.get(i).map(|e| e.start))?,
+                Some(b) => search(t, b, |i| Some(ACL_IV4.get(i)?.start <= p.remote4))?,
                 None => 0,
             };
             ACL_IV4.get(t.base + i)?.span

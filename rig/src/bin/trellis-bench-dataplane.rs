@@ -482,47 +482,59 @@ fn cpu_time() -> Duration {
 fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
     use std::os::fd::AsFd;
     let n = rounds * 10;
-    // Fresh devices (veths, both ends in one netns) for every measurement (an attach creates the device's
-    // hook state, as on a new pod interface).
-    let ns = Netns::new("tba");
-    let batch: String = (0..2 * n + many)
-        .map(|i| format!("link add d{i} type veth peer name e{i}\n"))
-        .collect();
-    let file = std::env::temp_dir().join(format!("trellis-bench-{}.batch", ns.name));
-    std::fs::write(&file, batch).unwrap();
-    ns.sh(&format!("ip -batch {}", file.display()));
-    let _ = std::fs::remove_file(&file);
+    // Fresh devices (veths, both ends in one netns) for every measurement (an attach
+    // creates the device's hook state, as on a new pod interface), in two netns
+    // taken in turn: every attach and detach is the first of its pod's netns, a
+    // trip into it included (later interfaces of a pod reuse the socket).
+    let make = |count: usize| {
+        let ns = Netns::new("tba");
+        let batch: String = (0..count)
+            .map(|i| format!("link add d{i} type veth peer name e{i}\n"))
+            .collect();
+        let file = std::env::temp_dir().join(format!("trellis-bench-{}.batch", ns.name));
+        std::fs::write(&file, batch).unwrap();
+        ns.sh(&format!("ip -batch {}", file.display()));
+        let _ = std::fs::remove_file(&file);
+        ns
+    };
+    let (a, b, c) = (make(n), make(n), make(2 * n + many));
     let pass = trellis_rig::bpf::load_pass_program().expect("a pass program");
-    let (mut ours, mut ours_det, mut ours_cpu) = (vec![], vec![], vec![]);
-    let (mut tcx, mut tcx_det, mut tcx_cpu) = (vec![], vec![], vec![]);
+    let (mut att, mut det, mut both, mut cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut tcx, mut tcx_det, mut tcx_both, mut tcx_cpu) = (vec![], vec![], vec![], vec![]);
     for i in 0..n {
-        let (a, b) = (format!("d{}", 2 * i), 2 * i + 1);
-        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
-        for which in order {
-            if which == 0 {
-                let (c0, t0) = (cpu_time(), Instant::now());
-                let slot = dp
-                    .attach(&ns.path(), &owner("bench/attach", &a))
-                    .expect("attach");
-                let t1 = Instant::now();
-                dp.detach(slot).expect("detach");
-                ours.push(ms(t1 - t0));
-                ours_det.push(ms(t1.elapsed()));
-                ours_cpu.push(ms(cpu_time() - c0));
-            } else {
+        let ifname = format!("d{i}");
+        let ours = |dp: &mut Dataplane, att: &mut Vec<f64>, det: &mut Vec<f64>, both: &mut Vec<f64>, cpu: &mut Vec<f64>| {
+            let c0 = cpu_time();
+            let t0 = Instant::now();
+            let sa = dp.attach(&a.path(), &owner("bench/attach", &ifname)).expect("attach");
+            let ta = t0.elapsed();
+            let t1 = Instant::now();
+            let sb = dp.attach(&b.path(), &owner("bench/attach", &ifname)).expect("attach");
+            let tb = t1.elapsed();
+            let t2 = Instant::now();
+            dp.detach(sa).expect("detach");
+            let da = t2.elapsed();
+            let t3 = Instant::now();
+            dp.detach(sb).expect("detach");
+            let db = t3.elapsed();
+            att.extend([ms(ta), ms(tb)]);
+            det.extend([ms(da), ms(db)]);
+            both.extend([ms(ta + da), ms(tb + db)]);
+            cpu.push(ms(cpu_time() - c0) / 2.0);
+        };
+        let theirs = |tcx: &mut Vec<f64>, tcx_det: &mut Vec<f64>, tcx_both: &mut Vec<f64>, tcx_cpu: &mut Vec<f64>| {
+            for k in [2 * i, 2 * i + 1] {
                 let pass = pass.as_fd();
-                let (att, det, cpu) = std::thread::scope(|s| {
+                let (x, y, z) = std::thread::scope(|s| {
                     s.spawn(|| {
-                        ns.enter_this_thread();
-                        let index =
-                            nix::net::if_::if_nametoindex(format!("d{b}").as_str()).expect("dummy");
+                        c.enter_this_thread();
+                        let index = nix::net::if_::if_nametoindex(format!("d{k}").as_str())
+                            .expect("veth");
                         let (c0, t0) = (cpu_time(), Instant::now());
-                        let l1 =
-                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_INGRESS)
-                                .expect("TCX ingress");
-                        let l2 =
-                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_EGRESS)
-                                .expect("TCX egress");
+                        let l1 = trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_INGRESS)
+                            .expect("TCX ingress");
+                        let l2 = trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_EGRESS)
+                            .expect("TCX egress");
                         let t1 = Instant::now();
                         drop((l1, l2));
                         (ms(t1 - t0), ms(t1.elapsed()), ms(cpu_time() - c0))
@@ -530,42 +542,39 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
                     .join()
                     .unwrap()
                 });
-                tcx.push(att);
-                tcx_det.push(det);
-                tcx_cpu.push(cpu);
+                tcx.push(x);
+                tcx_det.push(y);
+                tcx_both.push(x + y);
+                tcx_cpu.push(z);
             }
+        };
+        if i % 2 == 0 {
+            ours(dp, &mut att, &mut det, &mut both, &mut cpu);
+            theirs(&mut tcx, &mut tcx_det, &mut tcx_both, &mut tcx_cpu);
+        } else {
+            theirs(&mut tcx, &mut tcx_det, &mut tcx_both, &mut tcx_cpu);
+            ours(dp, &mut att, &mut det, &mut both, &mut cpu);
         }
     }
-    println!("\nattaching one interface ({n} each, interleaved; ms, p50 / p99):");
+    println!("\nattaching one interface ({} each, interleaved; ms, p50 / p99):", 2 * n);
     println!(
-        "  {:<44} {:>16} {:>16} {:>12}",
-        "", "attach", "detach", "CPU p50"
+        "  {:<40} {:>16} {:>16} {:>16} {:>8}",
+        "", "attach", "detach", "attach+detach", "CPU p50"
     );
-    for (label, a, d, c) in [
-        (
-            "trellis: stub + tc filter per direction",
-            &ours,
-            &ours_det,
-            &ours_cpu,
-        ),
-        (
-            "two TCX links of a loaded program",
-            &tcx,
-            &tcx_det,
-            &tcx_cpu,
-        ),
+    for (label, a, d, b, c) in [
+        ("trellis: a tc filter per direction", &att, &det, &both, &cpu),
+        ("two TCX links of a loaded program", &tcx, &tcx_det, &tcx_both, &tcx_cpu),
     ] {
-        let (a, d) = (
-            percentiles(a.clone(), [0.5, 0.99]),
-            percentiles(d.clone(), [0.5, 0.99]),
-        );
+        let [a, d, b] = [a, d, b].map(|v| percentiles(v.clone(), [0.5, 0.99]));
         println!(
-            "  {:<44} {:>7.3} / {:<7.3} {:>7.3} / {:<7.3} {:>12.3}",
+            "  {:<40} {:>7.3} / {:<7.3} {:>7.3} / {:<7.3} {:>7.3} / {:<7.3} {:>8.3}",
             label,
             a[0],
             a[1],
             d[0],
             d[1],
+            b[0],
+            b[1],
             median(c)
         );
     }
@@ -575,41 +584,41 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
     let t0 = Instant::now();
     let slots: Vec<u32> = (0..many)
         .map(|i| {
-            dp.attach(
-                &ns.path(),
-                &owner("bench/attach", &format!("d{}", 2 * n + i)),
-            )
-            .expect("attach")
+            dp.attach(&c.path(), &owner("bench/attach", &format!("d{}", 2 * n + i)))
+                .expect("attach")
         })
         .collect();
     let took = t0.elapsed();
-    let stubs: u64 = trellis_rig::bpf::prog_ids_after(marker)
+    let new_programs: u64 = trellis_rig::bpf::prog_ids_after(marker)
         .into_iter()
         .filter_map(trellis_rig::bpf::prog_memlock)
         .sum();
-    let shared = dp.program_memlock().expect("shared programs' memlock");
+    let shared: u64 = dp.program_memlock().expect("programs' memlock").iter().sum();
+    let maps = dp.map_memlock().expect("maps' memlock");
     let t1 = Instant::now();
-    for s in slots {
-        dp.detach(s).expect("detach");
+    for s in &slots {
+        dp.detach(*s).expect("detach");
     }
     let detach_took = t1.elapsed();
-    let old: u64 = shared[0] + shared[1];
+    let per_interface = dp.program_memlock().expect("programs' memlock");
+    let old = per_interface[0] + per_interface[1];
     println!(
-        "\n{many} attachments: attached in {:.0} ms, detached in {:.0} ms",
+        "\n{} attachments: attached in {:.0} ms, detached in {:.0} ms",
+        slots.len(),
         ms(took),
         ms(detach_took)
     );
     println!(
-        "  program memory (memlock): {:.1} MiB of stubs ({} bytes each) + {:.2} MiB shared, once per node",
-        stubs as f64 / 1048576.0,
-        stubs / (2 * many as u64).max(1),
-        shared.iter().sum::<u64>() as f64 / 1048576.0
+        "  BPF program memory (memlock): {:.2} MiB ({} bytes loaded by the attachments themselves), maps {:.1} MiB, both once per node",
+        shared as f64 / 1048576.0,
+        new_programs,
+        maps as f64 / 1048576.0
     );
     println!(
-        "  the previous design (the programs loaded per interface): {:.1} MiB ({} bytes each): {:.1}x",
-        (old * many as u64) as f64 / 1048576.0,
-        old,
-        (old * many as u64) as f64 / (stubs + shared.iter().sum::<u64>()) as f64
+        "  the previous design loaded the programs per interface: {:.1} MiB for {} ({} bytes each)",
+        (old * slots.len() as u64) as f64 / 1048576.0,
+        slots.len(),
+        old
     );
 }
 
