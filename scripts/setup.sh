@@ -50,11 +50,11 @@ if [ "${qemu_major:-0}" -lt 10 ] || ! dpkg-query -W -f='${Status}' busybox-stati
     qemu-system-x86 busybox-static >/dev/null
 fi
 
-# The guest kernel for the SR-IOV tests: backports' current 6.12 image (TCX, igb,
+# The guest kernel for the SR-IOV tests: backports' current 6.12 image (clsact, cls_bpf, igb,
 # igbvf, vfio-pci), its ELF vmlinux unpacked once (booting the bzImage costs ~8 s of
 # decompression under TCG), and the modules the guest loads, uncompressed.
 GUEST_DIR=/var/cache/trellis/guest
-GUEST_MODULES=(dca i2c-algo-bit igb igbvf irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci)
+GUEST_MODULES=(dca i2c-algo-bit igb igbvf irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci sch_ingress cls_bpf)
 guest_ok=1
 [ -s "$GUEST_DIR/vmlinux" ] || guest_ok=
 for m in "${GUEST_MODULES[@]}"; do [ -s "$GUEST_DIR/modules/$m.ko" ] || guest_ok=; done

@@ -1242,28 +1242,14 @@ impl Handler {
     /// not be removed so a later DEL retries exactly that.
     fn tear_down(&self, mut record: Record, netns: &str) -> Vec<String> {
         let mut failures = Vec::new();
-        let attached = record.attachments.iter().any(|a| a.slot.is_some());
-        if let Some(dp) = self.dataplane.as_ref().filter(|_| attached) {
-            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
-            for a in record.attachments.iter_mut() {
-                if let Some(slot) = a.slot {
-                    // Only a slot this attachment still owns: after a reboot the
-                    // number may be another pod's.
-                    match dp.detach_owned(slot, &record.container_id, &a.ifname) {
-                        Ok(mine) => {
-                            if !mine {
-                                tracing::info!(container = %record.container_id, ifname = %a.ifname, slot,
-                                    "dataplane slot is no longer this attachment's; left alone");
-                            }
-                            a.slot = None
-                        }
-                        Err(e) => {
-                            failures.push(format!("network {} ({}): {e}", a.network, a.ifname))
-                        }
-                    }
-                }
-            }
-        }
+        // The dataplane goes last: a delegate's DEL usually deletes the interface (or
+        // moves a VF out of the pod), its filters with it, so what is left to undo is
+        // the slot itself.
+        let slots: Vec<(u32, String, String)> = record
+            .attachments
+            .iter()
+            .filter_map(|a| a.slot.map(|s| (s, a.ifname.clone(), a.network.clone())))
+            .collect();
         let mut kept = Vec::new();
         while let Some(a) = record.attachments.pop() {
             let conf = match NetConfList::from_value(a.conf.clone(), None) {
@@ -1283,9 +1269,16 @@ impl Handler {
                 ifname: &a.ifname,
                 args: &record.cni_args,
             };
+            let started = std::time::Instant::now();
             let mut errs: Vec<InvokeError> =
                 self.invoker
                     .del_list(&conf, &target, &a.runtime_config, a.result.as_ref());
+            tracing::debug!(
+                network = %a.network,
+                ifname = %a.ifname,
+                micros = started.elapsed().as_micros() as u64,
+                "delegate DEL"
+            );
             if a.result.is_none() {
                 // Its ADD never finished (or never started: the plan is recorded whole
                 // before the first delegate): a plugin that cannot be found now cannot
@@ -1308,6 +1301,29 @@ impl Handler {
         }
         kept.reverse();
         record.attachments = kept;
+        if let Some(dp) = self.dataplane.as_ref().filter(|_| !slots.is_empty()) {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            for (slot, ifname, network) in slots {
+                // Only a slot this attachment still owns: after a reboot the number
+                // may be another pod's.
+                match dp.detach_owned(slot, &record.container_id, &ifname) {
+                    Ok(mine) => {
+                        if !mine {
+                            tracing::info!(container = %record.container_id, %ifname, slot,
+                                "dataplane slot is no longer this attachment's; left alone");
+                        }
+                        for a in record
+                            .attachments
+                            .iter_mut()
+                            .filter(|a| a.slot == Some(slot))
+                        {
+                            a.slot = None;
+                        }
+                    }
+                    Err(e) => failures.push(format!("network {network} ({ifname}): {e}")),
+                }
+            }
+        }
         let saved = if record.attachments.is_empty() {
             self.records.remove(&record.container_id)
         } else {

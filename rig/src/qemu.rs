@@ -23,6 +23,8 @@ pub const MODULES: &[&str] = &[
     "vfio_iommu_type1",
     "vfio-pci-core",
     "vfio-pci",
+    "sch_ingress",
+    "cls_bpf",
 ];
 
 pub struct GuestKernel {

@@ -288,3 +288,51 @@ fn an_acl_that_does_not_fit_is_refused_cleanly() {
     dp.set_network_acl(&err.0, Some(&big))
         .expect("fits after one is removed");
 }
+
+/// 1,024 networks with an ACL fit at once; the next is refused by name and leaves
+/// nothing; dropping one makes room again.
+#[test]
+fn a_thousand_and_twenty_four_acl_networks_fit() {
+    require_root!();
+    let dir = BpfDir::new("trellis-acl");
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    let acl = Acl::parse(
+        r#"{"default":"deny","rules":[{"action":"allow","cidr":"10.0.0.0/8"},{"action":"allow","cidr":"fd00::/8","direction":"ingress"}]}"#,
+    )
+    .unwrap();
+    for i in 0..trellis_ebpf_common::MAX_ACLS {
+        dp.set_network_acl(&format!("ns/net-{i}"), Some(&acl))
+            .unwrap_or_else(|e| panic!("ACL {i}: {e}"));
+    }
+    assert_eq!(trellis_ebpf_common::MAX_ACLS, 1024);
+    let err = dp
+        .set_network_acl("ns/one-too-many", Some(&acl))
+        .expect_err("the 1,025th");
+    assert_eq!(
+        err.to_string(),
+        "network ns/one-too-many: all 1024 ACL ids are in use by other networks"
+    );
+    assert!(dp.acl_of("ns/one-too-many").unwrap().is_none());
+    dp.set_network_acl("ns/net-7", None).unwrap();
+    dp.set_network_acl("ns/one-too-many", Some(&acl))
+        .expect("a freed id is reused");
+    // The last one still judges: a probe on it drops what its default denies.
+    let probe = dp.probe(&owner("p", "ns/net-1023", "net1")).unwrap();
+    let f = frame(
+        "192.0.2.9".parse().unwrap(),
+        "192.0.2.1".parse().unwrap(),
+        trellis_rig::packets::UDP,
+        53,
+        64,
+    );
+    assert_eq!(probe.run(DIR_INGRESS, &f, 1).unwrap().0, TCX_DROP);
+    let f = frame(
+        "10.1.2.3".parse().unwrap(),
+        "192.0.2.1".parse().unwrap(),
+        trellis_rig::packets::UDP,
+        53,
+        64,
+    );
+    assert_eq!(probe.run(DIR_INGRESS, &f, 1).unwrap().0, TCX_NEXT);
+    dp.detach(probe.slot).unwrap();
+}

@@ -65,9 +65,8 @@ $IP link show "$PFNET"
 echo "=== pod0"
 $IP netns exec pod0 $IP -o link show fast0
 $IP netns exec pod0 $IP -o -4 addr show fast0
-echo "=== tcx"
-i=0; while [ "$(ls /sys/fs/bpf/trellis/links | wc -l)" -lt 4 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-ls /sys/fs/bpf/trellis/links
+echo "=== filters"
+for p in pod0 pod1; do for d in ingress egress; do $IP netns exec $p /sbin/tc filter show dev fast0 $d | grep -o 'trellis-[0-9]*'; done; done
 echo "=== ping"
 $IP netns exec pod0 ping -c 3 -W 3 192.168.50.11
 echo "ping rc=$?"
@@ -156,6 +155,7 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     img.program(trellis_rig::bins::trellis(), "trellis");
     img.program(trellis_rig::bins::shim(), "trellis-cni");
     img.program_at("/usr/bin/ip", "sbin/ip");
+    img.program_at("/usr/sbin/tc", "sbin/tc");
     for p in ["static", "loopback"] {
         img.program_at(format!("/usr/lib/cni/{p}"), &format!("usr/lib/cni/{p}"));
     }
@@ -205,13 +205,13 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     );
     assert!(pod0.contains("192.168.50.10/24"), "{pod0}");
 
-    // The dataplane is on each pod's VF netdev, a TCX link per direction (the guest's
-    // cluster network is loopback, which makes no eth0 to attach to).
-    let tcx = section("tcx");
+    // The dataplane is on each pod's VF netdev, a tc filter per direction (the
+    // guest's cluster network is loopback, which makes no eth0 to attach to).
+    let filters = section("filters");
     assert_eq!(
-        tcx.split_whitespace().count(),
+        filters.split_whitespace().count(),
         4,
-        "two VFs x two directions: {tcx}"
+        "two VFs x two directions: {filters}"
     );
 
     // Traffic between the two pods' VFs, across the NIC, on VLAN 100.

@@ -734,7 +734,9 @@ impl Dataplane {
     pub fn map_memlock(&self) -> Result<u64, DataplaneError> {
         let mut total = 0;
         for name in PINNED_MAPS {
-            let Some(m) = self.bpf.map(name) else { continue };
+            let Some(m) = self.bpf.map(name) else {
+                continue;
+            };
             let fd = match m {
                 aya::maps::Map::Array(d)
                 | aya::maps::Map::HashMap(d)

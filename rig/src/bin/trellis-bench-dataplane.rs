@@ -503,13 +503,21 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
     let (mut tcx, mut tcx_det, mut tcx_both, mut tcx_cpu) = (vec![], vec![], vec![], vec![]);
     for i in 0..n {
         let ifname = format!("d{i}");
-        let ours = |dp: &mut Dataplane, att: &mut Vec<f64>, det: &mut Vec<f64>, both: &mut Vec<f64>, cpu: &mut Vec<f64>| {
+        let ours = |dp: &mut Dataplane,
+                    att: &mut Vec<f64>,
+                    det: &mut Vec<f64>,
+                    both: &mut Vec<f64>,
+                    cpu: &mut Vec<f64>| {
             let c0 = cpu_time();
             let t0 = Instant::now();
-            let sa = dp.attach(&a.path(), &owner("bench/attach", &ifname)).expect("attach");
+            let sa = dp
+                .attach(&a.path(), &owner("bench/attach", &ifname))
+                .expect("attach");
             let ta = t0.elapsed();
             let t1 = Instant::now();
-            let sb = dp.attach(&b.path(), &owner("bench/attach", &ifname)).expect("attach");
+            let sb = dp
+                .attach(&b.path(), &owner("bench/attach", &ifname))
+                .expect("attach");
             let tb = t1.elapsed();
             let t2 = Instant::now();
             dp.detach(sa).expect("detach");
@@ -522,19 +530,24 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
             both.extend([ms(ta + da), ms(tb + db)]);
             cpu.push(ms(cpu_time() - c0) / 2.0);
         };
-        let theirs = |tcx: &mut Vec<f64>, tcx_det: &mut Vec<f64>, tcx_both: &mut Vec<f64>, tcx_cpu: &mut Vec<f64>| {
+        let theirs = |tcx: &mut Vec<f64>,
+                      tcx_det: &mut Vec<f64>,
+                      tcx_both: &mut Vec<f64>,
+                      tcx_cpu: &mut Vec<f64>| {
             for k in [2 * i, 2 * i + 1] {
                 let pass = pass.as_fd();
                 let (x, y, z) = std::thread::scope(|s| {
                     s.spawn(|| {
                         c.enter_this_thread();
-                        let index = nix::net::if_::if_nametoindex(format!("d{k}").as_str())
-                            .expect("veth");
+                        let index =
+                            nix::net::if_::if_nametoindex(format!("d{k}").as_str()).expect("veth");
                         let (c0, t0) = (cpu_time(), Instant::now());
-                        let l1 = trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_INGRESS)
-                            .expect("TCX ingress");
-                        let l2 = trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_EGRESS)
-                            .expect("TCX egress");
+                        let l1 =
+                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_INGRESS)
+                                .expect("TCX ingress");
+                        let l2 =
+                            trellis_rig::bpf::tcx_link(pass, index, trellis_rig::bpf::TCX_EGRESS)
+                                .expect("TCX egress");
                         let t1 = Instant::now();
                         drop((l1, l2));
                         (ms(t1 - t0), ms(t1.elapsed()), ms(cpu_time() - c0))
@@ -556,14 +569,29 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
             ours(dp, &mut att, &mut det, &mut both, &mut cpu);
         }
     }
-    println!("\nattaching one interface ({} each, interleaved; ms, p50 / p99):", 2 * n);
+    println!(
+        "\nattaching one interface ({} each, interleaved; ms, p50 / p99):",
+        2 * n
+    );
     println!(
         "  {:<40} {:>16} {:>16} {:>16} {:>8}",
         "", "attach", "detach", "attach+detach", "CPU p50"
     );
     for (label, a, d, b, c) in [
-        ("trellis: a tc filter per direction", &att, &det, &both, &cpu),
-        ("two TCX links of a loaded program", &tcx, &tcx_det, &tcx_both, &tcx_cpu),
+        (
+            "trellis: a tc filter per direction",
+            &att,
+            &det,
+            &both,
+            &cpu,
+        ),
+        (
+            "two TCX links of a loaded program",
+            &tcx,
+            &tcx_det,
+            &tcx_both,
+            &tcx_cpu,
+        ),
     ] {
         let [a, d, b] = [a, d, b].map(|v| percentiles(v.clone(), [0.5, 0.99]));
         println!(
@@ -584,8 +612,11 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
     let t0 = Instant::now();
     let slots: Vec<u32> = (0..many)
         .map(|i| {
-            dp.attach(&c.path(), &owner("bench/attach", &format!("d{}", 2 * n + i)))
-                .expect("attach")
+            dp.attach(
+                &c.path(),
+                &owner("bench/attach", &format!("d{}", 2 * n + i)),
+            )
+            .expect("attach")
         })
         .collect();
     let took = t0.elapsed();
@@ -593,7 +624,11 @@ fn attach_cost(dp: &mut Dataplane, rounds: usize, many: usize) {
         .into_iter()
         .filter_map(trellis_rig::bpf::prog_memlock)
         .sum();
-    let shared: u64 = dp.program_memlock().expect("programs' memlock").iter().sum();
+    let shared: u64 = dp
+        .program_memlock()
+        .expect("programs' memlock")
+        .iter()
+        .sum();
     let maps = dp.map_memlock().expect("maps' memlock");
     let t1 = Instant::now();
     for s in &slots {
