@@ -295,7 +295,10 @@ impl Dataplane {
         check_layout(dir)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| op(format!("creating {}", dir.display()))(e.to_string()))?;
+        // The programs use no CO-RE relocations: no need for the kernel's BTF, which
+        // aya would parse into ~20 MB of the agent's heap.
         let mut bpf = EbpfLoader::new()
+            .btf(None)
             .default_map_pin_directory(dir)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;

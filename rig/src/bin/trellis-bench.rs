@@ -111,10 +111,13 @@ fn cpu_ms(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 * 1000.0 / ticks
 }
 
+/// A process's resident memory of its own (RssAnon: heap and stacks), in MB. VmRSS
+/// also counts the pages of the BPF maps the agent maps to write ACL tables (kernel
+/// memory, counted once per node, ~16 MB), which are not the agent's.
 fn rss_mb(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
@@ -450,12 +453,12 @@ fn main() {
         }
     }
     let cycle_secs = t.elapsed().as_secs_f64();
-    println!("\nagent RSS (MB): idle {rss_idle:.1}, with {} pods up {rss_up:.1}, after they are gone {rss_after_pods:.1}", args.pods);
+    println!("\nagent RssAnon (MB): idle {rss_idle:.1}, with {} pods up {rss_up:.1}, after they are gone {rss_after_pods:.1}", args.pods);
     let line: Vec<String> = samples
         .iter()
         .map(|(i, r)| format!("{i}: {r:.1}"))
         .collect();
-    println!("agent RSS (MB) by ADD/DEL cycle: {}", line.join(", "));
+    println!("agent RssAnon (MB) by ADD/DEL cycle: {}", line.join(", "));
     println!(
         "{} cycles in {cycle_secs:.1} s ({:.1} ms per ADD+DEL)",
         args.cycles,
