@@ -810,14 +810,19 @@ def main():
     combined = load_objects("deploy/trellis.yaml")
     if [o.data for o in combined] != [o.data for o in install]:
         problem("deploy/trellis.yaml", "its objects are not deploy/parts' (run scripts/gen-deploy.sh)")
+    # The NAD CRD is a file of its own: deleting trellis.yaml must not delete it
+    # (and every NAD in the cluster with it).
+    crd_file = load_objects("deploy/crd.yaml")
+    if any(o.kind == "CustomResourceDefinition" for o in install):
+        problem("deploy/parts", "holds a CustomResourceDefinition: it belongs in deploy/crd.yaml alone")
     example_sets = {p: load_objects(p) for p in examples}
     if PROBLEMS:  # the rest would only echo a file that does not parse
         return report(0, 0, [], [])
-    everything = install + [o for objs in example_sets.values() for o in objs]
+    everything = install + crd_file + [o for objs in example_sets.values() for o in objs]
 
-    # The NAD CRD, from the install; its schema checks the NADs.
+    # The NAD CRD, from deploy/crd.yaml; its schema checks the NADs.
     crds = {}
-    for o in install:
+    for o in crd_file:
         if o.kind == "CustomResourceDefinition":
             s = o.data.get("spec") or {}
             for v in s.get("versions") or []:
@@ -899,7 +904,7 @@ def main():
     for p, objs in example_sets.items():
         for o in objs:
             check_pod_spec(o, objs, pools, False)
-    check_install_set(install, args.image)
+    check_install_set(install + crd_file, args.image)
     if cm is not None and ds is not None and agent_toml is not None:
         check_agent_config(ds, cm, agent_toml, device_cfg)
 

@@ -8,6 +8,7 @@ APT_PACKAGES=(
   protobuf-compiler                            # tonic/prost builds (CRI, kubelet APIs)
   iproute2 iputils-ping util-linux procps      # ip, ping, nsenter
   iptables                                     # the dataplane bench's iptables comparison
+  iperf3                                       # bandwidth limits measured between pods
   gcc libc6-dev binutils                       # the static pause binary; strip for guest images
   tar coreutils xz-utils zstd grep             # unpacking the guest kernel and its modules
   dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23  # testpmd vhost-user switch

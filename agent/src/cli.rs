@@ -82,6 +82,26 @@ fn short(id: &str) -> String {
     id.chars().take(12).collect()
 }
 
+/// A limit as `100Mbit/1Mbit police`: rate, burst, how it is kept.
+fn limit_text(l: Option<crate::dataplane::LimitView>) -> String {
+    let Some(l) = l else {
+        return "-".into();
+    };
+    let si = |v: u64| {
+        let mut v = v as f64;
+        let mut unit = "";
+        for u in ["k", "M", "G", "T"] {
+            if v < 1000.0 {
+                break;
+            }
+            v /= 1000.0;
+            unit = u;
+        }
+        format!("{}{unit}bit", (v * 100.0).round() / 100.0)
+    };
+    format!("{}/{} {}", si(l.rate), si(l.burst), l.by)
+}
+
 /// `trellis stats`: the interface counters; with `prev` (a reading `secs` earlier,
 /// under --watch) the byte rates too.
 pub fn stats_table(
@@ -102,14 +122,20 @@ pub fn stats_table(
     if wide {
         cols.extend([("CONTAINER", Align::Left), ("SLOT", Align::Right)]);
     }
+    // DROP: dropped by the ACL; LIMITED: by the rate limit.
     cols.extend([
         ("RX_BYTES", Align::Right),
         ("RX_PKTS", Align::Right),
         ("RX_DROP", Align::Right),
+        ("RX_LIMITED", Align::Right),
         ("TX_BYTES", Align::Right),
         ("TX_PKTS", Align::Right),
         ("TX_DROP", Align::Right),
+        ("TX_LIMITED", Align::Right),
     ]);
+    if wide {
+        cols.extend([("RX_LIMIT", Align::Left), ("TX_LIMIT", Align::Left)]);
+    }
     if prev.is_some() {
         cols.extend([("RX_B/s", Align::Right), ("TX_B/s", Align::Right)]);
     }
@@ -131,12 +157,17 @@ pub fn stats_table(
                 s.ingress.bytes,
                 s.ingress.packets,
                 s.ingress.drops,
+                s.ingress.limited,
                 s.egress.bytes,
                 s.egress.packets,
                 s.egress.drops,
+                s.egress.limited,
             ]
             .map(|n| n.to_string()),
         );
+        if wide {
+            row.extend([limit_text(s.ingress_limit), limit_text(s.egress_limit)]);
+        }
         if let Some((old, secs)) = prev {
             match old.iter().find(|x| x.slot == s.slot && x.owner == s.owner) {
                 Some(x) => row.extend([

@@ -346,6 +346,12 @@ pub struct DataplaneConfig {
     /// changes (`trellis.dev/acl`), in milliseconds. Default 1000.
     #[serde(default = "default_acl_resync_ms")]
     pub acl_resync_ms: u64,
+    /// How an ingress bandwidth limit is kept: `queue` (default: redirected to an
+    /// ifb device in the pod's netns whose HTB queues it at the rate; TCP keeps
+    /// its rate) or `police` (dropped above the rate by the programs; no device,
+    /// less CPU, but TCP through a policer falls far below the rate).
+    #[serde(default)]
+    pub ingress_limit: crate::bandwidth::IngressLimit,
 }
 
 fn default_acl_resync_ms() -> u64 {
@@ -358,6 +364,7 @@ impl Default for DataplaneConfig {
             enabled: true,
             bpffs_dir: default_bpffs_dir(),
             acl_resync_ms: default_acl_resync_ms(),
+            ingress_limit: Default::default(),
         }
     }
 }

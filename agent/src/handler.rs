@@ -78,6 +78,8 @@ struct Planned {
     device: Option<String>,
     /// The NAD's ACL (`trellis.dev/acl`).
     acl: Option<PlannedAcl>,
+    /// Bandwidth limits the dataplane keeps.
+    bandwidth: crate::bandwidth::Limits,
 }
 
 /// A network's ACL as an ADD read it, and when that read began.
@@ -288,10 +290,10 @@ impl Handler {
         }
     }
 
-    /// Attaches the attachments whose network has an ACL, now: their rules are in the
-    /// maps (and current for every live attachment of the network) before the pod
-    /// gets its first packet. An interface without a kernel netdev (vfio, socket)
-    /// cannot be filtered: refused.
+    /// Attaches the attachments whose network has an ACL or a bandwidth limit, now:
+    /// their rules are in the maps (and current for every live attachment of the
+    /// network) and their limits kept before the pod gets its first packet. An
+    /// interface without a kernel netdev (vfio, socket) cannot be: refused.
     fn attach_with_acls(
         &self,
         record: &mut Record,
@@ -300,12 +302,18 @@ impl Handler {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
-        if acls.iter().all(Option::is_none) {
+        let limited = |i: usize| !record.attachments[i].bandwidth.is_none();
+        if (0..acls.len()).all(|i| acls[i].is_none() && !limited(i)) {
             return Ok(());
         }
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         for (i, planned) in acls.iter().enumerate() {
-            let Some(planned) = planned else { continue };
+            let Some(planned) = planned else {
+                if !record.attachments[i].bandwidth.is_none() {
+                    self.attach_one(&mut dp, record, i, true)?;
+                }
+                continue;
+            };
             let a = &record.attachments[i];
             let network = a.network.clone();
             let fail = |e: crate::dataplane::DataplaneError| {
@@ -409,8 +417,13 @@ impl Handler {
         .unwrap_or(false);
         if !has_link {
             if required {
+                let what = if a.bandwidth.is_none() {
+                    "an ACL"
+                } else {
+                    "a bandwidth limit"
+                };
                 return Err(invalid(format!(
-                    "network {} ({}) has an ACL but its attachment made no kernel interface in the pod to filter (a vfio device or a socket)",
+                    "network {} ({}) has {what} but its attachment made no kernel interface in the pod to keep it on (a vfio device or a socket)",
                     a.network, a.ifname
                 )));
             }
@@ -423,12 +436,14 @@ impl Handler {
             ifname: a.ifname.clone(),
             container: record.container_id.clone(),
         };
-        let slot = dp.attach(netns, &owner).map_err(|e| {
-            CniError::new(
-                ErrorCode::Io,
-                format!("network {} ({}): dataplane: {e}", a.network, a.ifname),
-            )
-        })?;
+        let slot = dp
+            .attach_limited(netns, &owner, &a.bandwidth)
+            .map_err(|e| {
+                CniError::new(
+                    ErrorCode::Io,
+                    format!("network {} ({}): dataplane: {e}", a.network, a.ifname),
+                )
+            })?;
         record.attachments[i].slot = Some(slot);
         self.records.save_unsynced(record).map_err(from_record_err)
     }
@@ -782,6 +797,7 @@ impl Handler {
             resource: None,
             device: None,
             acl,
+            bandwidth: Default::default(),
         }];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
@@ -1034,6 +1050,75 @@ impl Handler {
         Ok(acl)
     }
 
+    /// The attachment's bandwidth limits: the selection's within the NAD's cap. A
+    /// chain that declares the `bandwidth` capability gets them as its runtimeConfig
+    /// (the reference plugin keeps them); otherwise trellis does: an SR-IOV VF's
+    /// egress as its max_tx_rate, the rest in the dataplane (returned).
+    fn plan_bandwidth(
+        &self,
+        sel: &NetworkSelection,
+        nad: &crate::nad::NetworkAttachmentDefinition,
+        conf: &mut NetConfList,
+        runtime_config: &mut Map<String, Value>,
+    ) -> Result<crate::bandwidth::Limits, CniError> {
+        use crate::bandwidth::Limits;
+        let net = format!("network {} ({})", sel.qualified_name(), sel.interface);
+        let at = |e: crate::bandwidth::BandwidthError| invalid(format!("{net}: {e}"));
+        let asked = sel
+            .bandwidth
+            .as_ref()
+            .map(|b| Limits::parse(b, "bandwidth"))
+            .transpose()
+            .map_err(at)?
+            .unwrap_or_default();
+        let cap = nad.bandwidth().map_err(|e| {
+            invalid(format!(
+                "{net}: NetworkAttachmentDefinition {}: {e}",
+                nad.qualified_name()
+            ))
+        })?;
+        let mut limits = Limits::within(asked, cap).map_err(at)?;
+        if limits.is_none() {
+            return Ok(limits);
+        }
+        if conf.has_capability("bandwidth") {
+            runtime_config.insert("bandwidth".into(), limits.to_runtime_config());
+            return Ok(Limits::default());
+        }
+        let first = conf.plugins.first_mut();
+        match first.as_ref().and_then(|p| p.get("type")).and_then(Value::as_str) {
+            Some(crate::vhostuser::TYPE) => {
+                return Err(invalid(format!(
+                    "{net}: a bandwidth limit cannot be kept on a vhost-user socket: no kernel interface carries its traffic (limit it in the userspace switch, or leave bandwidth out)"
+                )))
+            }
+            Some(crate::sriov::TYPE) => {
+                if let (Some(egress), Some(p)) = (limits.egress.take(), first) {
+                    let mbps = u64::from(crate::bandwidth::vf_max_tx_rate(egress).map_err(at)?);
+                    let set = p.get("max_tx_rate").and_then(Value::as_u64).filter(|v| *v != 0);
+                    let max = set.map_or(mbps, |s| s.min(mbps));
+                    if let Some(min) = p.get("min_tx_rate").and_then(Value::as_u64) {
+                        if min > max {
+                            return Err(invalid(format!(
+                                "{net}: bandwidth.egressRate: {} Mbit/s is below the config's min_tx_rate, {min} Mbit/s",
+                                max
+                            )));
+                        }
+                    }
+                    p.insert("max_tx_rate".into(), max.into());
+                }
+            }
+            _ => {}
+        }
+        if !limits.is_none() && self.dataplane.is_none() {
+            return Err(invalid(format!(
+                "{net} has a bandwidth limit that no plugin of its chain keeps (none declares the \"bandwidth\" capability), and the agent's eBPF dataplane, which would keep it, is off ({})",
+                self.dataplane_off
+            )));
+        }
+        Ok(limits)
+    }
+
     fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
         let read_at = std::time::Instant::now();
         let nad = self
@@ -1042,7 +1127,9 @@ impl Handler {
             .map_err(from_source_err)?;
         let mut conf = nad.conf_list().map_err(from_nad_err)?;
         self.check_policy(&conf, &sel.qualified_name(), &sel.interface, &nad)?;
-        let runtime_config = sel.runtime_config();
+        let mut runtime_config = sel.runtime_config();
+        // Passed on below if a plugin of the chain keeps limits itself.
+        runtime_config.remove("bandwidth");
         for cap in runtime_config.keys() {
             if !conf.has_capability(cap) {
                 return Err(invalid(format!(
@@ -1064,8 +1151,10 @@ impl Handler {
         let acl = self
             .nad_acl(&nad, &sel.qualified_name(), &sel.interface)?
             .map(|acl| PlannedAcl { acl, read_at });
+        let bandwidth = self.plan_bandwidth(&sel, &nad, &mut conf, &mut runtime_config)?;
         Ok(Planned {
             acl,
+            bandwidth,
             network: sel.qualified_name(),
             ifname: sel.interface,
             cluster_default: false,
@@ -1132,6 +1221,7 @@ impl Handler {
                 default_route: p.default_route.clone(),
                 device: p.device.clone(),
                 slot: None,
+                bandwidth: p.bandwidth,
             });
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in
@@ -1250,6 +1340,16 @@ impl Handler {
             .iter()
             .filter_map(|a| a.slot.map(|s| (s, a.ifname.clone(), a.network.clone())))
             .collect();
+        if let Some(dp) = &self.dataplane {
+            // A qdisc shaping an interface goes before the delegate's DEL, which may
+            // take the interface back to the host (host-device, VFs) with it.
+            for a in record.attachments.iter().filter(|a| !a.bandwidth.is_none()) {
+                if let Some(slot) = a.slot {
+                    let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+                    dp.unshape(slot, &record.container_id, &a.ifname);
+                }
+            }
+        }
         let mut kept = Vec::new();
         while let Some(a) = record.attachments.pop() {
             let conf = match NetConfList::from_value(a.conf.clone(), None) {
@@ -1323,6 +1423,7 @@ impl Handler {
                     Err(e) => failures.push(format!("network {network} ({ifname}): {e}")),
                 }
             }
+            dp.forget_pod_socket();
         }
         let saved = if record.attachments.is_empty() {
             self.records.remove(&record.container_id)

@@ -2,6 +2,7 @@
 //! and runs their attachments.
 
 pub mod acl;
+pub mod bandwidth;
 pub mod builtins;
 pub mod cli;
 pub mod config;

@@ -384,7 +384,10 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
     if config.dataplane.enabled {
         use trellis_agent::dataplane::{Dataplane, DataplaneError};
         match Dataplane::open(&config.dataplane.bpffs_dir) {
-            Ok(dp) => handler = handler.with_dataplane(dp),
+            Ok(mut dp) => {
+                dp.set_ingress_limit(config.dataplane.ingress_limit);
+                handler = handler.with_dataplane(dp)
+            }
             // Pins of another version (an upgrade): the pods keep the programs they
             // have; the agent serves CNI without a dataplane (ACL networks are refused)
             // rather than take the node's CNI down.

@@ -132,9 +132,41 @@ impl Collector for Scraped {
                 counter(
                     &mut enc,
                     "trellis_interface_drops",
-                    "Packets the dataplane dropped on a pod interface, by direction",
+                    "Packets the dataplane's ACL dropped on a pod interface, by direction",
                     rows(|c| c.drops),
                 )?;
+                counter(
+                    &mut enc,
+                    "trellis_interface_rate_limited_packets",
+                    "Packets the dataplane dropped on a pod interface for its bandwidth limit, by direction",
+                    rows(|c| c.limited),
+                )?;
+                counter(
+                    &mut enc,
+                    "trellis_interface_rate_limited_bytes",
+                    "Bytes of the packets dropped for a bandwidth limit, by direction",
+                    rows(|c| c.limited_bytes),
+                )?;
+                let mut m = enc.encode_descriptor(
+                    "trellis_interface_bandwidth_limit_bits_per_second",
+                    "A pod interface's bandwidth limit, by direction and how it is kept (police: dropped above it; htb: queued; fq: paced)",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for s in &stats {
+                    for (d, l) in [("rx", s.ingress_limit), ("tx", s.egress_limit)] {
+                        let Some(l) = l else { continue };
+                        let labels: Labels = vec![
+                            ("namespace", s.owner.namespace.clone()),
+                            ("pod", s.owner.pod.clone()),
+                            ("network", s.owner.network.clone()),
+                            ("interface", s.owner.ifname.clone()),
+                            ("direction", d.to_string()),
+                            ("by", l.by.to_string()),
+                        ];
+                        ConstGauge::new(l.rate as i64).encode(m.encode_family(&labels)?)?;
+                    }
+                }
             }
             Err(e) => tracing::warn!("metrics: dataplane counters: {e}"),
         }

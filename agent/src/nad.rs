@@ -78,6 +78,19 @@ impl NetworkAttachmentDefinition {
             .transpose()
     }
 
+    /// The network's bandwidth cap (`trellis.dev/bandwidth`); none if not annotated.
+    pub fn bandwidth(&self) -> Result<crate::bandwidth::Limits, crate::bandwidth::BandwidthError> {
+        use crate::bandwidth::{BandwidthError, Limits, BANDWIDTH_ANNOTATION};
+        let Some(a) = self.metadata.annotations.get(BANDWIDTH_ANNOTATION) else {
+            return Ok(Limits::default());
+        };
+        let v: serde_json::Value = serde_json::from_str(a).map_err(|e| BandwidthError {
+            at: BANDWIDTH_ANNOTATION.into(),
+            message: format!("not JSON: {e}"),
+        })?;
+        Limits::parse(&v, BANDWIDTH_ANNOTATION)
+    }
+
     /// The delegate configuration; a conf without a name takes the NAD's.
     pub fn conf_list(&self) -> Result<NetConfList, NadError> {
         if self.spec.config.trim().is_empty() {

@@ -102,6 +102,7 @@ mod tests {
             default_route: vec![],
             device: None,
             slot: None,
+            bandwidth: Default::default(),
         }
     }
 

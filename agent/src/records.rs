@@ -56,6 +56,9 @@ pub struct Attachment {
     /// The dataplane slot of its pod interface, once the programs are attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
+    /// Bandwidth limits the dataplane keeps (not a chained plugin's).
+    #[serde(default, skip_serializing_if = "crate::bandwidth::Limits::is_none")]
+    pub bandwidth: crate::bandwidth::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -146,3 +146,166 @@ pub fn slot_stats(dir: &Path, slot: u32) -> trellis_agent::dataplane::SlotStats 
         .find(|s| s.slot == slot)
         .unwrap_or_else(|| panic!("slot {slot} not in the pins"))
 }
+
+/// One iperf3 run's outcome, as the receiving side measured it.
+#[derive(Debug, Clone, Copy)]
+pub struct Iperf {
+    /// Bits per second received.
+    pub bps: f64,
+    /// UDP: datagrams lost (sent but not received).
+    pub lost: u64,
+}
+
+/// Runs iperf3 between `client` and a one-off server in `server` listening on
+/// `addr` for `secs` seconds (the first second left out of the figure):
+/// `reverse`, the server sends; `udp`, UDP datagrams of 1,400 bytes offered at
+/// that many bits per second (else TCP).
+pub fn iperf3(
+    server: &Netns,
+    client: &Netns,
+    addr: &str,
+    secs: u32,
+    udp: Option<u64>,
+    reverse: bool,
+) -> Iperf {
+    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5201);
+    let port = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut srv = server
+        .command("iperf3")
+        .args(["-s", "-1", "-B", addr, "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    let mut args = vec![
+        "-c".to_string(),
+        addr.into(),
+        "-p".into(),
+        port.to_string(),
+        "-t".into(),
+        (secs + 1).to_string(),
+        "-O".into(),
+        "1".into(),
+        "-J".into(),
+    ];
+    if let Some(rate) = udp {
+        args.extend(["-u", "-b", &rate.to_string(), "-l", "1400"].map(String::from));
+    }
+    if reverse {
+        args.push("-R".into());
+    }
+    // Until the server listens.
+    let listening = format!(":{port} ");
+    for _ in 0..100 {
+        if server.sh("ss -ltnH").contains(&listening) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = client
+        .command("iperf3")
+        .args(&args)
+        .output()
+        .expect("iperf3");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    if let Some(e) = v["error"].as_str() {
+        panic!("iperf3 {args:?}: {e}");
+    }
+    let end = &v["end"];
+    if udp.is_some() {
+        // The receiver's view: what arrived over the test's duration.
+        let s = &end["sum"];
+        let sent = s["packets"].as_u64().unwrap_or(0);
+        let lost = s["lost_packets"].as_u64().unwrap_or(0);
+        let secs = s["seconds"].as_f64().unwrap_or(1.0);
+        Iperf {
+            bps: (sent - lost) as f64 * 1400.0 * 8.0 / secs,
+            lost,
+        }
+    } else {
+        Iperf {
+            bps: end["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0),
+            lost: 0,
+        }
+    }
+}
+
+/// Bytes `ifname` in `ns` has sent (`dir` "tx") or received ("rx"), as the kernel
+/// counts them: whole frames, what a bandwidth limit counts.
+pub fn link_bytes(ns: &Netns, ifname: &str, dir: &str) -> u64 {
+    let v: Value =
+        serde_json::from_str(&ns.sh(&format!("ip -j -s link show dev {ifname}"))).unwrap();
+    v[0]["stats64"][dir]["bytes"].as_u64().unwrap()
+}
+
+/// CPU time the whole machine has spent busy (all CPUs, seconds), from /proc/stat.
+pub fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal...: all but idle and iowait.
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy as f64 / hz
+}
+
+/// One measured window of an iperf3 run.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Frame bits per second past the limiter.
+    pub bps: f64,
+    /// Machine CPU seconds per second of the window.
+    pub cpu: f64,
+}
+
+/// Runs iperf3 from `client` to `server` (at `addr`; `reverse`: the server sends;
+/// `udp`: offered at that many bits per second) and reads, over `secs` seconds once
+/// it runs, the frame bytes `at` (a device in a namespace, "tx" or "rx") passes
+/// and the machine's CPU time.
+pub fn iperf3_window(
+    server: &Netns,
+    client: &Netns,
+    addr: &str,
+    udp: Option<u64>,
+    reverse: bool,
+    at: (&Netns, &str, &str),
+    secs: u32,
+) -> Window {
+    std::thread::scope(|s| {
+        let run = s.spawn(|| iperf3(server, client, addr, secs + 1, udp, reverse));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let (b0, c0, t0) = (
+            link_bytes(at.0, at.1, at.2),
+            machine_busy_secs(),
+            std::time::Instant::now(),
+        );
+        std::thread::sleep(std::time::Duration::from_secs(secs as u64));
+        let (b1, c1, t1) = (
+            link_bytes(at.0, at.1, at.2),
+            machine_busy_secs(),
+            std::time::Instant::now(),
+        );
+        run.join().unwrap();
+        let dt = (t1 - t0).as_secs_f64();
+        Window {
+            bps: (b1 - b0) as f64 * 8.0 / dt,
+            cpu: (c1 - c0) / dt,
+        }
+    })
+}

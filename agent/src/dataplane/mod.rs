@@ -13,6 +13,7 @@ mod testrun;
 
 pub use read::{live_hooks, read_acl_hits, read_stats, AclHits};
 
+use crate::bandwidth::{Limits, Rate};
 use acl_space::Mapped;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, SchedClassifier};
@@ -22,10 +23,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use tc::{Rtnl, Side};
 use trellis_ebpf_common::{
-    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6, SlotMeta,
-    ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER,
-    IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS, RULE_SPACE, SLOT_CLSACT_PEER,
-    SLOT_CLSACT_POD,
+    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6, Policer,
+    SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS,
+    HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS, POLICE_DROP, POLICE_PACE,
+    POLICE_PEER_QDISC, POLICE_QDISC, POLICE_QUEUE, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD,
+    SLOT_IFB, SLOT_SHAPED, SLOT_SHAPED_PEER,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
@@ -39,7 +41,7 @@ const PROBE_PROGRAM: &str = "trellis_probe";
 pub enum DataplaneError {
     #[error("{dir} is not on a bpffs (mount one: mount -t bpf bpf /sys/fs/bpf)")]
     NoBpffs { dir: String },
-    #[error("the pins in {dir} are layout {found} and this agent's are layout {LAYOUT_VERSION}: they cannot be re-adopted. Remove the directory to start over (rm -r {dir}: it detaches the programs from every pod interface and resets the counters; restart the agent and its records re-attach live pods)")]
+    #[error("the pins in {dir} are layout {found} and this agent's are layout {LAYOUT_VERSION}: they cannot be re-adopted. Remove the directory to start over (rm -r {dir}: counters reset; interfaces keep filters of the old programs, with their old maps, until the agent, restarted, attaches its records' live pods again, replacing them)")]
     Layout { dir: String, found: String },
     #[error("{field} {value:?} is {len} bytes; the dataplane holds at most {max} (names are kept whole, never cut)")]
     NameTooLong {
@@ -88,13 +90,22 @@ pub struct SlotStats {
     pub owner: Owner,
     pub ingress: CountersView,
     pub egress: CountersView,
+    /// The bandwidth limits the dataplane keeps on it, per direction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress_limit: Option<LimitView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_limit: Option<LimitView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct CountersView {
     pub packets: u64,
     pub bytes: u64,
+    /// Dropped by the ACL.
     pub drops: u64,
+    /// Dropped by the rate limit.
+    pub limited: u64,
+    pub limited_bytes: u64,
 }
 
 impl From<Counters> for CountersView {
@@ -103,7 +114,46 @@ impl From<Counters> for CountersView {
             packets: c.packets,
             bytes: c.bytes,
             drops: c.drops,
+            limited: c.limited,
+            limited_bytes: c.limited_bytes,
         }
+    }
+}
+
+/// How an attachment's egress limit is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shaper {
+    /// The egress program gives each packet its departure time and an fq root
+    /// qdisc holds it until then (earliest departure time).
+    Fq,
+    /// An HTB root qdisc with one class at the rate (kernels without fq).
+    Htb,
+}
+
+/// A slot's limit in one direction as POLICE says, and how it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LimitView {
+    /// Bits per second and bits.
+    pub rate: u64,
+    pub burst: u64,
+    /// `police` (dropped above the rate), `fq` (paced), `htb` (queued).
+    pub by: &'static str,
+}
+
+impl LimitView {
+    pub(crate) fn of(p: &Policer) -> Option<LimitView> {
+        (p.rate != 0).then_some(LimitView {
+            rate: p.rate,
+            burst: p.burst,
+            by: match p.mode {
+                POLICE_PACE => "fq",
+                POLICE_QDISC => "htb",
+                POLICE_QUEUE => "ifb-htb",
+                POLICE_PEER_QDISC => "host-htb",
+                _ => "police",
+            },
+        })
     }
 }
 
@@ -270,6 +320,13 @@ pub struct Dataplane {
     /// When table regions were last given up (slots moved off them): they are not
     /// written again until every program that may still be reading them has returned.
     freed_at: Option<std::time::Instant>,
+    /// How egress limits are kept: fq where the kernel has it (found out at the
+    /// first egress limit), else HTB.
+    shaper: Option<Shaper>,
+    /// The kernel makes no ifb devices: ingress limits are policed.
+    no_ifb: bool,
+    /// How ingress limits are kept (`[dataplane] ingress_limit`).
+    ingress_limit: crate::bandwidth::IngressLimit,
 }
 
 /// What attaching found out about the pod's interface.
@@ -334,6 +391,9 @@ impl Dataplane {
             rules: Mapped::new(&bpf, maps::ACL_RULES, RULE_SPACE)?,
             hits: Mapped::new(&bpf, maps::RULE_HITS, HIT_SPACE)?,
             freed_at: None,
+            shaper: None,
+            no_ifb: false,
+            ingress_limit: Default::default(),
             progs,
             probe_ready: false,
             slots: BTreeMap::new(),
@@ -502,6 +562,17 @@ impl Dataplane {
     /// check to the host side of its veth when that is in the agent's netns);
     /// returns its slot. On any failure nothing of it is left.
     pub fn attach(&mut self, netns: &Path, owner: &Owner) -> Result<u32, DataplaneError> {
+        self.attach_limited(netns, owner, &Limits::default())
+    }
+
+    /// `attach` with `limits`: ingress policed by the programs, egress shaped by a
+    /// root qdisc on the interface (see `Shaper`).
+    pub fn attach_limited(
+        &mut self,
+        netns: &Path,
+        owner: &Owner,
+        limits: &Limits,
+    ) -> Result<u32, DataplaneError> {
         // Every name fits whole, or nothing is attached.
         let mut meta = slot_meta(owner, netns)?;
         let mut found = self.find(netns, &owner.ifname)?;
@@ -511,7 +582,7 @@ impl Dataplane {
         // Owned first: from here on, everything made is found (and undone) from META.
         let made = self
             .own(slot, meta)
-            .and_then(|()| self.make(slot, &mut meta, &mut found, &owner.network));
+            .and_then(|()| self.make(slot, &mut meta, &mut found, &owner.network, limits));
         if let Err(e) = &made {
             if let Err(undo) = self.remove(slot, Some(&mut found.rtnl)) {
                 tracing::warn!(slot, "undoing a failed attach ({e}): {undo}");
@@ -529,6 +600,7 @@ impl Dataplane {
         meta: &mut SlotMeta,
         found: &mut Found,
         network: &str,
+        limits: &Limits,
     ) -> Result<(), DataplaneError> {
         let header = self.acl_header_of(network)?;
         self.set_slot_acl(slot, header)?;
@@ -540,6 +612,78 @@ impl Dataplane {
             ifname: ifname.to_string(),
             message: format!("{what}: {e}"),
         };
+        let queue = self.ingress_limit == crate::bandwidth::IngressLimit::Queue;
+        match (limits.ingress, found.peer) {
+            // A veth whose host side is ours: an HTB there queues what the pod
+            // receives, out of the pod's reach, with no ifb.
+            (Some(ingress), Some(peer)) if queue => {
+                meta.flags |= SLOT_SHAPED_PEER;
+                self.own(slot, *meta)?;
+                let host = self.host.as_mut().expect("found a peer with it");
+                host.add_root(peer, Some((ingress.bytes_per_sec(), ingress.burst_bytes())))
+                    .map_err(|e| {
+                        fail(
+                            &format!("the host side of {ifname}"),
+                            "shaping what the pod receives",
+                            e,
+                        )
+                    })?;
+                let mut p = Policer::new(ingress.rate, ingress.burst, POLICE_PEER_QDISC);
+                p.ns_per_byte = 0;
+                self.set_police(slot, DIR_INGRESS, p)?;
+            }
+            (Some(ingress), _) => {
+                // Owned before it is made: a failure from here on removes it.
+                meta.flags |= SLOT_IFB;
+                self.own(slot, *meta)?;
+                let queued = match self.ingress_limit {
+                    crate::bandwidth::IngressLimit::Queue => {
+                        self.queue_ingress(&mut found.rtnl, slot, ingress)
+                    }
+                    crate::bandwidth::IngressLimit::Police => {
+                        Err(std::io::Error::other("policed by configuration"))
+                    }
+                };
+                let police_anyway =
+                    self.no_ifb || self.ingress_limit == crate::bandwidth::IngressLimit::Police;
+                let p = match queued {
+                    Ok(ifb) => {
+                        meta.ifb_ifindex = ifb;
+                        self.own(slot, *meta)?;
+                        let mut p = Policer::new(ingress.rate, ingress.burst, POLICE_QUEUE);
+                        p.ns_per_byte = 0;
+                        p.ifindex = ifb;
+                        p
+                    }
+                    Err(e) if police_anyway => {
+                        tracing::debug!(slot, "no ifb ({e}): ingress limit policed");
+                        Policer::new(ingress.rate, ingress.burst, POLICE_DROP)
+                    }
+                    Err(e) => return Err(fail(&ifname, "queueing its ingress", e)),
+                };
+                self.set_police(slot, DIR_INGRESS, p)?;
+            }
+            (None, _) => self.set_police(slot, DIR_INGRESS, Policer::default())?,
+        }
+        if let Some(egress) = limits.egress {
+            // Owned before it is made: a failure from here on removes it.
+            meta.flags |= SLOT_SHAPED;
+            self.own(slot, *meta)?;
+            let shaper = self
+                .shape(&mut found.rtnl, meta.key.ifindex, egress)
+                .map_err(|e| fail(&ifname, "shaping its egress", e))?;
+            let mode = match shaper {
+                Shaper::Fq => POLICE_PACE,
+                Shaper::Htb => POLICE_QDISC,
+            };
+            let mut p = Policer::new(egress.rate, egress.burst, mode);
+            if shaper == Shaper::Htb {
+                p.ns_per_byte = 0;
+            }
+            self.set_police(slot, DIR_EGRESS, p)?;
+        } else {
+            self.set_police(slot, DIR_EGRESS, Policer::default())?;
+        }
         if found
             .rtnl
             .add_clsact(meta.key.ifindex)
@@ -576,8 +720,24 @@ impl Dataplane {
         }
         let prog = self.progs[HOOK_PEER as usize].as_fd();
         let host = self.host.as_mut().expect("found a peer with it");
-        host.add_filter(peer, Side::Ingress, prog, class, &name)
-            .map_err(|e| fail(&host_name, "adding a filter", e))
+        match host.add_filter(peer, Side::Ingress, prog, class, &name) {
+            Ok(()) => Ok(()),
+            // Our priority holds another component's filter (the reference bandwidth
+            // plugin's u32 redirect to its ifb): the host side goes without ours, the
+            // pod's egress rules are kept at its own interface.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(slot, ifname, "{host_name} has a filter of another kind at our priority ({e}): the pod's egress rules are enforced at its own interface only");
+                if meta.flags & SLOT_CLSACT_PEER != 0 {
+                    let _ = host.del_clsact(peer);
+                    meta.flags &= !SLOT_CLSACT_PEER;
+                }
+                if meta.flags & SLOT_SHAPED_PEER == 0 {
+                    meta.peer_ifindex = 0;
+                }
+                self.own(slot, *meta)
+            }
+            Err(e) => Err(fail(&host_name, "adding a filter", e)),
+        }
     }
 
     /// Detaches the attachment in `slot` only if the slot still belongs to
@@ -599,6 +759,142 @@ impl Dataplane {
         Ok(mine)
     }
 
+    /// Makes ours the root qdisc of `ifindex` for `egress`: fq if the kernel has it
+    /// (tried once per agent), else HTB. Which one.
+    fn shape(&mut self, rtnl: &mut Rtnl, ifindex: u32, egress: Rate) -> std::io::Result<Shaper> {
+        if self.shaper != Some(Shaper::Htb) {
+            match rtnl.add_root(ifindex, None) {
+                Ok(()) => {
+                    if self.shaper.is_none() {
+                        tracing::info!("egress limits: paced by the programs, held by fq (earliest departure time)");
+                    }
+                    self.shaper = Some(Shaper::Fq);
+                    return Ok(Shaper::Fq);
+                }
+                // No fq in this kernel (ENOENT: unknown qdisc kind).
+                Err(e) if self.shaper.is_none() && e.raw_os_error() == Some(libc::ENOENT) => {
+                    tracing::info!("egress limits: the kernel has no fq qdisc; shaped by an HTB class per interface");
+                    self.shaper = Some(Shaper::Htb);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        rtnl.add_root(
+            ifindex,
+            Some((egress.bytes_per_sec(), egress.burst_bytes())),
+        )?;
+        Ok(Shaper::Htb)
+    }
+
+    /// Makes the ifb device that queues `slot`'s ingress at `rate` (an HTB at its
+    /// root) in the netns of `rtnl`; its ifindex. A kernel without ifb devices is
+    /// remembered (`no_ifb`): ingress limits are policed there instead.
+    fn queue_ingress(&mut self, rtnl: &mut Rtnl, slot: u32, rate: Rate) -> std::io::Result<u32> {
+        let name = ifb_name(slot);
+        // One left by an agent that died attaching this slot.
+        let _ = rtnl
+            .link(&name)
+            .map(|l| l.map(|l| rtnl.del_ifb(l.index, &name)));
+        let ifb = match rtnl.add_ifb(&name) {
+            Ok(i) => i,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                if !self.no_ifb {
+                    tracing::info!("ingress limits: the kernel has no ifb devices; policed (dropped above the rate) by the programs");
+                }
+                self.no_ifb = true;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let queued = rtnl.add_root(ifb, Some((rate.bytes_per_sec(), rate.burst_bytes())));
+        if let Err(e) = queued {
+            let _ = rtnl.del_ifb(ifb, &name);
+            return Err(e);
+        }
+        Ok(ifb)
+    }
+
+    /// How ingress limits are kept from now on.
+    pub fn set_ingress_limit(&mut self, how: crate::bandwidth::IngressLimit) {
+        self.ingress_limit = how;
+    }
+
+    /// How egress limits are kept on this node (None: none asked for yet).
+    pub fn shaper(&self) -> Option<Shaper> {
+        self.shaper
+    }
+
+    fn police(&mut self) -> Result<Array<&mut MapData, Policer>, DataplaneError> {
+        Array::try_from(self.map_mut(maps::POLICE)).map_err(|e| op("POLICE map")(e.to_string()))
+    }
+
+    fn set_police(&mut self, slot: u32, dir: u32, p: Policer) -> Result<(), DataplaneError> {
+        self.police()?
+            .set(stats_index(slot, dir), p, 0)
+            .map_err(|e| op("POLICE map")(e.to_string()))
+    }
+
+    /// The limits `slot` is attached with.
+    pub fn limits_of(&mut self, slot: u32) -> Result<[Option<LimitView>; 2], DataplaneError> {
+        let police = self.police()?;
+        let get = |dir| {
+            police
+                .get(&stats_index(slot, dir), 0)
+                .map(|p| LimitView::of(&p))
+                .map_err(|e| op("POLICE map")(e.to_string()))
+        };
+        Ok([get(DIR_INGRESS)?, get(DIR_EGRESS)?])
+    }
+
+    /// Takes `slot`'s limits off now, before its delegate's DEL, which may take the
+    /// interface back to the host (host-device, VFs) with the qdisc shaping it and
+    /// a filter that would redirect into an ifindex of another netns. Only if the
+    /// slot is still `container`'s `ifname`. Failures are logged; the slot's removal
+    /// tries again.
+    pub fn unshape(&mut self, slot: u32, container: &str, ifname: &str) {
+        let Some(mut m) = self.slots.get(&slot).copied() else {
+            return;
+        };
+        if m.flags & (SLOT_SHAPED | SLOT_IFB) == 0
+            || get(&m.container) != container
+            || get(&m.ifname) != ifname
+        {
+            return;
+        }
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            if let Err(e) = self.set_police(slot, dir, Policer::default()) {
+                tracing::warn!(slot, "{e}");
+            }
+        }
+        if m.flags & SLOT_SHAPED == 0 {
+            return;
+        }
+        let netns = get(&m.netns);
+        if let Ok((mut rtnl, cookie)) = self.pod_socket(Path::new(&netns)) {
+            if cookie == m.key.netns_cookie {
+                match rtnl.del_root(m.key.ifindex) {
+                    Ok(_) => {
+                        m.flags &= !SLOT_SHAPED;
+                        if let Err(e) = self.own(slot, m) {
+                            tracing::warn!(slot, "{e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(slot, netns, "removing the qdisc shaping its egress: {e}")
+                    }
+                }
+            }
+            self.keep_socket(Path::new(&netns), rtnl, cookie);
+        }
+    }
+
+    /// Closes the socket kept in the last pod netns worked in: after a pod's DEL, it
+    /// would keep that netns (and what is left in it) alive once the runtime
+    /// deletes it.
+    pub fn forget_pod_socket(&mut self) {
+        self.pod_ns = None;
+    }
+
     /// Detaches and forgets the attachment in `slot`: its filters do nothing from
     /// now on (a new generation), are removed where its interface still is, and its
     /// owner is forgotten. The last attachment of a network takes its ACL with it.
@@ -617,6 +913,9 @@ impl Dataplane {
         self.next_generation(slot)?;
         if let Some(m) = self.slots.get(&slot).copied() {
             self.remove_filters(class, &m, pod);
+        }
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            self.set_police(slot, dir, Policer::default())?;
         }
         self.set_slot_acl(slot, None)?;
         let _ = self.meta()?.remove(&slot);
@@ -649,6 +948,25 @@ impl Dataplane {
             if let Err(e) = unfilter(rtnl, ifindex, &[Side::Ingress, Side::Egress], class, ours) {
                 tracing::warn!(slot, netns, ifindex, "removing the slot's filters: {e}");
             }
+            if m.flags & SLOT_SHAPED != 0 {
+                if let Err(e) = rtnl.del_root(ifindex) {
+                    tracing::warn!(
+                        slot,
+                        netns,
+                        ifindex,
+                        "removing the qdisc shaping its egress: {e}"
+                    );
+                }
+            }
+            if m.flags & SLOT_IFB != 0 && m.ifb_ifindex != 0 {
+                if let Err(e) = rtnl.del_ifb(m.ifb_ifindex, &ifb_name(slot)) {
+                    tracing::warn!(
+                        slot,
+                        netns,
+                        "removing the ifb device queueing its ingress: {e}"
+                    );
+                }
+            }
         }
         if let Some((rtnl, cookie)) = opened {
             self.keep_socket(Path::new(&netns), rtnl, cookie);
@@ -665,6 +983,15 @@ impl Dataplane {
                         ifindex = m.peer_ifindex,
                         "removing the slot's filter from the host side of its veth: {e}"
                     );
+                }
+                if m.flags & SLOT_SHAPED_PEER != 0 {
+                    if let Err(e) = host.del_root(m.peer_ifindex) {
+                        tracing::warn!(
+                            slot,
+                            ifindex = m.peer_ifindex,
+                            "removing the qdisc shaping what its pod receives: {e}"
+                        );
+                    }
                 }
             }
         }
@@ -787,6 +1114,16 @@ impl Dataplane {
     /// A slot for `owner` attached nowhere, to run packets through its programs
     /// with BPF_PROG_TEST_RUN (tests, benchmarks). `detach` frees it.
     pub fn probe(&mut self, owner: &Owner) -> Result<Probe, DataplaneError> {
+        self.probe_policed(owner, &Limits::default())
+    }
+
+    /// As `probe`, with `limits` kept by the programs' token bucket in both
+    /// directions (as `ingress_limit = "police"` keeps ingress).
+    pub fn probe_policed(
+        &mut self,
+        owner: &Owner,
+        limits: &Limits,
+    ) -> Result<Probe, DataplaneError> {
         let meta = slot_meta(owner, Path::new(""))?;
         let slot = self.free_slot()?;
         self.own(slot, meta)?;
@@ -794,6 +1131,10 @@ impl Dataplane {
             let header = self.acl_header_of(&owner.network)?;
             self.set_slot_acl(slot, header)?;
             self.zero_counters(slot)?;
+            for (dir, limit) in [(DIR_INGRESS, limits.ingress), (DIR_EGRESS, limits.egress)] {
+                let p = limit.map(|r| Policer::new(r.rate, r.burst, POLICE_DROP));
+                self.set_police(slot, dir, p.unwrap_or_default())?;
+            }
             let class = classid(slot, self.next_generation(slot)?);
             Ok(Probe {
                 slot,
@@ -819,14 +1160,16 @@ fn unfilter(
 ) -> std::io::Result<()> {
     let mut ours_found = Vec::new();
     let mut others = 0;
-    for &side in sides {
+    // Both sides are looked at: the qdisc holds both, whichever we used.
+    for side in [Side::Ingress, Side::Egress] {
         let filters = rtnl.filters(ifindex, side)?;
-        if filters.contains(&Some(class)) {
+        if sides.contains(&side) && filters.contains(&Some(class)) {
             ours_found.push(side);
         }
         others += filters.iter().filter(|c| **c != Some(class)).count();
     }
-    if ours && others == 0 {
+    // Only where our filters still are: the ifindex may name another device now.
+    if ours && others == 0 && !ours_found.is_empty() {
         // The qdisc takes our filters with it: one request.
         return rtnl.del_clsact(ifindex);
     }
@@ -913,7 +1256,8 @@ pub(crate) fn test_run(
 }
 
 /// The maps the programs pin (a dir with any of them holds pins to re-adopt).
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
+    maps::POLICE,
     maps::STATS,
     maps::META,
     maps::LAYOUT,
@@ -927,6 +1271,11 @@ const PINNED_MAPS: [&str; 12] = [
     maps::ACL_INFO,
     maps::RULE_HITS,
 ];
+
+/// The name of the ifb device queueing `slot`'s ingress, in its pod's netns.
+pub fn ifb_name(slot: u32) -> String {
+    format!("trl-in-{slot}")
+}
 
 /// Whether the pinned owner map in `dir` is empty (or absent).
 fn no_owners(dir: &Path) -> bool {

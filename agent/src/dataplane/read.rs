@@ -1,12 +1,12 @@
 //! Reading the pins without the agent: `trellis stats` and the metrics endpoint.
 
 use super::acl_space::Mapped;
-use super::{get, op, owner_of, DataplaneError, SlotStats};
+use super::{get, op, owner_of, DataplaneError, LimitView, SlotStats};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use std::path::Path;
 use trellis_ebpf_common::{
-    maps, stats_index, AclHeader, AclInfo, AclRule, Counters, SlotMeta, DIR_EGRESS, DIR_INGRESS,
-    HIT_SPACE, RULE_SPACE,
+    maps, stats_index, AclHeader, AclInfo, AclRule, Counters, Policer, SlotMeta, DIR_EGRESS,
+    DIR_INGRESS, HIT_SPACE, RULE_SPACE,
 };
 
 /// One network's ACL as counted in the pins: hits per rule (in NAD order) with each
@@ -86,6 +86,15 @@ pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
     let stats: PerCpuArray<MapData, Counters> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(maps::STATS)?))
             .map_err(|e| op("STATS map")(e.to_string()))?;
+    let police: Array<MapData, Policer> =
+        Array::try_from(aya::maps::Map::Array(open(maps::POLICE)?))
+            .map_err(|e| op("POLICE map")(e.to_string()))?;
+    let limit = |slot: u32, dir: u32| {
+        police
+            .get(&stats_index(slot, dir), 0)
+            .ok()
+            .and_then(|p| LimitView::of(&p))
+    };
     let mut out = Vec::new();
     for entry in meta.iter() {
         let (slot, m) = entry.map_err(|e| op("META map")(e.to_string()))?;
@@ -104,6 +113,8 @@ pub fn read_stats(dir: &Path) -> Result<Vec<SlotStats>, DataplaneError> {
             owner: owner_of(&m),
             ingress: sum(DIR_INGRESS)?.into(),
             egress: sum(DIR_EGRESS)?.into(),
+            ingress_limit: limit(slot, DIR_INGRESS),
+            egress_limit: limit(slot, DIR_EGRESS),
         });
     }
     out.sort_by(|a, b| {

@@ -12,10 +12,10 @@
 //! was made in), then used from the calling thread: one thread hop per netns.
 
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
@@ -29,6 +29,59 @@ use std::os::fd::AsRawFd;
 const PRIORITY: u16 = 1;
 /// Our filters' handle on each hook, so ours are found and removed by it alone.
 const HANDLE: u32 = 0x7e11;
+/// Our root qdisc's handle (major 0x7e11), and its HTB class's.
+pub const ROOT_HANDLE: u32 = 0x7e11_0000;
+const CLASS_HANDLE: u32 = 0x7e11_0001;
+/// The class's leaf queue (a bfifo).
+const LEAF_HANDLE: u32 = 0x7e12_0000;
+/// TCA_OPTIONS, for a qdisc whose options are a plain struct (fifo).
+const TCA_OPTIONS: u16 = 2;
+/// How long the queue of a limited interface may be, at its rate, beyond its
+/// burst: as the reference plugin's TBF `latency`. Longer only makes delay.
+const QUEUE_NS: u64 = 25_000_000;
+/// ...but never below two of the largest (GSO) packets.
+const MIN_QUEUE_BYTES: u64 = 2 * 65_536;
+/// TC_H_ROOT.
+const ROOT: u32 = 0xffff_ffff;
+/// include/uapi/linux/pkt_sched.h: TCA_HTB_*, TC_LINKLAYER_ETHERNET.
+const TCA_HTB_PARMS: u16 = 1;
+const TCA_HTB_INIT: u16 = 2;
+const TCA_HTB_RATE64: u16 = 6;
+const TCA_HTB_CEIL64: u16 = 7;
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+/// Kernel packet-scheduler ticks are 64 ns (PSCHED_SHIFT).
+const PSCHED_SHIFT: u32 = 6;
+
+/// A device's root qdisc: its handle (0: the kernel's default one) and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootQdisc {
+    pub handle: u32,
+    pub kind: String,
+}
+
+/// `struct tc_ratespec` for `bytes_per_sec` (saturated: RATE64 carries the rest).
+fn ratespec(bytes_per_sec: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[1] = TC_LINKLAYER_ETHERNET;
+    b[8..12].copy_from_slice(&(bytes_per_sec.min(u32::MAX as u64) as u32).to_ne_bytes());
+    b
+}
+
+/// `struct tc_htb_opt` for one class at `bytes_per_sec` (rate and ceiling) that may
+/// send `burst_bytes` at once.
+fn htb_class_opt(bytes_per_sec: u64, burst_bytes: u64) -> Vec<u8> {
+    let burst_ns = (burst_bytes as u128 * 1_000_000_000 / bytes_per_sec.max(1) as u128) as u64;
+    let ticks = (burst_ns >> PSCHED_SHIFT).clamp(1, u32::MAX as u64) as u32;
+    let mut b = Vec::with_capacity(44);
+    b.extend_from_slice(&ratespec(bytes_per_sec));
+    b.extend_from_slice(&ratespec(bytes_per_sec));
+    // buffer, cbuffer (ticks), quantum (bytes: one class, so any), level, prio.
+    for v in [ticks, ticks, 65_536, 0, 0] {
+        b.extend_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
 /// ETH_P_ALL, in network byte order as tcm_info wants it.
 const ALL_PROTOCOLS: u16 = 0x0003u16.to_be();
 
@@ -59,18 +112,20 @@ pub struct LinkFacts {
     /// For a veth: its peer's ifindex (in the peer's netns) and that netns as this
     /// one numbers it (None: the same netns).
     pub veth_peer: Option<(u32, Option<i32>)>,
+    /// An ifb device.
+    pub ifb: bool,
 }
 
 fn link_facts(m: &LinkMessage) -> LinkFacts {
     let mut name = String::new();
-    let (mut veth, mut peer, mut nsid) = (false, 0u32, None);
+    let (mut veth, mut ifb, mut peer, mut nsid) = (false, false, 0u32, None);
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
             LinkAttribute::LinkInfo(i) => {
-                veth |= i
-                    .iter()
-                    .any(|x| matches!(x, LinkInfo::Kind(InfoKind::Veth)))
+                let kind = |k: InfoKind| i.iter().any(|x| x == &LinkInfo::Kind(k.clone()));
+                veth |= kind(InfoKind::Veth);
+                ifb |= kind(InfoKind::Ifb);
             }
             LinkAttribute::Link(i) => peer = *i,
             LinkAttribute::LinkNetNsId(n) if *n >= 0 => nsid = Some(*n),
@@ -81,6 +136,7 @@ fn link_facts(m: &LinkMessage) -> LinkFacts {
         index: m.header.index,
         name,
         veth_peer: (veth && peer != 0).then_some((peer, nsid)),
+        ifb,
     }
 }
 
@@ -219,6 +275,163 @@ impl Rtnl {
         match self.request(RouteNetlinkMessage::DelQueueDiscipline(m), 0) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the ifb device `name`, up, with a queue of 1,000 packets (an ifb's own
+    /// is 32); its ifindex.
+    pub fn add_ifb(&mut self, name: &str) -> io::Result<u32> {
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::TxQueueLen(1000));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Ifb)]));
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        self.link(name)?
+            .map(|l| l.index)
+            .ok_or_else(|| io::Error::other(format!("{name} vanished as it was made")))
+    }
+
+    /// Deletes link `ifindex` if it is still the ifb device `name`; whether it was.
+    pub fn del_ifb(&mut self, ifindex: u32, name: &str) -> io::Result<bool> {
+        match self.link_by_index(ifindex)? {
+            Some(l) if l.name == name && l.ifb => {}
+            _ => return Ok(false),
+        }
+        let mut m = LinkMessage::default();
+        m.header.index = ifindex;
+        match self.request(RouteNetlinkMessage::DelLink(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The root qdisc of `ifindex` (None: the device has none, or is gone).
+    pub fn root_qdisc(&mut self, ifindex: u32) -> io::Result<Option<RootQdisc>> {
+        let m = TcMessage::with_index(ifindex as i32);
+        let answers = self.request(RouteNetlinkMessage::GetQueueDiscipline(m), NLM_F_DUMP)?;
+        Ok(answers.iter().find_map(|a| match a {
+            RouteNetlinkMessage::NewQueueDiscipline(m)
+                if m.header.index == ifindex as i32 && u32::from(m.header.parent) == ROOT =>
+            {
+                Some(RootQdisc {
+                    handle: u32::from(m.header.handle),
+                    kind: m
+                        .attributes
+                        .iter()
+                        .find_map(|x| match x {
+                            TcAttribute::Kind(k) => Some(k.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default(),
+                })
+            }
+            _ => None,
+        }))
+    }
+
+    /// Makes ours the root qdisc of `ifindex`: fq (`rate` None: the programs pace,
+    /// fq holds each packet until its departure time), or an HTB with one class,
+    /// the default, at `rate` (bytes/s, burst bytes). Fails if the device's root
+    /// qdisc is not the kernel's default (or ours): someone else's is never replaced.
+    pub fn add_root(&mut self, ifindex: u32, rate: Option<(u64, u64)>) -> io::Result<()> {
+        match self.root_qdisc(ifindex)? {
+            Some(q) if q.handle != 0 && q.handle != ROOT_HANDLE => {
+                return Err(io::Error::other(format!(
+                    "the interface has a root qdisc of its own ({} {:x}:): not replacing it",
+                    q.kind,
+                    q.handle >> 16
+                )))
+            }
+            _ => {}
+        }
+        let mut m = TcMessage::with_index(ifindex as i32);
+        m.header.handle = TcHandle::from(ROOT_HANDLE);
+        m.header.parent = TcHandle::from(ROOT);
+        match rate {
+            None => m.attributes.push(TcAttribute::Kind("fq".into())),
+            Some(_) => {
+                // struct tc_htb_glob: version 3, rate2quantum 10, default class 1.
+                let mut glob = Vec::with_capacity(20);
+                for v in [3u32, 10, CLASS_HANDLE & 0xffff, 0, 0] {
+                    glob.extend_from_slice(&v.to_ne_bytes());
+                }
+                m.attributes.push(TcAttribute::Kind("htb".into()));
+                m.attributes.push(TcAttribute::Options(vec![TcOption::Other(
+                    DefaultNla::new(TCA_HTB_INIT, glob),
+                )]));
+            }
+        }
+        self.request(
+            RouteNetlinkMessage::NewQueueDiscipline(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        let Some((bytes_per_sec, burst)) = rate else {
+            return Ok(());
+        };
+        let mut options = vec![TcOption::Other(DefaultNla::new(
+            TCA_HTB_PARMS,
+            htb_class_opt(bytes_per_sec, burst),
+        ))];
+        if bytes_per_sec > u32::MAX as u64 {
+            for kind in [TCA_HTB_RATE64, TCA_HTB_CEIL64] {
+                options.push(TcOption::Other(DefaultNla::new(
+                    kind,
+                    bytes_per_sec.to_ne_bytes().to_vec(),
+                )));
+            }
+        }
+        let mut c = TcMessage::with_index(ifindex as i32);
+        c.header.handle = TcHandle::from(CLASS_HANDLE);
+        c.header.parent = TcHandle::from(ROOT_HANDLE);
+        c.attributes.push(TcAttribute::Kind("htb".into()));
+        c.attributes.push(TcAttribute::Options(options));
+        let made = self
+            .request(
+                RouteNetlinkMessage::NewTrafficClass(c),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            )
+            .and_then(|_| {
+                // A queue sized by time, not HTB's default of txqueuelen packets
+                // (1,000 full frames are 1.2 s at 10 Mbit/s).
+                let limit = (burst
+                    + (bytes_per_sec as u128 * QUEUE_NS as u128 / 1_000_000_000) as u64)
+                    .clamp(MIN_QUEUE_BYTES, u32::MAX as u64) as u32;
+                let mut q = TcMessage::with_index(ifindex as i32);
+                q.header.handle = TcHandle::from(LEAF_HANDLE);
+                q.header.parent = TcHandle::from(CLASS_HANDLE);
+                q.attributes.push(TcAttribute::Kind("bfifo".into()));
+                q.attributes.push(TcAttribute::Other(DefaultNla::new(
+                    TCA_OPTIONS,
+                    limit.to_ne_bytes().to_vec(),
+                )));
+                self.request(
+                    RouteNetlinkMessage::NewQueueDiscipline(q),
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                )
+            });
+        if made.is_err() {
+            let _ = self.del_root(ifindex);
+        }
+        made.map(|_| ())
+    }
+
+    /// Removes our root qdisc from `ifindex` (the kernel puts its default back);
+    /// whether it was there. Anyone else's is left alone.
+    pub fn del_root(&mut self, ifindex: u32) -> io::Result<bool> {
+        if self.root_qdisc(ifindex)?.map(|q| q.handle) != Some(ROOT_HANDLE) {
+            return Ok(false);
+        }
+        let mut m = TcMessage::with_index(ifindex as i32);
+        m.header.handle = TcHandle::from(ROOT_HANDLE);
+        m.header.parent = TcHandle::from(ROOT);
+        match self.request(RouteNetlinkMessage::DelQueueDiscipline(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -10,7 +10,8 @@ pub const MAX_SLOTS: u32 = 16384;
 /// 3: programs loaded once and attached as tc filters (not TCX links) whose classid
 /// names the slot and its generation (GEN), 1,024 ACL ids with hit counters as
 /// regions, a first-level index per ACL table, the netns path in SlotMeta.
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
 /// them, one per attachment), not all at load.
@@ -80,6 +81,7 @@ pub mod maps {
     pub const ACL_RULES: &str = "ACL_RULES";
     pub const ACL_INFO: &str = "ACL_INFO";
     pub const RULE_HITS: &str = "RULE_HITS";
+    pub const POLICE: &str = "POLICE";
 }
 
 /// Longest netns path a slot keeps (where its filters are, to remove them).
@@ -99,9 +101,14 @@ pub struct IfKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Passed.
     pub packets: u64,
     pub bytes: u64,
+    /// Dropped by the ACL.
     pub drops: u64,
+    /// Dropped by the rate limit (POLICE).
+    pub limited: u64,
+    pub limited_bytes: u64,
 }
 
 impl Counters {
@@ -109,6 +116,83 @@ impl Counters {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.drops += o.drops;
+        self.limited += o.limited;
+        self.limited_bytes += o.limited_bytes;
+    }
+}
+
+/// A slot's rate limit in one direction (POLICE entry `stats_index(slot, dir)`): a
+/// token bucket kept as one time (GCRA), so that CPUs share it with one
+/// compare-and-exchange. The bucket is full at `tat` and earlier; a packet of `len`
+/// bytes costs `len * ns_per_byte >> POLICE_SHIFT` ns of it and passes if the
+/// bucket then runs at most `burst_ns` ahead of now (or if it was full: a packet
+/// bigger than the burst, a GSO one, passes alone and is paid back after).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policer {
+    /// When the bucket is full again (ns, CLOCK_MONOTONIC); written by the programs.
+    pub tat: u64,
+    /// ns per byte at the rate, fixed point; 0: no limit in this direction.
+    pub ns_per_byte: u64,
+    /// The burst as time at the rate.
+    pub burst_ns: u64,
+    /// The limit as given: bits per second and bits (what `trellis stats` shows).
+    pub rate: u64,
+    pub burst: u64,
+    /// POLICE_DROP, POLICE_PACE, POLICE_QDISC or POLICE_QUEUE.
+    pub mode: u32,
+    /// POLICE_QUEUE: the ifb device (in the interface's netns) packets go to.
+    pub ifindex: u32,
+}
+
+/// Fractional bits of Policer::ns_per_byte.
+pub const POLICE_SHIFT: u32 = 20;
+/// Packets over the limit are dropped (ingress, and egress where no qdisc shapes).
+pub const POLICE_DROP: u32 = 0;
+/// Packets over the limit are given a departure time (skb->tstamp) for the fq
+/// qdisc to hold them until (earliest departure time); dropped only past
+/// POLICE_HORIZON_NS ahead.
+pub const POLICE_PACE: u32 = 1;
+pub const POLICE_HORIZON_NS: u64 = 2_000_000_000;
+/// The limit is a qdisc's (an HTB class): the entry only says what it is
+/// (ns_per_byte 0, the programs do nothing).
+pub const POLICE_QDISC: u32 = 2;
+/// Ingress packets are redirected to an ifb device (`ifindex`) whose HTB qdisc
+/// queues them at the limit, then hands them back to the interface (tc skipped).
+pub const POLICE_QUEUE: u32 = 3;
+/// The limit is an HTB on the host side of the pod's veth (what the pod receives);
+/// the entry only says what it is.
+pub const POLICE_PEER_QDISC: u32 = 4;
+
+/// Rates a Policer takes (bits per second): below the lowest, `len * ns_per_byte`
+/// could overflow for the largest packet (BIG TCP, 512 KiB); above the highest,
+/// ns_per_byte would keep too few significant bits.
+pub const POLICE_MIN_RATE: u64 = 1_000;
+pub const POLICE_MAX_RATE: u64 = 1 << 40;
+/// The largest burst (bits): the reference bandwidth plugin's (4 GiB in bytes).
+pub const POLICE_MAX_BURST: u64 = (u32::MAX as u64) * 8;
+
+impl Policer {
+    /// The policer for `rate` bits/s and `burst` bits (in the ranges above).
+    #[cfg(not(target_arch = "bpf"))]
+    pub const fn new(rate: u64, burst: u64, mode: u32) -> Policer {
+        let bytes_per_sec = rate / 8;
+        let bytes_per_sec = if bytes_per_sec == 0 { 1 } else { bytes_per_sec };
+        Policer {
+            tat: 0,
+            ns_per_byte: ((1_000_000_000u128 << POLICE_SHIFT) / bytes_per_sec as u128) as u64,
+            burst_ns: ((burst / 8) as u128 * 1_000_000_000u128 / bytes_per_sec as u128) as u64,
+            rate,
+            burst,
+            mode,
+            ifindex: 0,
+        }
+    }
+
+    /// What a packet of `len` bytes costs (ns).
+    #[inline(always)]
+    pub const fn cost(&self, len: u32) -> u64 {
+        (len as u64 * self.ns_per_byte) >> POLICE_SHIFT
     }
 }
 
@@ -132,12 +216,22 @@ pub struct SlotMeta {
     pub container: [u8; CONTAINER_LEN],
     /// The pod's netns as the runtime named it (bind mount or /proc path).
     pub netns: [u8; NETNS_LEN],
+    /// SLOT_IFB: the ifb device queueing the interface's ingress.
+    pub ifb_ifindex: u32,
+    pub _pad: u32,
 }
 
 /// SlotMeta::flags: the agent added the clsact qdisc of the pod interface / of the
 /// host side of its veth.
 pub const SLOT_CLSACT_POD: u32 = 1;
 pub const SLOT_CLSACT_PEER: u32 = 2;
+/// ... and the root qdisc (HTB or fq) that shapes the pod interface's egress.
+pub const SLOT_SHAPED: u32 = 4;
+/// ... and the ifb device (SlotMeta::ifb_ifindex) queueing its ingress.
+pub const SLOT_IFB: u32 = 8;
+/// ... and the root qdisc (HTB) of the host side of its veth, which shapes what the
+/// pod receives.
+pub const SLOT_SHAPED_PEER: u32 = 16;
 
 impl Default for SlotMeta {
     fn default() -> Self {
@@ -151,6 +245,8 @@ impl Default for SlotMeta {
             ifname: [0; IFNAME_LEN],
             container: [0; CONTAINER_LEN],
             netns: [0; NETNS_LEN],
+            ifb_ifindex: 0,
+            _pad: 0,
         }
     }
 }
@@ -313,8 +409,10 @@ pub const TCX_DROP: i32 = 2;
 mod user {
     // SAFETY: plain-old-data with no padding holes that matter (explicit _pad).
     unsafe impl aya::Pod for super::IfKey {}
-    // SAFETY: three u64s.
+    // SAFETY: five u64s.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: u64s and two u32s, no padding.
+    unsafe impl aya::Pod for super::Policer {}
     // SAFETY: an IfKey and byte arrays, no padding.
     unsafe impl aya::Pod for super::SlotMeta {}
     // SAFETY: integers and arrays of them, no implicit padding (explicit _pad).

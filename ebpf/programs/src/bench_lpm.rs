@@ -10,7 +10,7 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod lpm {
-    use crate::packet::{count, parse, rule_matches};
+    use crate::packet::{count, parse, rule_matches, Verdict};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
     use aya_ebpf::maps::PerCpuArray;
@@ -44,7 +44,17 @@ mod lpm {
         }
         if let Some(c) = LPM_STATS.get_ptr_mut(0) {
             // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
-            unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
+            unsafe {
+                count(
+                    c,
+                    if verdict == TCX_DROP {
+                        Verdict::Denied
+                    } else {
+                        Verdict::Pass
+                    },
+                    ctx.len(),
+                )
+            };
         }
         verdict
     }

@@ -12,15 +12,17 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
-    use crate::packet::{count, parse, rule_matches, Packet};
+    use crate::packet::{count, parse, rule_matches, Packet, Verdict};
+    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray, ProgramArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
         slot_of, stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters,
-        IntervalV4, IntervalV6, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS,
+        IntervalV4, IntervalV6, Policer, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS,
         ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, IDX_SPACE, MAX_ACLS,
-        MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC, RULE_SPACE, TCX_DROP, TCX_NEXT,
+        MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC, POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE,
+        POLICE_SHIFT, RULE_SPACE, TCX_DROP, TCX_NEXT,
     };
 
     /// Slot and direction (`stats_index`) -> counters.
@@ -86,6 +88,95 @@ mod tc {
     /// agent and `trellis stats`, which read and zero them as memory.
     #[map(name = "RULE_HITS")]
     static RULE_HITS: Array<u64> = Array::pinned(HIT_SPACE, MMAPABLE);
+
+    /// Slot and direction (`stats_index`) -> its rate limit; ns_per_byte 0: none.
+    /// Written by userspace at attach, `tat` by the programs (shared by all CPUs).
+    #[map(name = "POLICE")]
+    static POLICE: Array<Policer> = Array::pinned(MAX_SLOTS * 2, 0);
+
+    /// If `*p == old`, `*p = new`, atomically; returns what `*p` was.
+    ///
+    /// # Safety
+    /// `p` is a valid, aligned u64 in a map's value area.
+    #[inline(always)]
+    unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+        let mut r0 = old;
+        // SAFETY: as the caller promises; BPF_ATOMIC | BPF_CMPXCHG (kernel >= 5.12).
+        unsafe {
+            core::arch::asm!(
+                "r0 = cmpxchg_64({p} + 0, r0, {new})",
+                p = in(reg) p,
+                new = in(reg) new,
+                inout("r0") r0,
+            )
+        };
+        r0
+    }
+
+    /// What the rate limit does with a packet.
+    enum Limit {
+        Pass,
+        Drop,
+        /// To this ifb device, to be queued.
+        Queue(u32),
+    }
+
+    /// The slot's rate limit in `dir` for this packet: whether it may go (in
+    /// POLICE_PACE mode, at the departure time it is given), or where it is queued.
+    #[inline(always)]
+    fn police(ctx: &TcContext, slot: u32, dir: u32) -> Limit {
+        let Some(p) = POLICE.get_ptr_mut(stats_index(slot, dir)) else {
+            return Limit::Pass;
+        };
+        // SAFETY: a valid entry; these fields are written by userspace only.
+        let (ns_per_byte, burst_ns, mode, ifindex) =
+            unsafe { ((*p).ns_per_byte, (*p).burst_ns, (*p).mode, (*p).ifindex) };
+        if mode == POLICE_QUEUE && ifindex != 0 {
+            return Limit::Queue(ifindex);
+        }
+        if ns_per_byte == 0 {
+            return Limit::Pass;
+        }
+        let cost = (ctx.len() as u64 * ns_per_byte) >> POLICE_SHIFT;
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: the entry's first field.
+        let tat_ptr = unsafe { &raw mut (*p).tat };
+        let mut tries = 0;
+        while tries < 4 {
+            // SAFETY: as above; other CPUs write it with cmpxchg only.
+            let tat = unsafe { core::ptr::read_volatile(tat_ptr) };
+            let next = if tat > now { tat } else { now } + cost;
+            // How long the packet must wait for its tokens: none if the bucket was
+            // full (even for a packet bigger than the burst).
+            let wait = if tat <= now {
+                0
+            } else {
+                (next - now).saturating_sub(burst_ns)
+            };
+            let paced = mode == POLICE_PACE;
+            if wait > 0 && (!paced || wait > POLICE_HORIZON_NS) {
+                return Limit::Drop;
+            }
+            // SAFETY: as above.
+            if unsafe { cmpxchg(tat_ptr, tat, next) } == tat {
+                if paced && wait > 0 {
+                    // SAFETY: tstamp is writable in tc programs; fq holds the packet
+                    // until then (a later time set by the socket is kept).
+                    unsafe {
+                        let skb = ctx.skb.skb;
+                        if (*skb).tstamp < now + wait {
+                            (*skb).tstamp = now + wait;
+                        }
+                    }
+                }
+                return Limit::Pass;
+            }
+            tries += 1;
+        }
+        // Lost the race every time: other CPUs are taking the tokens.
+        Limit::Drop
+    }
 
     /// The first rule of `t`'s span that matches the packet: (action, rule id).
     #[inline(always)]
@@ -231,12 +322,30 @@ mod tc {
         let Some(slot) = slot(ctx) else {
             return TCX_NEXT;
         };
-        let verdict = acl_verdict(ctx, slot, dir, true);
+        let mut queue = None;
+        let verdict = if acl_verdict(ctx, slot, dir, true) == TCX_DROP {
+            Verdict::Denied
+        } else {
+            match police(ctx, slot, dir) {
+                Limit::Pass => Verdict::Pass,
+                Limit::Drop => Verdict::Limited,
+                Limit::Queue(ifindex) => {
+                    queue = Some(ifindex);
+                    Verdict::Pass
+                }
+            }
+        };
         if let Some(c) = STATS.get_ptr_mut(stats_index(slot, dir)) {
             // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
-            unsafe { count(c, verdict == TCX_DROP, ctx.len()) };
+            unsafe { count(c, verdict, ctx.len()) };
         }
-        verdict
+        match (verdict, queue) {
+            // Out of the ifb's queue it comes back to this interface past tc.
+            // SAFETY: a helper taking plain values.
+            (Verdict::Pass, Some(ifindex)) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+            (Verdict::Pass, None) => TCX_NEXT,
+            _ => TCX_DROP,
+        }
     }
 
     #[classifier]
@@ -262,7 +371,7 @@ mod tc {
         if verdict == TCX_DROP {
             if let Some(c) = STATS.get_ptr_mut(stats_index(slot, DIR_EGRESS)) {
                 // SAFETY: as in `account`.
-                unsafe { count(c, true, ctx.len()) };
+                unsafe { count(c, Verdict::Denied, ctx.len()) };
             }
         }
         verdict

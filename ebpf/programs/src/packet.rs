@@ -195,16 +195,32 @@ fn walk_ipv6(ctx: &TcContext, l3: usize) -> Option<(u8, usize, bool)> {
 /// # Safety
 /// `c` points at a per-CPU map entry that nothing else writes while the program runs.
 #[inline(always)]
-pub unsafe fn count(c: *mut Counters, dropped: bool, len: u32) {
+pub unsafe fn count(c: *mut Counters, verdict: Verdict, len: u32) {
     // SAFETY: as the caller promises.
     unsafe {
-        if dropped {
-            (*c).drops += 1;
-        } else {
-            (*c).packets += 1;
-            (*c).bytes += len as u64;
+        match verdict {
+            Verdict::Pass => {
+                (*c).packets += 1;
+                (*c).bytes += len as u64;
+            }
+            Verdict::Denied => (*c).drops += 1,
+            Verdict::Limited => {
+                (*c).limited += 1;
+                (*c).limited_bytes += len as u64;
+            }
         }
     }
+}
+
+/// What became of a packet, as counted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Dropped by the ACL.
+    Denied,
+    /// Dropped by the rate limit.
+    #[allow(dead_code)] // the LPM bench program has no rate limits
+    Limited,
 }
 
 /// Whether `r`'s protocol (0: any) and destination port range (0-0: any) match `p`.
