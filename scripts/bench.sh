@@ -4,7 +4,9 @@
 # run, and the agent's RSS over ADD/DEL cycles; extra arguments go to it (--pods N,
 # default 200; --cycles M, default 1000). (2) Devices: discovery of 1,024 VFs, Allocate
 # latency, re-registration after a kubelet restart, health-change latency. (3) VF
-# placement: the in-process sriov type against the same steps by `ip` commands.
+# placement: the in-process sriov type against the same steps by `ip` commands. (4) The
+# eBPF dataplane. (5) Bandwidth limits: accuracy at 10/100/1,000 Mbit/s and CPU per
+# Gbit against the reference bandwidth plugin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,3 +18,5 @@ echo
 target/release/trellis-bench-vf
 echo
 target/release/trellis-bench-dataplane
+echo
+target/release/trellis-bench-bandwidth

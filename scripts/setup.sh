@@ -55,7 +55,7 @@ fi
 # igbvf, vfio-pci), its ELF vmlinux unpacked once (booting the bzImage costs ~8 s of
 # decompression under TCG), and the modules the guest loads, uncompressed.
 GUEST_DIR=/var/cache/trellis/guest
-GUEST_MODULES=(dca i2c-algo-bit igb igbvf irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci sch_ingress cls_bpf)
+GUEST_MODULES=(dca i2c-algo-bit igb igbvf irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci sch_ingress cls_bpf veth ifb sch_htb sch_fq)
 guest_ok=1
 [ -s "$GUEST_DIR/vmlinux" ] || guest_ok=
 for m in "${GUEST_MODULES[@]}"; do [ -s "$GUEST_DIR/modules/$m.ko" ] || guest_ok=; done

@@ -281,6 +281,13 @@ impl Handler {
             Err(e) => tracing::warn!("dataplane reconcile: {e}"),
             _ => {}
         }
+        match dp.repoint_slots() {
+            Ok(n) if n > 0 => {
+                tracing::warn!(slots = n, "slots left on an earlier ACL header (an update cut short): moved to their network's current one")
+            }
+            Err(e) => tracing::warn!("dataplane reconcile: {e}"),
+            _ => {}
+        }
         match dp.drop_unused_acls() {
             Ok(n) if !n.is_empty() => {
                 tracing::warn!(networks = ?n, "ACLs with no attachment left: dropped")
@@ -1095,7 +1102,13 @@ impl Handler {
             Some(crate::sriov::TYPE) => {
                 if let (Some(egress), Some(p)) = (limits.egress.take(), first) {
                     let mbps = u64::from(crate::bandwidth::vf_max_tx_rate(egress).map_err(at)?);
-                    let set = p.get("max_tx_rate").and_then(Value::as_u64).filter(|v| *v != 0);
+                    let set = match p.get("max_tx_rate") {
+                        None => None,
+                        Some(v) => Some(v.as_u64().ok_or_else(|| {
+                            invalid(format!("{net}: max_tx_rate {v} is not a whole number of Mbit/s"))
+                        })?),
+                    }
+                    .filter(|v| *v != 0);
                     let max = set.map_or(mbps, |s| s.min(mbps));
                     if let Some(min) = p.get("min_tx_rate").and_then(Value::as_u64) {
                         if min > max {
@@ -1423,7 +1436,12 @@ impl Handler {
                     Err(e) => failures.push(format!("network {network} ({ifname}): {e}")),
                 }
             }
-            dp.forget_pod_socket();
+        }
+        if let Some(dp) = &self.dataplane {
+            // Also after a failed ADD whose attach kept a socket in the pod's netns.
+            dp.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget_pod_socket();
         }
         let saved = if record.attachments.is_empty() {
             self.records.remove(&record.container_id)

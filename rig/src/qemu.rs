@@ -25,6 +25,10 @@ pub const MODULES: &[&str] = &[
     "vfio-pci",
     "sch_ingress",
     "cls_bpf",
+    "veth",
+    "ifb",
+    "sch_htb",
+    "sch_fq",
 ];
 
 pub struct GuestKernel {

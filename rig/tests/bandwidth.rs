@@ -255,6 +255,32 @@ fn a_nads_cap_and_a_pods_lower_limit_through_cni() {
         true,
     );
 
+    // Pins gone (the documented way past a layout change): the restarted agent
+    // attaches the records' interfaces again, with their limits, in place of the
+    // qdiscs and ifb devices the earlier pins' slots left.
+    node.stop_agent();
+    std::fs::remove_dir_all(&node.bpf_dir).unwrap();
+    node.start_agent();
+    assert_eq!(
+        limit_of(&node, "a", "egress")["rate"],
+        20_000_000,
+        "{}",
+        node.agent_log()
+    );
+    assert_eq!(limit_of(&node, "a", "ingress")["by"], "ifb-htb");
+    let qdiscs = a.sh("tc qdisc show dev net1");
+    assert!(qdiscs.contains("htb 7e11:"), "{qdiscs}");
+    let ifbs: Vec<String> = a
+        .links()
+        .into_iter()
+        .filter(|l| l.starts_with("trl-in-"))
+        .collect();
+    assert_eq!(
+        ifbs.len(),
+        1,
+        "one ifb for a's one limited interface: {ifbs:?}"
+    );
+
     // DEL: nothing of the limits is left in the pod's netns or the pins.
     node.shim(
         "DEL",

@@ -3,7 +3,9 @@
 //! (the PF's `vf` lines show them), static IPs, and traffic between the pods across the
 //! NIC; DEL puts each VF back in the host with its original name and MAC and the PF's
 //! settings as they were. A NAD naming the PF is refused (the PF stays in the host),
-//! and a VF ADD the driver refuses (igb has no link_state) leaves the VF free.
+//! and a VF ADD the driver refuses (igb has no link_state) leaves the VF free. A VF
+//! network with a bandwidth cap gets max_tx_rate and an ifb queue (both gone after
+//! DEL); a veth network's egress limit is paced with fq (this guest kernel has it).
 
 use std::time::Duration;
 use trellis_rig::qemu::{GuestKernel, Initramfs};
@@ -107,6 +109,39 @@ call ADD c4 pod0 '[{\"name\":\"plain\",\"ips\":[\"192.168.60.10/24\"]}]'
 $IP netns exec pod0 ping -c 3 -W 3 192.168.60.1
 echo "pf ping rc=$?"
 call DEL c4 pod0 '[{\"name\":\"plain\",\"ips\":[\"192.168.60.10/24\"]}]'
+echo "=== bandwidth"
+cat > /etc/trellis/networks/vfbw.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"vfbw","namespace":"pods","annotations":{"trellis.dev/bandwidth":"{\"ingressRate\":30000000,\"ingressBurst\":300000,\"egressRate\":50000000,\"egressBurst\":500000}"}},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"sriov\",\"name\":\"vfbw\",\"deviceID\":\"$VF0\"}"}}
+EOF
+call ADD c8 pod0 'vfbw'
+$IP link show "$PFNET" | grep "vf 0 "
+echo "ifb: $($IP netns exec pod0 $IP -o link | grep -o 'trl-in-[0-9]*')"
+trellis stats --json --pod pod0 | tr -d ' \n' | grep -o '"[a-z]*_limit":{[^}]*}'
+echo
+call DEL c8 pod0 'vfbw'
+echo "=== bandwidth-after"
+$IP link show "$PFNET" | grep "vf 0 "
+echo "ifb: $($IP netns exec pod0 $IP -o link | grep -c 'trl-in-')"
+echo "=== fq"
+cat > /etc/trellis/networks/ptpbw.json <<EOF
+{"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
+ "metadata":{"name":"ptpbw","namespace":"pods","annotations":{"trellis.dev/bandwidth":"{\"egressRate\":10000000,\"egressBurst\":100000}"}},
+ "spec":{"config":"{\"cniVersion\":\"1.0.0\",\"type\":\"ptp\",\"name\":\"ptpbw\",\"ipam\":{\"type\":\"static\",\"addresses\":[{\"address\":\"192.168.70.10/24\",\"gateway\":\"192.168.70.1\"}]}}"}}
+EOF
+$IP netns add pod2
+$IP netns exec pod2 $IP link set lo up
+call ADD c9 pod2 'ptpbw'
+$IP netns exec pod2 /sbin/tc qdisc show dev net1
+trellis stats --json --pod pod2 | tr -d ' \n' | grep -o '"egress_limit":{[^}]*}'
+echo
+iperf3 -s -1 -D -B 192.168.70.1 >/dev/null 2>&1
+sleep 1
+timeout 60 $IP netns exec pod2 iperf3 -c 192.168.70.1 -t 4 -O 1 -J > /tmp/iperf.json 2>&1
+echo "iperf rc=$?"
+echo "received: $(tr -d ' \t\n' < /tmp/iperf.json | grep -o '"sum_received":{[^}]*}' | grep -o '"bits_per_second":[0-9.e+]*' | cut -d: -f2)"
+call DEL c9 pod2 'ptpbw'
 echo "=== vfio"
 echo vfio-pci > /sys/bus/pci/devices/$VF1/driver_override
 echo "$VF1" > /sys/bus/pci/devices/$VF1/driver/unbind
@@ -156,7 +191,8 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     img.program(trellis_rig::bins::shim(), "trellis-cni");
     img.program_at("/usr/bin/ip", "sbin/ip");
     img.program_at("/usr/sbin/tc", "sbin/tc");
-    for p in ["static", "loopback"] {
+    img.program("/usr/bin/iperf3", "iperf3");
+    for p in ["static", "loopback", "ptp"] {
         img.program_at(format!("/usr/lib/cni/{p}"), &format!("usr/lib/cni/{p}"));
     }
     img.text("etc/trellis/agent.toml", AGENT, 0o644);
@@ -174,6 +210,40 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
             .unwrap_or_else(|| panic!("no {s} section:\n{c}"))
     };
     let agent_log = section("agent");
+
+    // A VF network with a bandwidth cap: egress as the VF's max_tx_rate (on the
+    // PF), ingress queued through an ifb in the pod; DEL puts the rate back and
+    // takes the ifb.
+    let bw = section("bandwidth");
+    assert!(bw.contains(" rc=0"), "{bw}\n{agent_log}");
+    assert!(vf_line(&bw, 0).contains("max_tx_rate 50Mbps"), "{bw}");
+    assert!(bw.contains("ifb: trl-in-"), "{bw}");
+    assert!(
+        bw.contains(r#""ingress_limit":{"rate":30000000,"burst":300000,"by":"ifb-htb"}"#),
+        "{bw}"
+    );
+    let bw_after = section("bandwidth-after");
+    assert!(!vf_line(&bw_after, 0).contains("max_tx_rate"), "{bw_after}");
+    assert!(bw_after.contains("ifb: 0"), "{bw_after}");
+    // This guest kernel has fq: an egress limit is paced by the programs (EDT) and
+    // held by an fq root qdisc. TCP through it stays near the limit (goodput; the
+    // limit counts a GSO packet's headers once).
+    let fq = section("fq");
+    assert!(fq.contains(" rc=0"), "{fq}\n{agent_log}");
+    assert!(fq.contains("qdisc fq 7e11: root"), "{fq}");
+    assert!(
+        fq.contains(r#""egress_limit":{"rate":10000000,"burst":100000,"by":"fq"}"#),
+        "{fq}"
+    );
+    let got: f64 = fq
+        .lines()
+        .find_map(|l| l.strip_prefix("received: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no iperf3 figure: {fq}"));
+    assert!(
+        (8_000_000.0..=10_500_000.0).contains(&got),
+        "TCP through a 10 Mbit/s fq-paced limit: {got} bit/s\n{fq}"
+    );
 
     let before = section("before");
     let words: Vec<&str> = before.split_whitespace().collect();

@@ -391,6 +391,36 @@ impl Dataplane {
 
     /// ACLs of networks with no attachment left (a DEL that raced an update, an
     /// agent killed mid-way): dropped, their ids and table space freed. Their networks.
+    /// Points every slot at its network's current ACL header (or at none), as a
+    /// whole update would have: an agent killed part way through moving a
+    /// network's slots to a new header leaves some on the old one, whose regions
+    /// count as free. At start-up, before any request. How many were moved.
+    pub fn repoint_slots(&mut self) -> Result<usize, DataplaneError> {
+        let owned: Vec<(u32, String)> = self
+            .slots
+            .iter()
+            .map(|(s, m)| (*s, get(&m.network)))
+            .collect();
+        let mut moved = 0;
+        for (slot, network) in owned {
+            let want = self.acl_header_of(&network)?.map_or(0, |h| h + 1);
+            let now = {
+                let m: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::SLOT_ACL))
+                    .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
+                m.get(&slot, 0)
+                    .map_err(|e| op("SLOT_ACL map")(e.to_string()))?
+            };
+            if now != want {
+                self.set_slot_acl(slot, want.checked_sub(1))?;
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            self.freed_at = Some(std::time::Instant::now());
+        }
+        Ok(moved)
+    }
+
     pub fn drop_unused_acls(&mut self) -> Result<Vec<String>, DataplaneError> {
         let networks: std::collections::HashSet<String> = self.networks()?.into_iter().collect();
         let mut unused = Vec::new();

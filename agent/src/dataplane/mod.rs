@@ -603,6 +603,7 @@ impl Dataplane {
         limits: &Limits,
     ) -> Result<(), DataplaneError> {
         let header = self.acl_header_of(network)?;
+        let has_acl = header.is_some();
         self.set_slot_acl(slot, header)?;
         self.zero_counters(slot)?;
         let class = classid(slot, self.next_generation(slot)?);
@@ -638,7 +639,7 @@ impl Dataplane {
                 self.own(slot, *meta)?;
                 let queued = match self.ingress_limit {
                     crate::bandwidth::IngressLimit::Queue => {
-                        self.queue_ingress(&mut found.rtnl, slot, ingress)
+                        self.queue_ingress(&mut found.rtnl, found.key.netns_cookie, slot, ingress)
                     }
                     crate::bandwidth::IngressLimit::Police => {
                         Err(std::io::Error::other("policed by configuration"))
@@ -725,8 +726,8 @@ impl Dataplane {
             // Our priority holds another component's filter (the reference bandwidth
             // plugin's u32 redirect to its ifb): the host side goes without ours, the
             // pod's egress rules are kept at its own interface.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(slot, ifname, "{host_name} has a filter of another kind at our priority ({e}): the pod's egress rules are enforced at its own interface only");
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !has_acl => {
+                tracing::warn!(slot, ifname, "{host_name} has a filter of another kind at our priority ({e}): its pod's traffic is counted at its own interface only");
                 if meta.flags & SLOT_CLSACT_PEER != 0 {
                     let _ = host.del_clsact(peer);
                     meta.flags &= !SLOT_CLSACT_PEER;
@@ -736,6 +737,13 @@ impl Dataplane {
                 }
                 self.own(slot, *meta)
             }
+            // With an ACL the host side's check is part of the promise (a pod that
+            // removes its own filter is still held to its egress rules).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(fail(
+                &host_name,
+                "adding the filter that enforces the network's ACL again on the host side (another component holds priority 1 there, such as a chained bandwidth plugin's u32 filter)",
+                e,
+            )),
             Err(e) => Err(fail(&host_name, "adding a filter", e)),
         }
     }
@@ -787,14 +795,33 @@ impl Dataplane {
     }
 
     /// Makes the ifb device that queues `slot`'s ingress at `rate` (an HTB at its
-    /// root) in the netns of `rtnl`; its ifindex. A kernel without ifb devices is
-    /// remembered (`no_ifb`): ingress limits are policed there instead.
-    fn queue_ingress(&mut self, rtnl: &mut Rtnl, slot: u32, rate: Rate) -> std::io::Result<u32> {
+    /// root) in the netns of `rtnl` (of netns cookie `cookie`); its ifindex. A kernel
+    /// without ifb devices is remembered (`no_ifb`): ingress limits are policed there
+    /// instead.
+    fn queue_ingress(
+        &mut self,
+        rtnl: &mut Rtnl,
+        cookie: u64,
+        slot: u32,
+        rate: Rate,
+    ) -> std::io::Result<u32> {
         let name = ifb_name(slot);
-        // One left by an agent that died attaching this slot.
-        let _ = rtnl
-            .link(&name)
-            .map(|l| l.map(|l| rtnl.del_ifb(l.index, &name)));
+        // Ours that no live slot of this netns owns: left by an agent that died
+        // attaching, or by one whose pins are gone (the slot numbers differ now).
+        for stale in rtnl.ifbs()? {
+            let owner = stale
+                .strip_prefix("trl-in-")
+                .and_then(|n| n.parse::<u32>().ok());
+            let Some(s) = owner else { continue };
+            let live = s != slot
+                && self
+                    .slots
+                    .get(&s)
+                    .is_some_and(|m| m.flags & SLOT_IFB != 0 && m.key.netns_cookie == cookie);
+            if !live {
+                let _ = rtnl.del_ifb(&stale);
+            }
+        }
         let ifb = match rtnl.add_ifb(&name) {
             Ok(i) => i,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
@@ -808,7 +835,7 @@ impl Dataplane {
         };
         let queued = rtnl.add_root(ifb, Some((rate.bytes_per_sec(), rate.burst_bytes())));
         if let Err(e) = queued {
-            let _ = rtnl.del_ifb(ifb, &name);
+            let _ = rtnl.del_ifb(&name);
             return Err(e);
         }
         Ok(ifb)
@@ -958,8 +985,9 @@ impl Dataplane {
                     );
                 }
             }
-            if m.flags & SLOT_IFB != 0 && m.ifb_ifindex != 0 {
-                if let Err(e) = rtnl.del_ifb(m.ifb_ifindex, &ifb_name(slot)) {
+            // By name: an agent that died making it may not have recorded its index.
+            if m.flags & SLOT_IFB != 0 {
+                if let Err(e) = rtnl.del_ifb(&ifb_name(slot)) {
                     tracing::warn!(
                         slot,
                         netns,

@@ -39,8 +39,11 @@ const TCA_OPTIONS: u16 = 2;
 /// How long the queue of a limited interface may be, at its rate, beyond its
 /// burst: as the reference plugin's TBF `latency`. Longer only makes delay.
 const QUEUE_NS: u64 = 25_000_000;
-/// ...but never below two of the largest (GSO) packets.
+/// ...but never below two of the largest (GSO) packets, nor above this: the queue
+/// is kernel memory (on a veth's host side, not the pod's), and a pod's burst may be
+/// up to 4 GiB.
 const MIN_QUEUE_BYTES: u64 = 2 * 65_536;
+const MAX_QUEUE_BYTES: u64 = 32 << 20;
 /// TC_H_ROOT.
 const ROOT: u32 = 0xffff_ffff;
 /// include/uapi/linux/pkt_sched.h: TCA_HTB_*, TC_LINKLAYER_ETHERNET.
@@ -295,14 +298,31 @@ impl Rtnl {
             .ok_or_else(|| io::Error::other(format!("{name} vanished as it was made")))
     }
 
-    /// Deletes link `ifindex` if it is still the ifb device `name`; whether it was.
-    pub fn del_ifb(&mut self, ifindex: u32, name: &str) -> io::Result<bool> {
-        match self.link_by_index(ifindex)? {
-            Some(l) if l.name == name && l.ifb => {}
+    /// The names of the ifb devices in this netns.
+    pub fn ifbs(&mut self) -> io::Result<Vec<String>> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(answers
+            .iter()
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewLink(l) => Some(link_facts(l)),
+                _ => None,
+            })
+            .filter(|l| l.ifb)
+            .map(|l| l.name)
+            .collect())
+    }
+
+    /// Deletes the ifb device `name`, if there is one; whether there was.
+    pub fn del_ifb(&mut self, name: &str) -> io::Result<bool> {
+        let index = match self.link(name)? {
+            Some(l) if l.ifb => l.index,
             _ => return Ok(false),
-        }
+        };
         let mut m = LinkMessage::default();
-        m.header.index = ifindex;
+        m.header.index = index;
         match self.request(RouteNetlinkMessage::DelLink(m), 0) {
             Ok(_) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
@@ -347,6 +367,11 @@ impl Rtnl {
                     q.handle >> 16
                 )))
             }
+            // Ours, left by an agent whose pins are gone: made again (an HTB cannot
+            // be changed in place, nor turned into fq).
+            Some(q) if q.handle == ROOT_HANDLE => {
+                self.del_root(ifindex)?;
+            }
             _ => {}
         }
         let mut m = TcMessage::with_index(ifindex as i32);
@@ -366,10 +391,19 @@ impl Rtnl {
                 )]));
             }
         }
+        // EXCL: a root qdisc someone added since the look above is refused by the
+        // kernel (the default one, handle 0, is replaced).
         self.request(
             RouteNetlinkMessage::NewQueueDiscipline(m),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                io::Error::other("the interface has a root qdisc of its own: not replacing it")
+            } else {
+                e
+            }
+        })?;
         let Some((bytes_per_sec, burst)) = rate else {
             return Ok(());
         };
@@ -400,7 +434,7 @@ impl Rtnl {
                 // (1,000 full frames are 1.2 s at 10 Mbit/s).
                 let limit = (burst
                     + (bytes_per_sec as u128 * QUEUE_NS as u128 / 1_000_000_000) as u64)
-                    .clamp(MIN_QUEUE_BYTES, u32::MAX as u64) as u32;
+                    .clamp(MIN_QUEUE_BYTES, MAX_QUEUE_BYTES) as u32;
                 let mut q = TcMessage::with_index(ifindex as i32);
                 q.header.handle = TcHandle::from(LEAF_HANDLE);
                 q.header.parent = TcHandle::from(CLASS_HANDLE);

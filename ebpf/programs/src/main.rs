@@ -174,8 +174,13 @@ mod tc {
             }
             tries += 1;
         }
-        // Lost the race every time: other CPUs are taking the tokens.
-        Limit::Drop
+        // Lost the race every time: other CPUs are taking the tokens. A paced packet
+        // goes (fq still orders it by its socket's own time); a policed one does not.
+        if mode == POLICE_PACE {
+            Limit::Pass
+        } else {
+            Limit::Drop
+        }
     }
 
     /// The first rule of `t`'s span that matches the packet: (action, rule id).
