@@ -82,6 +82,15 @@ pub struct AgentConfig {
     /// trusted: see docs/security.md).
     #[serde(default)]
     pub nad_policy: NadPolicy,
+    /// Multus' namespaceIsolation: a pod may use the NADs of its own namespace and of
+    /// `global_namespaces` only, through either annotation (networks and
+    /// default-network). Default false.
+    #[serde(default)]
+    pub namespace_isolation: bool,
+    /// Namespaces whose NADs every pod may use under `namespace_isolation`. Default
+    /// `["default"]`.
+    #[serde(default = "default_global_namespaces")]
+    pub global_namespaces: Vec<String>,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
@@ -499,6 +508,10 @@ fn default_gc_grace() -> u64 {
     60
 }
 
+fn default_global_namespaces() -> Vec<String> {
+    vec!["default".into()]
+}
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -526,6 +539,15 @@ impl AgentConfig {
         }
         if c.devices.as_ref().is_some_and(|d| d.poll_interval_ms == 0) {
             return Err(err("devices.poll_interval_ms must be at least 1".into()));
+        }
+        if let Some(bad) = c
+            .global_namespaces
+            .iter()
+            .find(|n| !crate::tenancy::valid_namespace(n))
+        {
+            return Err(err(format!(
+                "global_namespaces: {bad:?} is not a namespace name"
+            )));
         }
         if c.delegate_timeout_secs == 0 {
             return Err(err("delegate_timeout_secs must be at least 1".into()));
@@ -590,6 +612,10 @@ mod tests {
             ("cni_conf_dir = \"net.d\"", "cni_conf_dir"),
             ("cni_version = \"2.0.0\"", "cni_version \"2.0.0\""),
             ("host_process = \"proc/1\"", "host_process proc/1"),
+            (
+                "global_namespaces = [\"Team_A\"]",
+                "global_namespaces: \"Team_A\"",
+            ),
         ] {
             let e = AgentConfig::parse(&format!("{key}\n{base}"), Path::new("t.toml"))
                 .unwrap_err()

@@ -50,6 +50,8 @@ pub struct Handler {
     kubelet_required: bool,
     /// What a NAD's delegate config may use.
     nad_policy: crate::config::NadPolicy,
+    /// Which pods may use which NADs (namespace_isolation, allowed-namespaces).
+    namespaces: crate::tenancy::NamespacePolicy,
     locks: ContainerLocks,
     /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
     /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
@@ -152,6 +154,10 @@ impl Handler {
             records,
             device_pools: None,
             nad_policy: config.nad_policy.clone(),
+            namespaces: crate::tenancy::NamespacePolicy {
+                isolation: config.namespace_isolation,
+                global: config.global_namespaces.clone(),
+            },
             kubelet_required: matches!(
                 config.networks,
                 crate::config::NetworksConfig::Kubernetes { .. }
@@ -736,16 +742,20 @@ impl Handler {
                     name: name.clone(),
                     ..Default::default()
                 };
-                Ok(self.default_from_nad(&sel, "eth0")?.1)
+                Ok(self.default_from_nad(&sel, "eth0", None)?.1)
             }
         }
     }
 
     /// A NAD as the cluster default network: (network, conf, ACL).
+    /// The cluster network from a NAD: the node's config names it, or (`pod_ns`, the
+    /// pod's namespace) the pod's default-network annotation, held to the namespace
+    /// rules as any NAD a pod names.
     fn default_from_nad(
         &self,
         sel: &selection::NetworkSelection,
         ifname: &str,
+        pod_ns: Option<&str>,
     ) -> Result<(String, NetConfList, Option<PlannedAcl>), CniError> {
         let read_at = std::time::Instant::now();
         let nad = self
@@ -753,6 +763,13 @@ impl Handler {
             .get_nad(&sel.namespace, &sel.name)
             .map_err(from_source_err)?;
         let network = nad.qualified_name();
+        if let Some(pod_ns) = pod_ns {
+            self.namespaces.check(pod_ns, &nad).map_err(|e| {
+                invalid(format!(
+                    "default network {network} ({ifname}, {DEFAULT_NETWORK_ANNOTATION}): {e}"
+                ))
+            })?;
+        }
         let acl = self
             .nad_acl(&nad, &network, ifname)?
             .map(|acl| PlannedAcl { acl, read_at });
@@ -772,23 +789,26 @@ impl Handler {
         let pod_ns = pod.map(|p| p.namespace.as_str()).unwrap_or("default");
         let mut default_rc = runtime_config.clone();
         default_rc.remove(POD_ANNOTATIONS_CAPABILITY);
+        // With the pod's namespace when the pod chose it.
         let from_nad = match annotations.get(DEFAULT_NETWORK_ANNOTATION) {
-            Some(a) => Some(
+            Some(a) => Some((
                 selection::parse_default_network(a, pod_ns).map_err(|e| invalid(e.to_string()))?,
-            ),
+                Some(pod_ns),
+            )),
             None => match &self.default_network {
-                crate::config::DefaultNetwork::Nad { namespace, name } => {
-                    Some(selection::NetworkSelection {
+                crate::config::DefaultNetwork::Nad { namespace, name } => Some((
+                    selection::NetworkSelection {
                         namespace: namespace.clone(),
                         name: name.clone(),
                         ..Default::default()
-                    })
-                }
+                    },
+                    None,
+                )),
                 _ => None,
             },
         };
         let (network, conf, acl) = match from_nad {
-            Some(sel) => self.default_from_nad(&sel, &env.ifname)?,
+            Some((sel, chosen_in)) => self.default_from_nad(&sel, &env.ifname, chosen_in)?,
             None => {
                 let conf = self.load_default_network()?;
                 (conf.name.clone(), conf, None)
@@ -812,7 +832,7 @@ impl Handler {
             None => Vec::new(),
         };
         for sel in selections {
-            plan.push(self.plan_selection(sel)?);
+            plan.push(self.plan_selection(sel, pod_ns)?);
         }
         self.assign_devices(pod, &mut plan)?;
         Ok(plan)
@@ -1132,12 +1152,19 @@ impl Handler {
         Ok(limits)
     }
 
-    fn plan_selection(&self, sel: NetworkSelection) -> Result<Planned, CniError> {
+    fn plan_selection(&self, sel: NetworkSelection, pod_ns: &str) -> Result<Planned, CniError> {
         let read_at = std::time::Instant::now();
         let nad = self
             .source
             .get_nad(&sel.namespace, &sel.name)
             .map_err(from_source_err)?;
+        self.namespaces.check(pod_ns, &nad).map_err(|e| {
+            invalid(format!(
+                "network {} ({}): {e}",
+                sel.qualified_name(),
+                sel.interface
+            ))
+        })?;
         let mut conf = nad.conf_list().map_err(from_nad_err)?;
         self.check_policy(&conf, &sel.qualified_name(), &sel.interface, &nad)?;
         let mut runtime_config = sel.runtime_config();

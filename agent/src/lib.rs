@@ -22,4 +22,5 @@ pub mod server;
 pub mod source;
 pub mod sriov;
 pub mod table;
+pub mod tenancy;
 pub mod vhostuser;
