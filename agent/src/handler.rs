@@ -62,6 +62,8 @@ pub struct Handler {
     /// earlier (an ADD planned before a NAD edit the sync applied) is not written over
     /// it. The NAD is the last writer.
     acl_read_at: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Held from an ADD's logical-network overlap check to its plan's save.
+    logical_gate: Mutex<()>,
     /// The CNI socket is being served (set and cleared by `server::serve`).
     pub serving: std::sync::atomic::AtomicBool,
 }
@@ -82,6 +84,8 @@ struct Planned {
     acl: Option<PlannedAcl>,
     /// Bandwidth limits the dataplane keeps.
     bandwidth: crate::bandwidth::Limits,
+    /// The logical network (`trellis.dev/logical-network`) it is on.
+    logical: Option<crate::logical::Logical>,
 }
 
 /// A network's ACL as an ADD read it, and when that read began.
@@ -166,6 +170,7 @@ impl Handler {
             gc_gate: std::sync::RwLock::new(()),
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             acl_read_at: Mutex::new(BTreeMap::new()),
+            logical_gate: Mutex::new(()),
             serving: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -315,14 +320,17 @@ impl Handler {
         let Some(dp) = &self.dataplane else {
             return Ok(());
         };
-        let limited = |i: usize| !record.attachments[i].bandwidth.is_none();
+        let limited = |i: usize| {
+            !record.attachments[i].bandwidth.is_none() || record.attachments[i].logical.is_some()
+        };
         if (0..acls.len()).all(|i| acls[i].is_none() && !limited(i)) {
             return Ok(());
         }
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         for (i, planned) in acls.iter().enumerate() {
             let Some(planned) = planned else {
-                if !record.attachments[i].bandwidth.is_none() {
+                let a = &record.attachments[i];
+                if !a.bandwidth.is_none() || a.logical.is_some() {
                     self.attach_one(&mut dp, record, i, true)?;
                 }
                 continue;
@@ -430,7 +438,9 @@ impl Handler {
         .unwrap_or(false);
         if !has_link {
             if required {
-                let what = if a.bandwidth.is_none() {
+                let what = if a.logical.is_some() {
+                    "a logical network to isolate"
+                } else if a.bandwidth.is_none() {
                     "an ACL"
                 } else {
                     "a bandwidth limit"
@@ -450,7 +460,12 @@ impl Handler {
             container: record.container_id.clone(),
         };
         let slot = dp
-            .attach_limited(netns, &owner, &a.bandwidth)
+            .attach_full(
+                netns,
+                &owner,
+                &a.bandwidth,
+                a.logical.as_ref().map(|l| l.to_map()).as_ref(),
+            )
             .map_err(|e| {
                 CniError::new(
                     ErrorCode::Io,
@@ -825,6 +840,7 @@ impl Handler {
             device: None,
             acl,
             bandwidth: Default::default(),
+            logical: None,
         }];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
@@ -1192,9 +1208,24 @@ impl Handler {
             .nad_acl(&nad, &sel.qualified_name(), &sel.interface)?
             .map(|acl| PlannedAcl { acl, read_at });
         let bandwidth = self.plan_bandwidth(&sel, &nad, &mut conf, &mut runtime_config)?;
+        let net = format!("network {} ({})", sel.qualified_name(), sel.interface);
+        let logical = crate::logical::of_nad(&nad, &conf).map_err(|e| {
+            invalid(format!(
+                "{net}: NetworkAttachmentDefinition {}: {e}",
+                nad.qualified_name()
+            ))
+        })?;
+        if logical.is_some() && self.dataplane.is_none() {
+            return Err(invalid(format!(
+                "{net} is a logical network ({}) but the agent's eBPF dataplane, which isolates it, is off ({})",
+                crate::logical::LOGICAL_ANNOTATION,
+                self.dataplane_off
+            )));
+        }
         Ok(Planned {
             acl,
             bandwidth,
+            logical,
             network: sel.qualified_name(),
             ifname: sel.interface,
             cluster_default: false,
@@ -1262,7 +1293,17 @@ impl Handler {
                 device: p.device.clone(),
                 slot: None,
                 bandwidth: p.bandwidth,
+                logical: p.logical.clone(),
             });
+        }
+        // Logical networks: no two of one physical network overlap on this node. The
+        // check and the plan's save are one step against other ADDs.
+        let gate = plan
+            .iter()
+            .any(|p| p.logical.is_some())
+            .then(|| self.logical_gate.lock().unwrap_or_else(|p| p.into_inner()));
+        if gate.is_some() {
+            self.check_logical_overlaps(&record)?;
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in
         // the ADD is undone by DEL. (One fdatasync per ADD; the saves after it describe
@@ -1271,6 +1312,7 @@ impl Handler {
             record.attachments.clear();
             return Err(self.roll_back(record, from_record_err(e)));
         }
+        drop(gate);
         for (i, p) in plan.into_iter().enumerate() {
             let target = Target {
                 container_id: &env.container_id,
@@ -1291,16 +1333,19 @@ impl Handler {
                     record.attachments[i].result = Some(result);
                     let _ = self.records.save_unsynced(&record);
                 }
-                Err((done, e)) => {
+                Err((_, e)) => {
                     let err = e.to_cni_error(&format!("network {} ({})", p.network, p.ifname));
-                    // The ones not run yet, and this one if its first plugin failed and
-                    // cleaned up after itself: nothing of them exists.
-                    record
-                        .attachments
-                        .truncate(if done == 0 { i } else { i + 1 });
+                    // The ones not run yet: nothing of them exists. This one is DEL'd
+                    // even if its first plugin failed: a plugin that fails part way may
+                    // leave what it made (the reference bridge plugin leaves the pod's
+                    // veth when the bridge refuses its gateway address).
+                    record.attachments.truncate(i + 1);
                     return Err(self.roll_back(record, err));
                 }
             }
+        }
+        if let Err(e) = check_logical_addresses(&record) {
+            return Err(self.roll_back(record, e));
         }
         if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
             return Err(self.roll_back(record, invalid(e.to_string())));
@@ -1354,11 +1399,35 @@ impl Handler {
         Ok(merged)
     }
 
+    /// Fails if a logical network of `record` overlaps another on the same physical
+    /// network: one of the live pods' on this node, or another of this pod's.
+    fn check_logical_overlaps(&self, record: &Record) -> Result<(), CniError> {
+        let (live, _) = self.records.list().map_err(from_record_err)?;
+        let mut others: Vec<(String, crate::logical::Logical)> = live
+            .iter()
+            .filter(|r| r.container_id != record.container_id)
+            .chain(std::iter::once(record))
+            .flat_map(|r| r.attachments.iter())
+            .filter_map(|a| a.logical.clone().map(|l| (a.network.clone(), l)))
+            .collect();
+        others.dedup();
+        for a in &record.attachments {
+            let Some(l) = &a.logical else { continue };
+            crate::logical::check_overlap(
+                &a.network,
+                l,
+                others.iter().map(|(n, o)| (n.as_str(), o)),
+            )
+            .map_err(|e| invalid(format!("network {} ({}): {e}", a.network, a.ifname)))?;
+        }
+        Ok(())
+    }
+
     /// Undoes a partial ADD; the error says what failed and, if undoing failed too,
     /// what is left for the runtime's DEL.
     fn roll_back(&self, record: Record, err: CniError) -> CniError {
         let netns = record.netns.clone();
-        let failures = self.tear_down(record, &netns);
+        let failures = self.tear_down(record, &netns, true);
         if failures.is_empty() {
             err
         } else {
@@ -1370,7 +1439,10 @@ impl Handler {
 
     /// DELs every attachment in reverse, whatever fails; keeps the record of what could
     /// not be removed so a later DEL retries exactly that.
-    fn tear_down(&self, mut record: Record, netns: &str) -> Vec<String> {
+    /// With `add_failed` (a rollback), the last attachment is the one whose ADD just
+    /// failed: its DEL is a best effort (a plugin that failed on a bad config usually
+    /// fails its DEL the same way, and a record kept for it would hold the sandbox).
+    fn tear_down(&self, mut record: Record, netns: &str, add_failed: bool) -> Vec<String> {
         let mut failures = Vec::new();
         // The dataplane goes last: a delegate's DEL usually deletes the interface (or
         // moves a VF out of the pod), its filters with it, so what is left to undo is
@@ -1391,7 +1463,9 @@ impl Handler {
             }
         }
         let mut kept = Vec::new();
+        let mut lenient = add_failed;
         while let Some(a) = record.attachments.pop() {
+            let best_effort = std::mem::take(&mut lenient) && a.result.is_none();
             let conf = match NetConfList::from_value(a.conf.clone(), None) {
                 Ok(c) => c,
                 Err(e) => {
@@ -1430,6 +1504,12 @@ impl Handler {
                             InvokeError::NotFound { .. } | InvokeError::BadName { .. }
                         )
                 });
+            }
+            if best_effort && !errs.is_empty() {
+                tracing::warn!(container = %record.container_id, network = %a.network, ifname = %a.ifname,
+                    "DEL after its failed ADD failed too (left to the plugin): {}",
+                    errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+                errs.clear();
             }
             if !errs.is_empty() {
                 failures.extend(
@@ -1494,7 +1574,7 @@ impl Handler {
                 .map_err(from_record_err)?;
             return self.del_unrecorded(env, shim);
         };
-        let failures = self.tear_down(record, &env.netns);
+        let failures = self.tear_down(record, &env.netns, false);
         if failures.is_empty() {
             Ok(())
         } else {
@@ -1623,7 +1703,7 @@ impl Handler {
             }
             let _lock = self.locks.lock(&r.container_id);
             tracing::info!(container = %r.container_id, "GC: removing stale attachments");
-            failures.extend(self.tear_down(r, ""));
+            failures.extend(self.tear_down(r, "", false));
         }
         // Containers the runtime still runs that trellis has no record of (pods
         // started before trellis was installed): whatever holds them is kept.
@@ -1866,4 +1946,24 @@ impl Drop for ContainerGuard<'_> {
             .remove(&self.id);
         self.locks.freed.notify_all();
     }
+}
+
+/// Fails if an attachment on a logical network got an address outside its subnets
+/// (from its delegate's result): the dataplane would drop all its traffic.
+fn check_logical_addresses(record: &Record) -> Result<(), CniError> {
+    for a in &record.attachments {
+        let (Some(l), Some(result)) = (&a.logical, &a.result) else {
+            continue;
+        };
+        let addrs: Vec<std::net::IpAddr> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str())
+            .filter_map(|c| c.split('/').next()?.parse().ok())
+            .collect();
+        crate::logical::check_addresses(&a.network, l, &addrs)
+            .map_err(|e| invalid(format!("network {} ({}): {e}", a.network, a.ifname)))?;
+    }
+    Ok(())
 }

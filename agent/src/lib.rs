@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataplane;
 pub mod handler;
 pub mod link;
+pub mod logical;
 pub mod lpm_baseline;
 pub mod metrics;
 pub mod nad;

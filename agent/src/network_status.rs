@@ -103,6 +103,7 @@ mod tests {
             device: None,
             slot: None,
             bandwidth: Default::default(),
+            logical: None,
         }
     }
 

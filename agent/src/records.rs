@@ -59,6 +59,9 @@ pub struct Attachment {
     /// Bandwidth limits the dataplane keeps (not a chained plugin's).
     #[serde(default, skip_serializing_if = "crate::bandwidth::Limits::is_none")]
     pub bandwidth: crate::bandwidth::Limits,
+    /// The logical network it is on (its NAD's `trellis.dev/logical-network`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical: Option<crate::logical::Logical>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

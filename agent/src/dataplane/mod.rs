@@ -23,11 +23,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use tc::{Rtnl, Side};
 use trellis_ebpf_common::{
-    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6, Policer,
-    SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS,
-    HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS, POLICE_DROP, POLICE_PACE,
-    POLICE_PEER_QDISC, POLICE_QDISC, POLICE_QUEUE, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD,
-    SLOT_IFB, SLOT_SHAPED, SLOT_SHAPED_PEER,
+    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6,
+    LogicalNet, Policer, SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS,
+    HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS,
+    POLICE_DROP, POLICE_PACE, POLICE_PEER_QDISC, POLICE_QDISC, POLICE_QUEUE, RULE_SPACE,
+    SLOT_CLSACT_PEER, SLOT_CLSACT_POD, SLOT_IFB, SLOT_SHAPED, SLOT_SHAPED_PEER,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
@@ -573,6 +573,19 @@ impl Dataplane {
         owner: &Owner,
         limits: &Limits,
     ) -> Result<u32, DataplaneError> {
+        self.attach_full(netns, owner, limits, None)
+    }
+
+    /// `attach_limited` on a logical network: the packets of the interface must
+    /// have both addresses in `logical`'s subnets (the programs drop the rest, counted
+    /// as drops).
+    pub fn attach_full(
+        &mut self,
+        netns: &Path,
+        owner: &Owner,
+        limits: &Limits,
+        logical: Option<&LogicalNet>,
+    ) -> Result<u32, DataplaneError> {
         // Every name fits whole, or nothing is attached.
         let mut meta = slot_meta(owner, netns)?;
         let mut found = self.find(netns, &owner.ifname)?;
@@ -582,7 +595,7 @@ impl Dataplane {
         // Owned first: from here on, everything made is found (and undone) from META.
         let made = self
             .own(slot, meta)
-            .and_then(|()| self.make(slot, &mut meta, &mut found, &owner.network, limits));
+            .and_then(|()| self.make(slot, &mut meta, &mut found, &owner.network, limits, logical));
         if let Err(e) = &made {
             if let Err(undo) = self.remove(slot, Some(&mut found.rtnl)) {
                 tracing::warn!(slot, "undoing a failed attach ({e}): {undo}");
@@ -601,10 +614,12 @@ impl Dataplane {
         found: &mut Found,
         network: &str,
         limits: &Limits,
+        logical: Option<&LogicalNet>,
     ) -> Result<(), DataplaneError> {
         let header = self.acl_header_of(network)?;
-        let has_acl = header.is_some();
+        let has_acl = header.is_some() || logical.is_some();
         self.set_slot_acl(slot, header)?;
+        self.set_logical(slot, logical.copied().unwrap_or_default())?;
         self.zero_counters(slot)?;
         let class = classid(slot, self.next_generation(slot)?);
         let name = filter_name(slot);
@@ -855,6 +870,14 @@ impl Dataplane {
         Array::try_from(self.map_mut(maps::POLICE)).map_err(|e| op("POLICE map")(e.to_string()))
     }
 
+    fn set_logical(&mut self, slot: u32, l: LogicalNet) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, LogicalNet> =
+            Array::try_from(self.map_mut(maps::LOGICAL))
+                .map_err(|e| op("LOGICAL map")(e.to_string()))?;
+        m.set(slot, l, 0)
+            .map_err(|e| op("LOGICAL map")(e.to_string()))
+    }
+
     fn set_police(&mut self, slot: u32, dir: u32, p: Policer) -> Result<(), DataplaneError> {
         self.police()?
             .set(stats_index(slot, dir), p, 0)
@@ -944,6 +967,7 @@ impl Dataplane {
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             self.set_police(slot, dir, Policer::default())?;
         }
+        self.set_logical(slot, LogicalNet::default())?;
         self.set_slot_acl(slot, None)?;
         let _ = self.meta()?.remove(&slot);
         self.slots.remove(&slot);
@@ -1284,8 +1308,9 @@ pub(crate) fn test_run(
 }
 
 /// The maps the programs pin (a dir with any of them holds pins to re-adopt).
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 14] = [
     maps::POLICE,
+    maps::LOGICAL,
     maps::STATS,
     maps::META,
     maps::LAYOUT,

@@ -10,7 +10,8 @@ pub const MAX_SLOTS: u32 = 16384;
 /// 3: programs loaded once and attached as tc filters (not TCX links) whose classid
 /// names the slot and its generation (GEN), 1,024 ACL ids with hit counters as
 /// regions, a first-level index per ACL table, the netns path in SlotMeta.
-/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED.
+/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED, logical
+/// networks (LOGICAL).
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
@@ -82,6 +83,7 @@ pub mod maps {
     pub const ACL_INFO: &str = "ACL_INFO";
     pub const RULE_HITS: &str = "RULE_HITS";
     pub const POLICE: &str = "POLICE";
+    pub const LOGICAL: &str = "LOGICAL";
 }
 
 /// Longest netns path a slot keeps (where its filters are, to remove them).
@@ -143,6 +145,21 @@ pub struct Policer {
     pub mode: u32,
     /// POLICE_QUEUE: the ifb device (in the interface's netns) packets go to.
     pub ifindex: u32,
+}
+
+/// Subnets of one logical network a slot may hold, per family.
+pub const LOGICAL_PREFIXES: usize = 4;
+
+/// A slot's logical network (LOGICAL entry): the only addresses its packets may
+/// have at either end (n4 = n6 = 0: no logical network). IPv4 as (network, mask),
+/// IPv6 as (network hi, lo, mask hi, lo), host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogicalNet {
+    pub n4: u32,
+    pub n6: u32,
+    pub v4: [[u32; 2]; LOGICAL_PREFIXES],
+    pub v6: [[u64; 4]; LOGICAL_PREFIXES],
 }
 
 /// Fractional bits of Policer::ns_per_byte.
@@ -413,6 +430,8 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: u64s and two u32s, no padding.
     unsafe impl aya::Pod for super::Policer {}
+    // SAFETY: u32s then u64s, 8-aligned, no padding.
+    unsafe impl aya::Pod for super::LogicalNet {}
     // SAFETY: an IfKey and byte arrays, no padding.
     unsafe impl aya::Pod for super::SlotMeta {}
     // SAFETY: integers and arrays of them, no implicit padding (explicit _pad).

@@ -12,17 +12,17 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
-    use crate::packet::{count, parse, rule_matches, Packet, Verdict};
+    use crate::packet::{addresses, count, parse, rule_matches, Addrs, Packet, Verdict};
     use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray, ProgramArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
         slot_of, stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters,
-        IntervalV4, IntervalV6, Policer, SlotMeta, Span, TableRef, ACL_HIT_NONE, ACL_SEARCH_STEPS,
-        ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS, IDX_SPACE, MAX_ACLS,
-        MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC, POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE,
-        POLICE_SHIFT, RULE_SPACE, TCX_DROP, TCX_NEXT,
+        IntervalV4, IntervalV6, LogicalNet, Policer, SlotMeta, Span, TableRef, ACL_HIT_NONE,
+        ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS,
+        IDX_SPACE, LOGICAL_PREFIXES, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
+        POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE, POLICE_SHIFT, RULE_SPACE, TCX_DROP, TCX_NEXT,
     };
 
     /// Slot and direction (`stats_index`) -> counters.
@@ -93,6 +93,55 @@ mod tc {
     /// Written by userspace at attach, `tat` by the programs (shared by all CPUs).
     #[map(name = "POLICE")]
     static POLICE: Array<Policer> = Array::pinned(MAX_SLOTS * 2, 0);
+
+    /// Slot -> its logical network's subnets (n4 = n6 = 0: none).
+    #[map(name = "LOGICAL")]
+    static LOGICAL: Array<LogicalNet> = Array::pinned(MAX_SLOTS, 0);
+
+    #[inline(always)]
+    fn in4(l: &LogicalNet, a: u32) -> bool {
+        let mut i = 0;
+        while i < LOGICAL_PREFIXES {
+            if (i as u32) < l.n4 && a & l.v4[i][1] == l.v4[i][0] {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn in6(l: &LogicalNet, a: [u64; 2]) -> bool {
+        let mut i = 0;
+        while i < LOGICAL_PREFIXES {
+            let p = &l.v6[i];
+            if (i as u32) < l.n6 && a[0] & p[2] == p[0] && a[1] & p[3] == p[1] {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether `slot`'s logical network lets the packet through: both of its
+    /// addresses in the network's subnets (a pod that takes another tenant's address
+    /// gets nothing out; nothing from another tenant's gets in). Not IP, and
+    /// neighbour discovery, pass; an IP packet that cannot be read does not.
+    #[inline(always)]
+    fn logical_ok(ctx: &TcContext, slot: u32) -> bool {
+        let Some(l) = LOGICAL.get(slot) else {
+            return true;
+        };
+        if l.n4 == 0 && l.n6 == 0 {
+            return true;
+        }
+        match addresses(ctx) {
+            Addrs::NotIp => true,
+            Addrs::Unreadable => false,
+            Addrs::V4(s, d) => in4(l, s) && in4(l, d),
+            Addrs::V6(s, d, link) => link || (in6(l, s) && in6(l, d)),
+        }
+    }
 
     /// If `*p == old`, `*p = new`, atomically; returns what `*p` was.
     ///
@@ -328,7 +377,7 @@ mod tc {
             return TCX_NEXT;
         };
         let mut queue = None;
-        let verdict = if acl_verdict(ctx, slot, dir, true) == TCX_DROP {
+        let verdict = if !logical_ok(ctx, slot) || acl_verdict(ctx, slot, dir, true) == TCX_DROP {
             Verdict::Denied
         } else {
             match police(ctx, slot, dir) {
@@ -372,7 +421,11 @@ mod tc {
         let Some(slot) = slot(&ctx) else {
             return TCX_NEXT;
         };
-        let verdict = acl_verdict(&ctx, slot, DIR_EGRESS, false);
+        let verdict = if logical_ok(&ctx, slot) {
+            acl_verdict(&ctx, slot, DIR_EGRESS, false)
+        } else {
+            TCX_DROP
+        };
         if verdict == TCX_DROP {
             if let Some(c) = STATS.get_ptr_mut(stats_index(slot, DIR_EGRESS)) {
                 // SAFETY: as in `account`.

@@ -64,10 +64,58 @@ fn ports_of(ctx: &TcContext, proto: u8, off: usize) -> Option<u16> {
     }
 }
 
-/// Parses Ethernet (one VLAN tag), IPv4/IPv6 and the L4 ports. None: not IP, or
-/// IPv6 neighbour discovery, which an ACL never blocks (it would cut the link).
+/// Both ends of an IP packet, for a logical network's check.
+pub enum Addrs {
+    NotIp,
+    /// An IP packet whose addresses could not be read.
+    Unreadable,
+    V4(u32, u32),
+    /// Source, destination, and whether it is ICMPv6 to or from a link-local or
+    /// multicast address (neighbour discovery, MLD), which must pass.
+    V6([u64; 2], [u64; 2], bool),
+}
+
+/// The source and destination addresses (host byte order).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
+pub fn addresses(ctx: &TcContext) -> Addrs {
+    pull_headers(ctx);
+    read_addresses(ctx).unwrap_or(Addrs::Unreadable)
+}
+
+/// As `addresses`; None: a frame too short for what it says it is. Read as `parse`
+/// reads (one `?` per load): other shapes leave LLVM's code unverifiable.
+#[inline(always)]
+fn read_addresses(ctx: &TcContext) -> Option<Addrs> {
+    let mut l3 = ETH_HLEN;
+    let mut proto = u16::from_be(at::<u16>(ctx, 12)?);
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = u16::from_be(at::<u16>(ctx, 16)?);
+        l3 += 4;
+    }
+    match proto {
+        ETH_P_IP => {
+            let src = u32::from_be(at::<u32>(ctx, l3 + 12)?);
+            let dst = u32::from_be(at::<u32>(ctx, l3 + 16)?);
+            Some(Addrs::V4(src, dst))
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = at(ctx, l3 + 6)?;
+            let sh = u64::from_be(at::<u64>(ctx, l3 + 8)?);
+            let sl = u64::from_be(at::<u64>(ctx, l3 + 16)?);
+            let dh = u64::from_be(at::<u64>(ctx, l3 + 24)?);
+            let dl = u64::from_be(at::<u64>(ctx, l3 + 32)?);
+            // fe80::/10 at either end, or a multicast (ff00::/8) destination.
+            let link = |hi: u64| hi >> 54 == 0x3fa;
+            let local = next == IPPROTO_ICMPV6 && (link(sh) || link(dh) || dh >> 56 == 0xff);
+            Some(Addrs::V6([sh, sl], [dh, dl], local))
+        }
+        _ => Some(Addrs::NotIp),
+    }
+}
+
+/// Makes the headers linear (as far as a walk may read) for `at`.
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) {
     let linear = ctx.data_end() - ctx.data();
     if linear < HEADERS && (ctx.len() as usize) > linear {
         let want = if (ctx.len() as usize) < HEADERS {
@@ -77,6 +125,13 @@ pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
         };
         let _ = ctx.pull_data(want);
     }
+}
+
+/// Parses Ethernet (one VLAN tag), IPv4/IPv6 and the L4 ports. None: not IP, or
+/// IPv6 neighbour discovery, which an ACL never blocks (it would cut the link).
+#[inline(always)]
+pub fn parse(ctx: &TcContext, dir: u32) -> Option<Packet> {
+    pull_headers(ctx);
     let mut l3 = ETH_HLEN;
     let mut proto = u16::from_be(at::<u16>(ctx, 12)?);
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
