@@ -1333,14 +1333,17 @@ impl Handler {
                     record.attachments[i].result = Some(result);
                     let _ = self.records.save_unsynced(&record);
                 }
-                Err((_, e)) => {
+                Err((done, e)) => {
                     let err = e.to_cni_error(&format!("network {} ({})", p.network, p.ifname));
+                    // Its DEL is a best effort only if nothing of the chain finished and
+                    // the failure was an answer (not a timeout or crash).
+                    let lenient = done == 0 && !e.needs_del();
                     // The ones not run yet: nothing of them exists. This one is DEL'd
                     // even if its first plugin failed: a plugin that fails part way may
                     // leave what it made (the reference bridge plugin leaves the pod's
                     // veth when the bridge refuses its gateway address).
                     record.attachments.truncate(i + 1);
-                    return Err(self.roll_back(record, err));
+                    return Err(self.roll_back_with(record, err, lenient));
                 }
             }
         }
@@ -1426,8 +1429,14 @@ impl Handler {
     /// Undoes a partial ADD; the error says what failed and, if undoing failed too,
     /// what is left for the runtime's DEL.
     fn roll_back(&self, record: Record, err: CniError) -> CniError {
+        self.roll_back_with(record, err, false)
+    }
+
+    /// `roll_back`; `lenient`: the last attachment's ADD failed in its first plugin
+    /// with an answer, so its DEL is a best effort (see `tear_down`).
+    fn roll_back_with(&self, record: Record, err: CniError, lenient: bool) -> CniError {
         let netns = record.netns.clone();
-        let failures = self.tear_down(record, &netns, true);
+        let failures = self.tear_down(record, &netns, lenient);
         if failures.is_empty() {
             err
         } else {

@@ -10,9 +10,9 @@ pub const MAX_SLOTS: u32 = 16384;
 /// 3: programs loaded once and attached as tc filters (not TCX links) whose classid
 /// names the slot and its generation (GEN), 1,024 ACL ids with hit counters as
 /// regions, a first-level index per ACL table, the netns path in SlotMeta.
-/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED, logical
-/// networks (LOGICAL).
-pub const LAYOUT_VERSION: u32 = 4;
+/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED.
+/// 5: logical networks (LOGICAL): an agent of layout 4 must not run their pods.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
 /// them, one per attachment), not all at load.
