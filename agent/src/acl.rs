@@ -121,7 +121,7 @@ fn parse_cidr(index: usize, s: &str) -> Result<(IpAddr, u8), AclError> {
     Ok((addr, prefix))
 }
 
-fn bits(a: IpAddr) -> u128 {
+pub(crate) fn bits(a: IpAddr) -> u128 {
     match a {
         IpAddr::V4(v) => u32::from(v) as u128,
         IpAddr::V6(v) => u128::from(v),
@@ -137,7 +137,8 @@ fn from_bits(b: u128, v4: bool) -> IpAddr {
 }
 
 /// The network mask of a prefix length in an address space of `max` bits.
-fn mask(prefix: u8, max: u8) -> u128 {
+/// The network mask of `prefix` bits in an address of `max` bits.
+pub(crate) fn mask(prefix: u8, max: u8) -> u128 {
     let all: u128 = if max == 128 {
         u128::MAX
     } else {

@@ -6,6 +6,7 @@
 //! addresses in its network's subnets, so no tenant reaches, or is reached from,
 //! another's addresses, whatever addresses a pod gives itself.
 
+use crate::acl::{bits, mask};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::net::IpAddr;
@@ -44,21 +45,6 @@ pub struct Subnet {
 impl std::fmt::Display for Subnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-fn bits(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(v) => u32::from(v) as u128,
-        IpAddr::V6(v) => u128::from(v),
-    }
-}
-
-fn mask(prefix: u8, width: u8) -> u128 {
-    if prefix == 0 {
-        0
-    } else {
-        (u128::MAX << (width - prefix)) & (u128::MAX >> (128 - width))
     }
 }
 

@@ -2,6 +2,19 @@
 
 use std::time::Duration;
 
+/// The value after `name` on the command line, parsed.
+pub fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}
+
+/// The median of `v`.
+pub fn median(v: &[f64]) -> f64 {
+    percentiles(v.to_vec(), [0.5])[0]
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

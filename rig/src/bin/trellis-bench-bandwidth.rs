@@ -19,21 +19,10 @@
 use serde_json::json;
 use trellis_agent::bandwidth::{IngressLimit, Limits, Rate};
 use trellis_agent::dataplane::{Dataplane, Owner};
-use trellis_rig::figures::percentiles;
+use trellis_rig::figures::{arg, median};
 use trellis_rig::netns::Netns;
 use trellis_rig::traffic::{iperf3_window, Window};
 use trellis_rig::BpfDir;
-
-fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
-
-fn median(v: &[f64]) -> f64 {
-    percentiles(v.to_vec(), [0.5])[0]
-}
 
 fn rate(mbit: u64) -> Rate {
     Rate {

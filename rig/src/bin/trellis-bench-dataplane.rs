@@ -24,22 +24,11 @@ use trellis_agent::acl::Acl;
 use trellis_agent::dataplane::{Dataplane, Owner};
 use trellis_agent::lpm_baseline::LpmBaseline;
 use trellis_ebpf_common::{AclRule, ACT_DENY, DIR_INGRESS, TCX_NEXT};
-use trellis_rig::figures::{ms, percentiles};
+use trellis_rig::figures::{arg, median, ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::packets::{frame, TCP};
 use trellis_rig::traffic::veth_pair;
 use trellis_rig::BpfDir;
-
-fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
-
-fn median(v: &[f64]) -> f64 {
-    percentiles(v.to_vec(), [0.5])[0]
-}
 
 /// The i-th rule prefix: IPv4 10.a.b.0/24, IPv6 fd00:0:i::/48.
 fn prefix(i: u32, v6: bool) -> (IpAddr, u8) {
