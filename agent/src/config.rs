@@ -91,6 +91,14 @@ pub struct AgentConfig {
     /// `["default"]`.
     #[serde(default = "default_global_namespaces")]
     pub global_namespaces: Vec<String>,
+    /// Pods on logical networks over macvlan, ipvlan or SR-IOV VFs (nothing outside
+    /// the pod checks what they send) are trusted not to hold privileged
+    /// containers, NET_RAW, NET_ADMIN or SYS_ADMIN: their spec is not checked. Only
+    /// where admission enforces that (Pod Security "restricted" drops ALL); needed
+    /// for such networks without the Kubernetes API source, which has no pod spec.
+    /// Default false.
+    #[serde(default)]
+    pub logical_trust_pod_privileges: bool,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,

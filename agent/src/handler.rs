@@ -52,6 +52,9 @@ pub struct Handler {
     nad_policy: crate::config::NadPolicy,
     /// Which pods may use which NADs (namespace_isolation, allowed-namespaces).
     namespaces: crate::tenancy::NamespacePolicy,
+    /// `logical_trust_pod_privileges`: pods on logical networks without a host side
+    /// are not checked for raw network access.
+    logical_trust_pods: bool,
     locks: ContainerLocks,
     /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
     /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
@@ -86,6 +89,10 @@ struct Planned {
     bandwidth: crate::bandwidth::Limits,
     /// The logical network (`trellis.dev/logical-network`) it is on.
     logical: Option<crate::logical::Logical>,
+    /// The physical network it attaches to, if logical networks could share it.
+    physical: Option<String>,
+    /// Its NAD's creationTimestamp.
+    created: Option<String>,
 }
 
 /// A network's ACL as an ADD read it, and when that read began.
@@ -162,6 +169,7 @@ impl Handler {
                 isolation: config.namespace_isolation,
                 global: config.global_namespaces.clone(),
             },
+            logical_trust_pods: config.logical_trust_pod_privileges,
             kubelet_required: matches!(
                 config.networks,
                 crate::config::NetworksConfig::Kubernetes { .. }
@@ -757,21 +765,20 @@ impl Handler {
                     name: name.clone(),
                     ..Default::default()
                 };
-                Ok(self.default_from_nad(&sel, "eth0", None)?.1)
+                Ok(self.default_from_nad(&sel, "eth0", None)?.conf)
             }
         }
     }
 
-    /// A NAD as the cluster default network: (network, conf, ACL).
     /// The cluster network from a NAD: the node's config names it, or (`pod_ns`, the
     /// pod's namespace) the pod's default-network annotation, held to the namespace
-    /// rules as any NAD a pod names.
+    /// rules as any NAD a pod names. A logical network there is one as anywhere.
     fn default_from_nad(
         &self,
         sel: &selection::NetworkSelection,
         ifname: &str,
         pod_ns: Option<&str>,
-    ) -> Result<(String, NetConfList, Option<PlannedAcl>), CniError> {
+    ) -> Result<Planned, CniError> {
         let read_at = std::time::Instant::now();
         let nad = self
             .source
@@ -790,7 +797,50 @@ impl Handler {
             .map(|acl| PlannedAcl { acl, read_at });
         let conf = nad.conf_list().map_err(from_nad_err)?;
         self.check_policy(&conf, &network, ifname, &nad)?;
-        Ok((network, conf, acl))
+        let net = format!("default network {network} ({ifname})");
+        let logical = self.nad_logical(&nad, &conf, &net)?;
+        Ok(Planned {
+            physical: logical
+                .as_ref()
+                .map(|l| l.physical.clone())
+                .or_else(|| crate::logical::physical(&conf, nad.resource_name())),
+            created: nad.metadata.creation_timestamp.clone(),
+            network,
+            ifname: ifname.to_string(),
+            cluster_default: true,
+            conf,
+            runtime_config: Map::new(),
+            default_route: Vec::new(),
+            resource: None,
+            device: None,
+            acl,
+            bandwidth: Default::default(),
+            logical,
+        })
+    }
+
+    /// The NAD's logical network, if it is one (and the dataplane, which isolates
+    /// it, is on). `net` names the attachment in errors.
+    fn nad_logical(
+        &self,
+        nad: &crate::nad::NetworkAttachmentDefinition,
+        conf: &NetConfList,
+        net: &str,
+    ) -> Result<Option<crate::logical::Logical>, CniError> {
+        let logical = crate::logical::of_nad(nad, conf).map_err(|e| {
+            invalid(format!(
+                "{net}: NetworkAttachmentDefinition {}: {e}",
+                nad.qualified_name()
+            ))
+        })?;
+        if logical.is_some() && self.dataplane.is_none() {
+            return Err(invalid(format!(
+                "{net} is a logical network ({}) but the agent's eBPF dataplane, which isolates it, is off ({})",
+                crate::logical::LOGICAL_ANNOTATION,
+                self.dataplane_off
+            )));
+        }
+        Ok(logical)
     }
 
     /// Resolves every network of the pod; changes nothing.
@@ -822,26 +872,29 @@ impl Handler {
                 _ => None,
             },
         };
-        let (network, conf, acl) = match from_nad {
+        let mut default = match from_nad {
             Some((sel, chosen_in)) => self.default_from_nad(&sel, &env.ifname, chosen_in)?,
             None => {
                 let conf = self.load_default_network()?;
-                (conf.name.clone(), conf, None)
+                Planned {
+                    network: conf.name.clone(),
+                    ifname: env.ifname.clone(),
+                    cluster_default: true,
+                    physical: crate::logical::physical(&conf, None),
+                    created: None,
+                    conf,
+                    runtime_config: Map::new(),
+                    default_route: Vec::new(),
+                    resource: None,
+                    device: None,
+                    acl: None,
+                    bandwidth: Default::default(),
+                    logical: None,
+                }
             }
         };
-        let mut plan = vec![Planned {
-            network,
-            ifname: env.ifname.clone(),
-            cluster_default: true,
-            conf,
-            runtime_config: default_rc,
-            default_route: Vec::new(),
-            resource: None,
-            device: None,
-            acl,
-            bandwidth: Default::default(),
-            logical: None,
-        }];
+        default.runtime_config = default_rc;
+        let mut plan = vec![default];
         let selections = match annotations.get(NETWORKS_ANNOTATION) {
             Some(a) => selection::parse_networks(a, pod_ns, &env.ifname)
                 .map_err(|e| invalid(e.to_string()))?,
@@ -1209,20 +1262,13 @@ impl Handler {
             .map(|acl| PlannedAcl { acl, read_at });
         let bandwidth = self.plan_bandwidth(&sel, &nad, &mut conf, &mut runtime_config)?;
         let net = format!("network {} ({})", sel.qualified_name(), sel.interface);
-        let logical = crate::logical::of_nad(&nad, &conf).map_err(|e| {
-            invalid(format!(
-                "{net}: NetworkAttachmentDefinition {}: {e}",
-                nad.qualified_name()
-            ))
-        })?;
-        if logical.is_some() && self.dataplane.is_none() {
-            return Err(invalid(format!(
-                "{net} is a logical network ({}) but the agent's eBPF dataplane, which isolates it, is off ({})",
-                crate::logical::LOGICAL_ANNOTATION,
-                self.dataplane_off
-            )));
-        }
+        let logical = self.nad_logical(&nad, &conf, &net)?;
         Ok(Planned {
+            physical: logical
+                .as_ref()
+                .map(|l| l.physical.clone())
+                .or_else(|| crate::logical::physical(&conf, nad.resource_name())),
+            created: nad.metadata.creation_timestamp.clone(),
             acl,
             bandwidth,
             logical,
@@ -1294,15 +1340,21 @@ impl Handler {
                 slot: None,
                 bandwidth: p.bandwidth,
                 logical: p.logical.clone(),
+                physical: p.physical.clone(),
             });
         }
-        // Logical networks: no two of one physical network overlap on this node. The
-        // check and the plan's save are one step against other ADDs.
+        self.check_logical_pods(pod.as_ref(), &plan)?;
+        // Physical networks that logical networks share: the checks against the
+        // cluster's logical NADs and this node's live pods, and the plan's save, are
+        // one step against other ADDs.
         let gate = plan
             .iter()
-            .any(|p| p.logical.is_some())
+            .any(|p| p.physical.is_some())
             .then(|| self.logical_gate.lock().unwrap_or_else(|p| p.into_inner()));
         if gate.is_some() {
+            self.check_physical_networks(&plan)?;
+        }
+        if plan.iter().any(|p| p.logical.is_some()) {
             self.check_logical_overlaps(&record)?;
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in
@@ -1402,10 +1454,112 @@ impl Handler {
         Ok(merged)
     }
 
+    /// A pod on a logical network whose packets nothing outside the pod checks
+    /// (macvlan, ipvlan, a VF) may not be able to send raw frames or change its
+    /// interfaces: its spec is checked, unless `logical_trust_pod_privileges`.
+    fn check_logical_pods(&self, pod: Option<&PodRef>, plan: &[Planned]) -> Result<(), CniError> {
+        for p in plan {
+            let Some(l) = &p.logical else { continue };
+            if self.logical_trust_pods || crate::logical::checked_outside(l) {
+                continue;
+            }
+            let spec = match pod {
+                Some(pod) => self.source.pod_spec(pod).map_err(from_source_err)?,
+                None => None,
+            };
+            let reason = match spec {
+                Some(spec) => match crate::logical::raw_access(&spec) {
+                    Some(r) => r,
+                    None => continue,
+                },
+                None => "the agent cannot see the pod's spec to check it (no Kubernetes API source); set logical_trust_pod_privileges = true in the agent config only if admission keeps privileged containers and NET_RAW, NET_ADMIN and SYS_ADMIN out of these pods".into(),
+            };
+            let e = crate::logical::LogicalError::Privileged {
+                network: p.network.clone(),
+                kind: l.physical.clone(),
+                reason,
+            };
+            return Err(invalid(format!(
+                "network {} ({}): {e}",
+                p.network, p.ifname
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every planned attachment on a physical network that logical networks could
+    /// share, against the cluster's logical NADs: a NAD that is no logical network
+    /// may not be on the same physical network as one, and a logical one may not
+    /// overlap one carved before it.
+    fn check_physical_networks(&self, plan: &[Planned]) -> Result<(), CniError> {
+        use crate::logical::{check_cluster, of_nad, Carving, Logical};
+        let cluster: Vec<Carving> = self
+            .source
+            .logical_nads()
+            .map_err(from_source_err)?
+            .iter()
+            .filter_map(|n| {
+                let l = of_nad(n, &n.conf_list().ok()?).ok()??;
+                Some(Carving {
+                    network: n.qualified_name(),
+                    created: n.metadata.creation_timestamp.clone(),
+                    logical: l,
+                })
+            })
+            .collect();
+        for p in plan {
+            let Some(physical) = &p.physical else {
+                continue;
+            };
+            let me = Carving {
+                network: p.network.clone(),
+                created: p.created.clone(),
+                logical: p.logical.clone().unwrap_or(Logical {
+                    physical: physical.clone(),
+                    subnets: Vec::new(),
+                }),
+            };
+            check_cluster(&me, &cluster)
+                .map_err(|e| invalid(format!("network {} ({}): {e}", p.network, p.ifname)))?;
+        }
+        Ok(())
+    }
+
     /// Fails if a logical network of `record` overlaps another on the same physical
-    /// network: one of the live pods' on this node, or another of this pod's.
+    /// network (one of the live pods' on this node, or another of this pod's), or
+    /// shares it with a live attachment that is no logical network.
     fn check_logical_overlaps(&self, record: &Record) -> Result<(), CniError> {
-        let (live, _) = self.records.list().map_err(from_record_err)?;
+        let (live, unreadable) = self.records.list().map_err(from_record_err)?;
+        // A record that cannot be read could be any tenant's: no check without it.
+        if let Some(e) = unreadable.first() {
+            return Err(CniError::new(
+                ErrorCode::Io,
+                format!("cannot check logical networks against this node's pods: {e}"),
+            ));
+        }
+        for a in record.attachments.iter().filter(|a| a.logical.is_some()) {
+            let physical = a.physical.as_deref();
+            let plain = live
+                .iter()
+                .filter(|r| r.container_id != record.container_id)
+                .chain(std::iter::once(record))
+                .flat_map(|r| r.attachments.iter().map(move |b| (r, b)))
+                .find(|(_, b)| b.logical.is_none() && b.physical.as_deref() == physical);
+            if let Some((r, b)) = plain {
+                let e = crate::logical::LogicalError::Reserved {
+                    network: format!(
+                        "network {} of pod {}/{} ({})",
+                        b.network, r.pod_namespace, r.pod_name, b.ifname
+                    ),
+                    physical: physical.unwrap_or_default().to_string(),
+                    by: a.network.clone(),
+                };
+                return Err(invalid(format!(
+                    "network {} ({}): {e}",
+                    a.network, a.ifname
+                )));
+            }
+        }
         let mut others: Vec<(String, crate::logical::Logical)> = live
             .iter()
             .filter(|r| r.container_id != record.container_id)

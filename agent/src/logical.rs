@@ -27,6 +27,27 @@ pub enum LogicalError {
         other_subnet: Subnet,
         physical: String,
     },
+    #[error("logical network {network} ({subnet}) overlaps logical network {other} ({other_subnet}) on the same physical network ({physical}), {which}")]
+    Claimed {
+        network: String,
+        subnet: Subnet,
+        other: String,
+        other_subnet: Subnet,
+        physical: String,
+        which: &'static str,
+    },
+    #[error("{network} attaches to physical network {physical}, which logical network {by} shares out between tenants: every NetworkAttachmentDefinition on it must be a logical network too ({LOGICAL_ANNOTATION}), or its pods could take any tenant's addresses")]
+    Reserved {
+        network: String,
+        physical: String,
+        by: String,
+    },
+    #[error("logical network {network} is on {kind}, where nothing outside the pod checks what it sends: a pod that may send raw frames or change its own interfaces could take another tenant's addresses, and {reason}")]
+    Privileged {
+        network: String,
+        kind: String,
+        reason: String,
+    },
     #[error("the pod's address {addr} is outside logical network {network}'s subnets ({subnets}): its IPAM must hand out addresses from them")]
     Outside {
         addr: IpAddr,
@@ -92,6 +113,12 @@ pub struct Logical {
     /// `master:eth1`, `bridge:br0`, `sriov:intel.com/pool`.
     pub physical: String,
     pub subnets: Vec<Subnet>,
+}
+
+/// The physical network a NAD's config attaches to, if it is one logical networks
+/// can share (a macvlan or ipvlan master, a bridge, an SR-IOV pool).
+pub fn physical(conf: &NetConfList, resource: Option<&str>) -> Option<String> {
+    physical_of(conf, resource).ok()
 }
 
 /// The physical network a NAD's config attaches to.
@@ -196,6 +223,122 @@ pub fn check_overlap<'a>(
     Ok(())
 }
 
+/// A logical NAD of the cluster, for `check_cluster`.
+pub struct Carving {
+    /// `namespace/name`.
+    pub network: String,
+    /// Its creationTimestamp (RFC 3339, UTC: ordered as text).
+    pub created: Option<String>,
+    pub logical: Logical,
+}
+
+impl Carving {
+    /// Whether this carving came before `o` (both creation times known; the same
+    /// second: the lesser name).
+    fn before(&self, o: &Carving) -> Option<bool> {
+        match (&self.created, &o.created) {
+            (Some(a), Some(b)) => Some((a, &self.network) < (b, &o.network)),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a NAD about to be used against the cluster's logical NADs (`cluster`): a
+/// NAD that is no logical network (`me` with no subnets) may not share a physical
+/// network with one, and a logical one may not overlap one that was carved first.
+/// Without both creation times, overlapping carvings both fail.
+pub fn check_cluster(me: &Carving, cluster: &[Carving]) -> Result<(), LogicalError> {
+    let physical = &me.logical.physical;
+    let is_logical = !me.logical.subnets.is_empty();
+    for o in cluster
+        .iter()
+        .filter(|o| o.network != me.network && &o.logical.physical == physical)
+    {
+        if !is_logical {
+            return Err(LogicalError::Reserved {
+                network: me.network.clone(),
+                physical: physical.clone(),
+                by: o.network.clone(),
+            });
+        }
+        for s in &me.logical.subnets {
+            let Some(t) = o.logical.subnets.iter().find(|t| t.overlaps(s)) else {
+                continue;
+            };
+            let which = match me.before(o) {
+                Some(true) => continue,
+                Some(false) => "which was created first",
+                None => "and without both creation times neither may be used",
+            };
+            return Err(LogicalError::Claimed {
+                network: me.network.clone(),
+                subnet: *s,
+                other: o.network.clone(),
+                other_subnet: *t,
+                physical: physical.clone(),
+                which,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether packets a pod sends on this network pass a check outside the pod (the
+/// host side of a veth, for a bridge), which no pod can skip or remove.
+pub fn checked_outside(l: &Logical) -> bool {
+    l.physical.starts_with("bridge:")
+}
+
+/// Capabilities that let a pod send past its egress check (NET_RAW: AF_PACKET with
+/// PACKET_QDISC_BYPASS), remove the check (NET_ADMIN) or do either (SYS_ADMIN).
+const RAW_CAPS: [&str; 3] = ["NET_RAW", "NET_ADMIN", "SYS_ADMIN"];
+
+/// Why a pod of `spec` may send raw frames or change its interfaces, if it may: a
+/// privileged container, one adding such a capability (or ALL), or one not
+/// dropping NET_RAW (containerd grants it by default). Capability names are read
+/// as the runtimes read them (upper-cased; a "CAP_" prefix is not stripped by
+/// them, so a drop of "CAP_NET_RAW" drops nothing).
+pub fn raw_access(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .map(|c| (c.name.as_str(), c.security_context.as_ref()))
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .map(|c| (c.name.as_str(), c.security_context.as_ref())),
+        );
+    for (name, sc) in containers {
+        let sc = sc.cloned().unwrap_or_default();
+        if sc.privileged == Some(true) {
+            return Some(format!("container {name:?} is privileged"));
+        }
+        let caps = sc.capabilities.unwrap_or_default();
+        let upper = |l: Option<Vec<String>>| -> Vec<String> {
+            l.unwrap_or_default()
+                .iter()
+                .map(|c| c.to_ascii_uppercase())
+                .collect()
+        };
+        let (add, drop) = (upper(caps.add), upper(caps.drop));
+        if let Some(c) = add.iter().find(|c| {
+            let bare = c.strip_prefix("CAP_").unwrap_or(c);
+            *c == "ALL" || RAW_CAPS.contains(&bare)
+        }) {
+            return Some(format!("container {name:?} adds capability {c}"));
+        }
+        if !drop.iter().any(|c| c == "ALL" || c == "NET_RAW") {
+            return Some(format!(
+                "container {name:?} does not drop capability NET_RAW (securityContext.capabilities.drop: [\"NET_RAW\"] or [\"ALL\"]; container runtimes grant it by default)"
+            ));
+        }
+    }
+    None
+}
+
 /// Fails if an address the pod got is outside its logical network's subnets.
 pub fn check_addresses(network: &str, l: &Logical, addrs: &[IpAddr]) -> Result<(), LogicalError> {
     match addrs
@@ -256,6 +399,7 @@ mod tests {
                 name: "lan".into(),
                 namespace: Some("tenant-a".into()),
                 annotations,
+                ..Default::default()
             },
             spec: crate::nad::NadSpec {
                 config: conf.to_string(),
@@ -356,5 +500,109 @@ mod tests {
         assert!(!Subnet::parse("10.1.0.0/24")
             .unwrap()
             .contains("fd00::1".parse().unwrap()));
+    }
+
+    fn carving(net: &str, created: Option<&str>, phys: &str, subnets: &[&str]) -> Carving {
+        Carving {
+            network: net.into(),
+            created: created.map(Into::into),
+            logical: Logical {
+                physical: phys.into(),
+                subnets: subnets.iter().map(|s| Subnet::parse(s).unwrap()).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_first_carving_wins_and_plain_nads_stay_off_shared_wires() {
+        let t1 = Some("2026-12-01T10:00:00Z");
+        let t2 = Some("2026-12-02T10:00:00Z");
+        let a = carving("ta/lan", t1, "master:eth1", &["10.1.0.0/24"]);
+        let b = carving("tb/lan", t2, "master:eth1", &["10.1.0.128/25"]);
+        let other_wire = carving("tc/lan", t1, "master:eth2", &["10.1.0.0/24"]);
+        let cluster = [a, b, other_wire];
+        // The older keeps its carving; the newer is refused, naming both.
+        assert!(check_cluster(&cluster[0], &cluster).is_ok());
+        let e = check_cluster(&cluster[1], &cluster)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ta/lan") && e.contains("created first"), "{e}");
+        // Without a creation time, neither.
+        let c = carving("tc/x", None, "master:eth1", &["10.1.0.0/25"]);
+        let e = check_cluster(&c, &cluster).unwrap_err().to_string();
+        assert!(e.contains("neither"), "{e}");
+        // The same second: the lesser name.
+        let d = carving("aa/x", t2, "master:eth1", &["10.1.0.192/26"]);
+        assert!(check_cluster(&d, &cluster[1..2]).is_ok());
+        // Apart, on one wire: fine.
+        let e2 = carving("td/lan", t2, "master:eth1", &["10.2.0.0/24"]);
+        assert!(check_cluster(&e2, &cluster).is_ok());
+        // A NAD that is no logical network on a shared wire is refused; elsewhere not.
+        let plain = carving("tx/plain", t2, "master:eth1", &[]);
+        let e = check_cluster(&plain, &cluster).unwrap_err().to_string();
+        assert!(
+            e.contains(LOGICAL_ANNOTATION) && e.contains("master:eth1"),
+            "{e}"
+        );
+        let plain = carving("tx/plain", t2, "master:eth9", &[]);
+        assert!(check_cluster(&plain, &cluster).is_ok());
+    }
+
+    fn spec(containers: Value) -> k8s_openapi::api::core::v1::PodSpec {
+        serde_json::from_value(json!({ "containers": containers })).unwrap()
+    }
+
+    #[test]
+    fn raw_network_access_is_found_in_every_container() {
+        let safe = json!({"capabilities": {"drop": ["ALL"]}});
+        let drop_raw = json!({"capabilities": {"drop": ["net_raw"]}});
+        assert_eq!(
+            raw_access(&spec(json!([
+                {"name": "a", "securityContext": safe},
+                {"name": "b", "securityContext": drop_raw}
+            ]))),
+            None
+        );
+        for (sc, says) in [
+            (json!(null), "does not drop"),
+            (
+                json!({"capabilities": {"drop": ["CAP_NET_RAW"]}}),
+                "does not drop",
+            ),
+            (
+                json!({"privileged": true, "capabilities": {"drop": ["ALL"]}}),
+                "privileged",
+            ),
+            (
+                json!({"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}),
+                "NET_ADMIN",
+            ),
+            (
+                json!({"capabilities": {"add": ["cap_net_raw"], "drop": ["ALL"]}}),
+                "CAP_NET_RAW",
+            ),
+            (
+                json!({"capabilities": {"add": ["all"], "drop": ["ALL"]}}),
+                "ALL",
+            ),
+            (
+                json!({"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}),
+                "SYS_ADMIN",
+            ),
+        ] {
+            let mut c = json!({"name": "b"});
+            if !sc.is_null() {
+                c["securityContext"] = sc.clone();
+            }
+            let r = raw_access(&spec(json!([{"name": "a", "securityContext": safe}, c])));
+            let r = r.unwrap_or_else(|| panic!("{sc}: not found"));
+            assert!(r.contains("\"b\"") && r.contains(says), "{sc}: {r}");
+        }
+        // Init containers count as much.
+        let mut s = spec(json!([{"name": "a", "securityContext": safe}]));
+        s.init_containers = Some(vec![
+            serde_json::from_value(json!({"name": "init"})).unwrap()
+        ]);
+        assert!(raw_access(&s).unwrap().contains("init"));
     }
 }

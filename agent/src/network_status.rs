@@ -104,6 +104,7 @@ mod tests {
             slot: None,
             bandwidth: Default::default(),
             logical: None,
+            physical: None,
         }
     }
 

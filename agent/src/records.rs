@@ -62,6 +62,9 @@ pub struct Attachment {
     /// The logical network it is on (its NAD's `trellis.dev/logical-network`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logical: Option<crate::logical::Logical>,
+    /// The physical network it attaches to, if logical networks could share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

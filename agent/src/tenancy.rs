@@ -116,6 +116,7 @@ mod tests {
                 name: "net".into(),
                 namespace: Some(ns.into()),
                 annotations,
+                ..Default::default()
             },
             spec: Default::default(),
         }

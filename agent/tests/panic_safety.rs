@@ -23,6 +23,10 @@ impl NetworkSource for PanickingSource {
         })
     }
 
+    fn logical_nads(&self) -> Result<Vec<NetworkAttachmentDefinition>, SourceError> {
+        Ok(Vec::new())
+    }
+
     fn pod_annotations(
         &self,
         _: &PodRef,

@@ -146,9 +146,18 @@ impl FakeApiServer {
             meta["namespace"].as_str().unwrap_or_default().to_string(),
             meta["name"].as_str().unwrap_or_default().to_string(),
         );
-        let kind_name = if st.objects.contains_key(&key) {
+        let kind_name = if let Some(old) = st.objects.get(&key) {
+            object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
             "MODIFIED"
         } else {
+            // Set at creation as the API server does; from a clock that ticks one
+            // second per write, so that creation order is what tests wrote.
+            object["metadata"]["creationTimestamp"] = json!(format!(
+                "2026-01-01T{:02}:{:02}:{:02}Z",
+                (rv / 3600) % 24,
+                (rv / 60) % 60,
+                rv % 60
+            ));
             "ADDED"
         };
         st.objects.insert(key, object.clone());
@@ -182,6 +191,30 @@ impl FakeApiServer {
                     "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
                 },
                 "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]},
+                "status": {"phase": "Pending"},
+            }),
+        )
+    }
+
+    /// As `put_pod`, with these containers in its spec (security contexts and all).
+    pub fn put_pod_with_containers(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+        annotations: &BTreeMap<String, String>,
+        containers: Value,
+    ) -> u64 {
+        self.put(
+            Kind::Pod,
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": name, "namespace": namespace, "uid": uid,
+                    "annotations": annotations,
+                },
+                "spec": {"nodeName": node, "containers": containers},
                 "status": {"phase": "Pending"},
             }),
         )

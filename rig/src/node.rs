@@ -213,10 +213,21 @@ impl TestNode {
         config: &Value,
         annotations: &BTreeMap<String, String>,
     ) {
+        // As `kubectl get -o yaml` would give it: a creation time, later for each
+        // NAD written (logical networks' first carving wins by it).
+        static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let created = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            (n / 3600) % 24,
+            (n / 60) % 60,
+            n % 60
+        );
         let nad = json!({
             "apiVersion": "k8s.cni.cncf.io/v1",
             "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations,
+                         "creationTimestamp": created},
             "spec": {"config": config.to_string()},
         });
         std::fs::write(
@@ -371,4 +382,40 @@ fn list(dir: &Path) -> Vec<String> {
 /// Annotations with the networks selection set.
 pub fn networks_annotation(value: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("k8s.v1.cni.cncf.io/networks".to_string(), value.to_string())])
+}
+
+/// A node whose agent reads networks from a fake API server in the node's
+/// namespace, as node `node_name`.
+pub fn kube_node(node_name: &str) -> (TestNode, crate::fake_apiserver::FakeApiServer) {
+    let mut node = TestNode::new();
+    let api = crate::fake_apiserver::FakeApiServer::start_in(&node.host);
+    std::fs::write(node.path("kubeconfig"), api.kubeconfig()).unwrap();
+    node.networks_toml = Some(kube_networks(&node, node_name));
+    (node, api)
+}
+
+/// The agent's `[networks]` table for the fake API server of `kube_node`.
+pub fn kube_networks(node: &TestNode, node_name: &str) -> String {
+    format!(
+        "source = \"kubernetes\"\nkubeconfig = {:?}\nnode_name = \"{node_name}\"\n",
+        node.path("kubeconfig")
+    )
+}
+
+/// Waits (up to 20 s) until the agent answers STATUS: its caches are synced.
+pub fn wait_ready(node: &TestNode) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = node.shim("STATUS", "", "", ("", ""), &node.shim_conf(None));
+        if out.ok {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never became ready: {}\n{}",
+            out.stdout,
+            node.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

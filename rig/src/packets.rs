@@ -65,6 +65,46 @@ pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, dport: u16, size: usize) -> Ve
     f
 }
 
+/// An ARP request (IPv4 over Ethernet) from `spa` for `tpa`.
+pub fn arp(spa: std::net::Ipv4Addr, tpa: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xffu8; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa.octets());
+    f.resize(60, 0);
+    f
+}
+
+/// An ICMPv6 neighbour discovery message of `icmp_type` from `src` to `dst`; for
+/// solicitations and advertisements (135, 136), about `target`.
+pub fn nd(
+    icmp_type: u8,
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    target: std::net::Ipv6Addr,
+) -> Vec<u8> {
+    let mut f = frame(src.into(), dst.into(), ICMPV6, 0, 14 + 40 + 24);
+    f[14 + 7] = 255;
+    f[54] = icmp_type;
+    f[55] = 0;
+    f[56..62].fill(0);
+    f[62..78].copy_from_slice(&target.octets());
+    f
+}
+
+/// `frame` with a VLAN tag of `tpid` (0x8100, or 0x88a8 for an 802.1ad outer tag)
+/// inserted after the MAC addresses.
+pub fn tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&tpid.to_be_bytes());
+    f.extend_from_slice(&vid.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
 /// An Ethernet frame carrying an IPv4/UDP datagram that a receiving stack accepts: IP
 /// header checksum set, UDP checksum 0 (none, allowed for IPv4).
 pub fn ipv4_udp(

@@ -4,47 +4,14 @@
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-use trellis_rig::fake_apiserver::{FakeApiServer, Kind};
+use std::time::Duration;
+use trellis_rig::fake_apiserver::Kind;
 use trellis_rig::netns::Netns;
-use trellis_rig::node::{networks_annotation, TestNode};
+use trellis_rig::node::{kube_networks, kube_node, networks_annotation, wait_ready, TestNode};
 use trellis_rig::require_root;
 
 const NODE: &str = "node-a";
 const NADS: &str = "/apis/k8s.cni.cncf.io/v1/network-attachment-definitions";
-
-/// A node whose agent reads networks from a fake API server in the node's namespace.
-fn kube_node() -> (TestNode, FakeApiServer) {
-    let mut node = TestNode::new();
-    let api = FakeApiServer::start_in(&node.host);
-    std::fs::write(node.path("kubeconfig"), api.kubeconfig()).unwrap();
-    node.networks_toml = Some(kube_networks(&node));
-    (node, api)
-}
-
-fn kube_networks(node: &TestNode) -> String {
-    format!(
-        "source = \"kubernetes\"\nkubeconfig = {:?}\nnode_name = \"{NODE}\"\n",
-        node.path("kubeconfig")
-    )
-}
-
-fn wait_ready(node: &TestNode) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = node.shim("STATUS", "", "", ("", ""), &node.shim_conf(None));
-        if out.ok {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent never became ready: {}\n{}",
-            out.stdout,
-            node.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn add(
     node: &TestNode,
@@ -95,7 +62,7 @@ fn assert_clean(node: &TestNode, pod: &Netns) {
 #[test]
 fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
     require_root!();
-    let (mut node, api) = kube_node();
+    let (mut node, api) = kube_node(NODE);
 
     api.put_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
     api.put_pod(
@@ -189,7 +156,7 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
 #[test]
 fn cache_miss_falls_back_to_get_and_api_errors_are_named() {
     require_root!();
-    let (mut node, api) = kube_node();
+    let (mut node, api) = kube_node(NODE);
     node.start_agent();
     wait_ready(&node);
 
@@ -240,7 +207,7 @@ fn unreachable_api_makes_status_fail_and_add_name_it() {
     // Nothing listens on this port in the node's fresh namespace.
     let kubeconfig = "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:9\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: u\nusers:\n- name: u\n  user: {}\ncurrent-context: x\n";
     std::fs::write(node.path("kubeconfig"), kubeconfig).unwrap();
-    node.networks_toml = Some(kube_networks(&node));
+    node.networks_toml = Some(kube_networks(&node, NODE));
     node.start_agent();
     let (code, msg) = node
         .shim("STATUS", "", "", ("", ""), &node.shim_conf(None))

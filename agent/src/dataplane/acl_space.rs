@@ -404,12 +404,7 @@ impl Dataplane {
         let mut moved = 0;
         for (slot, network) in owned {
             let want = self.acl_header_of(&network)?.map_or(0, |h| h + 1);
-            let now = {
-                let m: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::SLOT_ACL))
-                    .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
-                m.get(&slot, 0)
-                    .map_err(|e| op("SLOT_ACL map")(e.to_string()))?
-            };
+            let now = self.slot_acl(slot)?;
             if now != want {
                 self.set_slot_acl(slot, want.checked_sub(1))?;
                 moved += 1;

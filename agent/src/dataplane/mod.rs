@@ -23,11 +23,12 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use tc::{Rtnl, Side};
 use trellis_ebpf_common::{
-    classid, maps, stats_index, AclRule, Bucket, Counters, IfKey, IntervalV4, IntervalV6,
-    LogicalNet, Policer, SlotMeta, ACL_SPACE, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS,
-    HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER, IDX_SPACE, LAYOUT_VERSION, MAX_GENERATION, MAX_SLOTS,
-    POLICE_DROP, POLICE_PACE, POLICE_PEER_QDISC, POLICE_QDISC, POLICE_QUEUE, RULE_SPACE,
-    SLOT_CLSACT_PEER, SLOT_CLSACT_POD, SLOT_IFB, SLOT_SHAPED, SLOT_SHAPED_PEER,
+    classid, maps, stats_index, uses_police, AclRule, Bucket, Counters, IfKey, IntervalV4,
+    IntervalV6, LogicalNet, Policer, SlotMeta, SlotState, ACL_SPACE, DIR_EGRESS, DIR_INGRESS,
+    HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER, IDX_SPACE, LAYOUT_VERSION,
+    MAX_GENERATION, MAX_SLOTS, POLICE_DROP, POLICE_PACE, POLICE_PEER_QDISC, POLICE_QDISC,
+    POLICE_QUEUE, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD, SLOT_IFB, SLOT_SHAPED,
+    SLOT_SHAPED_PEER, USES_LOGICAL,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
@@ -423,27 +424,49 @@ impl Dataplane {
         self.bpf.map_mut(name).expect("checked at open")
     }
 
-    fn generations(&mut self) -> Result<Array<&mut MapData, u32>, DataplaneError> {
-        Array::try_from(self.map_mut(maps::GEN)).map_err(|e| op("GEN map")(e.to_string()))
+    fn slot_states(&mut self) -> Result<Array<&mut MapData, SlotState>, DataplaneError> {
+        Array::try_from(self.map_mut(maps::SLOT)).map_err(|e| op("SLOT map")(e.to_string()))
+    }
+
+    /// What the programs read first about `slot`.
+    fn slot_state(&mut self, slot: u32) -> Result<SlotState, DataplaneError> {
+        self.slot_states()?
+            .get(&slot, 0)
+            .map_err(|e| op("SLOT map")(e.to_string()))
+    }
+
+    /// Changes `slot`'s SLOT entry with `f` (only the agent writes it, one request at
+    /// a time); the entry as written.
+    fn update_slot(
+        &mut self,
+        slot: u32,
+        f: impl FnOnce(&mut SlotState),
+    ) -> Result<SlotState, DataplaneError> {
+        let mut s = self.slot_state(slot)?;
+        f(&mut s);
+        self.slot_states()?
+            .set(slot, s, 0)
+            .map_err(|e| op("SLOT map")(e.to_string()))?;
+        Ok(s)
     }
 
     /// The generation `slot` is at.
     fn generation(&mut self, slot: u32) -> Result<u32, DataplaneError> {
-        self.generations()?
-            .get(&slot, 0)
-            .map_err(|e| op("GEN map")(e.to_string()))
+        Ok(self.slot_state(slot)?.generation)
     }
 
     /// Moves `slot` to its next generation (before its filters are made, and at its
     /// release: every filter of an earlier generation does nothing from then on).
     /// The new generation.
     fn next_generation(&mut self, slot: u32) -> Result<u32, DataplaneError> {
-        let now = self.generation(slot)?;
-        let next = if now >= MAX_GENERATION { 1 } else { now + 1 };
-        self.generations()?
-            .set(slot, next, 0)
-            .map_err(|e| op("GEN map")(e.to_string()))?;
-        Ok(next)
+        let s = self.update_slot(slot, |s| {
+            s.generation = if s.generation >= MAX_GENERATION {
+                1
+            } else {
+                s.generation + 1
+            }
+        })?;
+        Ok(s.generation)
     }
 
     /// A slot no attachment holds, after the last one handed out.
@@ -619,7 +642,7 @@ impl Dataplane {
         let header = self.acl_header_of(network)?;
         let has_acl = header.is_some() || logical.is_some();
         self.set_slot_acl(slot, header)?;
-        self.set_logical(slot, logical.copied().unwrap_or_default())?;
+        self.set_logical(slot, logical.copied())?;
         self.zero_counters(slot)?;
         let class = classid(slot, self.next_generation(slot)?);
         let name = filter_name(slot);
@@ -870,18 +893,37 @@ impl Dataplane {
         Array::try_from(self.map_mut(maps::POLICE)).map_err(|e| op("POLICE map")(e.to_string()))
     }
 
-    fn set_logical(&mut self, slot: u32, l: LogicalNet) -> Result<(), DataplaneError> {
+    /// Sets (or with None, clears) `slot`'s logical network; the programs read it
+    /// only while SLOT says so.
+    fn set_logical(&mut self, slot: u32, l: Option<LogicalNet>) -> Result<(), DataplaneError> {
+        if l.is_none() {
+            self.update_slot(slot, |s| s.uses &= !USES_LOGICAL)?;
+        }
         let mut m: Array<&mut MapData, LogicalNet> =
             Array::try_from(self.map_mut(maps::LOGICAL))
                 .map_err(|e| op("LOGICAL map")(e.to_string()))?;
-        m.set(slot, l, 0)
-            .map_err(|e| op("LOGICAL map")(e.to_string()))
+        m.set(slot, l.unwrap_or_default(), 0)
+            .map_err(|e| op("LOGICAL map")(e.to_string()))?;
+        if l.is_some() {
+            self.update_slot(slot, |s| s.uses |= USES_LOGICAL)?;
+        }
+        Ok(())
     }
 
+    /// Sets `slot`'s POLICE entry in `dir`; the programs read it only while SLOT
+    /// says it acts on packets (a token bucket, or an ifb to queue in).
     fn set_police(&mut self, slot: u32, dir: u32, p: Policer) -> Result<(), DataplaneError> {
+        let acts = p.ns_per_byte != 0 || (p.mode == POLICE_QUEUE && p.ifindex != 0);
+        if !acts {
+            self.update_slot(slot, |s| s.uses &= !uses_police(dir))?;
+        }
         self.police()?
             .set(stats_index(slot, dir), p, 0)
-            .map_err(|e| op("POLICE map")(e.to_string()))
+            .map_err(|e| op("POLICE map")(e.to_string()))?;
+        if acts {
+            self.update_slot(slot, |s| s.uses |= uses_police(dir))?;
+        }
+        Ok(())
     }
 
     /// The limits `slot` is attached with.
@@ -967,7 +1009,7 @@ impl Dataplane {
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             self.set_police(slot, dir, Policer::default())?;
         }
-        self.set_logical(slot, LogicalNet::default())?;
+        self.set_logical(slot, None)?;
         self.set_slot_acl(slot, None)?;
         let _ = self.meta()?.remove(&slot);
         self.slots.remove(&slot);
@@ -1088,10 +1130,13 @@ impl Dataplane {
 
     /// Points `slot` at ACL header `header` (None: no ACL).
     fn set_slot_acl(&mut self, slot: u32, header: Option<u32>) -> Result<(), DataplaneError> {
-        let mut m: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::SLOT_ACL))
-            .map_err(|e| op("SLOT_ACL map")(e.to_string()))?;
-        m.set(slot, header.map(|h| h + 1).unwrap_or(0), 0)
-            .map_err(|e| op("SLOT_ACL map")(e.to_string()))
+        self.update_slot(slot, |s| s.acl = header.map_or(0, |h| h + 1))
+            .map(|_| ())
+    }
+
+    /// The ACL header `slot` points at, + 1 (0: none).
+    fn slot_acl(&mut self, slot: u32) -> Result<u32, DataplaneError> {
+        Ok(self.slot_state(slot)?.acl)
     }
 
     /// The kernel memory (memlock) each shared program holds, in HOOK_* order.
@@ -1176,6 +1221,16 @@ impl Dataplane {
         owner: &Owner,
         limits: &Limits,
     ) -> Result<Probe, DataplaneError> {
+        self.probe_with(owner, limits, None)
+    }
+
+    /// As `probe_policed`, on a logical network.
+    pub fn probe_with(
+        &mut self,
+        owner: &Owner,
+        limits: &Limits,
+        logical: Option<LogicalNet>,
+    ) -> Result<Probe, DataplaneError> {
         let meta = slot_meta(owner, Path::new(""))?;
         let slot = self.free_slot()?;
         self.own(slot, meta)?;
@@ -1187,6 +1242,7 @@ impl Dataplane {
                 let p = limit.map(|r| Policer::new(r.rate, r.burst, POLICE_DROP));
                 self.set_police(slot, dir, p.unwrap_or_default())?;
             }
+            self.set_logical(slot, logical)?;
             let class = classid(slot, self.next_generation(slot)?);
             Ok(Probe {
                 slot,
@@ -1308,14 +1364,13 @@ pub(crate) fn test_run(
 }
 
 /// The maps the programs pin (a dir with any of them holds pins to re-adopt).
-const PINNED_MAPS: [&str; 14] = [
+const PINNED_MAPS: [&str; 13] = [
     maps::POLICE,
     maps::LOGICAL,
     maps::STATS,
     maps::META,
     maps::LAYOUT,
-    maps::GEN,
-    maps::SLOT_ACL,
+    maps::SLOT,
     maps::ACL_HDR,
     maps::ACL_IV4,
     maps::ACL_IV6,

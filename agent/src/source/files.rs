@@ -112,6 +112,18 @@ impl NetworkSource for FileSource {
         })
     }
 
+    fn logical_nads(&self) -> Result<Vec<NetworkAttachmentDefinition>, SourceError> {
+        let (nads, _) = self.scan()?;
+        Ok(nads
+            .into_iter()
+            .filter(|n| {
+                n.metadata
+                    .annotations
+                    .contains_key(crate::logical::LOGICAL_ANNOTATION)
+            })
+            .collect())
+    }
+
     fn pod_annotations(
         &self,
         _pod: &PodRef,

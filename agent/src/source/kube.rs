@@ -3,10 +3,11 @@
 //! objects newer than the cache), and network-status patched onto the pod.
 
 use super::{NetworkSource, PodEvent, PodRef, SourceError};
+use crate::logical::LOGICAL_ANNOTATION;
 use crate::nad::NetworkAttachmentDefinition;
 use crate::selection::NETWORK_STATUS_ANNOTATION;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, Pod, PodSpec};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -141,6 +142,28 @@ impl KubeSource {
             }
         })
     }
+
+    /// The pod from the watch's cache, else from the API; one re-created under the
+    /// same name (another uid) is not it.
+    fn pod(&self, pod: &PodRef) -> Result<Pod, SourceError> {
+        let key = ObjectRef::<Pod>::new(&pod.name).within(&pod.namespace);
+        let found = match self.pods.get(&key) {
+            Some(p) => Some((*p).clone()),
+            None => {
+                let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
+                self.with_timeout("pod lookup", api.get_opt(&pod.name))?
+            }
+        };
+        let p = found.ok_or_else(|| SourceError::PodNotFound(pod.to_string()))?;
+        // A pod re-created under the same name is another pod.
+        if !pod.uid.is_empty() && p.meta().uid.as_deref().is_some_and(|u| u != pod.uid) {
+            return Err(SourceError::PodNotFound(format!(
+                "{pod} with uid {}",
+                pod.uid
+            )));
+        }
+        Ok(p)
+    }
 }
 
 fn to_nad(obj: &DynamicObject) -> Result<NetworkAttachmentDefinition, SourceError> {
@@ -178,28 +201,28 @@ impl NetworkSource for KubeSource {
         }
     }
 
+    fn logical_nads(&self) -> Result<Vec<NetworkAttachmentDefinition>, SourceError> {
+        // Before the first list, the cache would claim there are none.
+        self.ready()?;
+        Ok(self
+            .nads
+            .state()
+            .iter()
+            .filter(|o| o.annotations().contains_key(LOGICAL_ANNOTATION))
+            .filter_map(|o| to_nad(o).ok())
+            .collect())
+    }
+
+    fn pod_spec(&self, pod: &PodRef) -> Result<Option<PodSpec>, SourceError> {
+        Ok(self.pod(pod)?.spec)
+    }
+
     fn pod_annotations(
         &self,
         pod: &PodRef,
         _from_runtime: Option<&BTreeMap<String, String>>,
     ) -> Result<BTreeMap<String, String>, SourceError> {
-        let key = ObjectRef::<Pod>::new(&pod.name).within(&pod.namespace);
-        let found = match self.pods.get(&key) {
-            Some(p) => Some((*p).clone()),
-            None => {
-                let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
-                self.with_timeout("pod lookup", api.get_opt(&pod.name))?
-            }
-        };
-        let p = found.ok_or_else(|| SourceError::PodNotFound(pod.to_string()))?;
-        // A pod re-created under the same name is another pod.
-        if !pod.uid.is_empty() && p.meta().uid.as_deref().is_some_and(|u| u != pod.uid) {
-            return Err(SourceError::PodNotFound(format!(
-                "{pod} with uid {}",
-                pod.uid
-            )));
-        }
-        Ok(p.annotations().clone())
+        Ok(self.pod(pod)?.annotations().clone())
     }
 
     fn publish_network_status(&self, pod: &PodRef, status: &str) -> Result<(), SourceError> {

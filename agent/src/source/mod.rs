@@ -5,6 +5,7 @@ pub mod files;
 pub mod kube;
 
 use crate::nad::NetworkAttachmentDefinition;
+use k8s_openapi::api::core::v1::PodSpec;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,17 @@ pub trait NetworkSource: Send + Sync {
         pod: &PodRef,
         from_runtime: Option<&BTreeMap<String, String>>,
     ) -> Result<BTreeMap<String, String>, SourceError>;
+
+    /// Every NAD the source knows that is a logical network (carries
+    /// `trellis.dev/logical-network`), for the checks that span the cluster. A NAD
+    /// that cannot be read is left out: no pod can use it either.
+    fn logical_nads(&self) -> Result<Vec<NetworkAttachmentDefinition>, SourceError>;
+
+    /// The pod's spec, where the source has one (the Kubernetes API); None: the
+    /// source cannot know it (the container runtime passes no spec to CNI).
+    fn pod_spec(&self, _pod: &PodRef) -> Result<Option<PodSpec>, SourceError> {
+        Ok(None)
+    }
 
     /// Records `k8s.v1.cni.cncf.io/network-status` on the pod, where there is a pod
     /// object to record it on.

@@ -12,7 +12,9 @@ pub const MAX_SLOTS: u32 = 16384;
 /// regions, a first-level index per ACL table, the netns path in SlotMeta.
 /// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED.
 /// 5: logical networks (LOGICAL): an agent of layout 4 must not run their pods.
-pub const LAYOUT_VERSION: u32 = 5;
+/// 6: GEN and SLOT_ACL folded into SLOT, which also says whether POLICE and LOGICAL
+/// apply (one lookup per packet for a slot without limits or a logical network).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
 /// them, one per attachment), not all at load.
@@ -48,7 +50,7 @@ const _: () = assert!(MAX_SLOTS == 1 << SLOT_BITS);
 /// The classid of a slot's tc filters: the shared programs read it as
 /// `__sk_buff.tc_classid` (cls_bpf sets it from the filter before running the
 /// program), so one loaded program serves every interface. A filter counts only
-/// while its generation is the slot's current one (GEN): a filter left behind
+/// while its generation is the slot's current one (SLOT): a filter left behind
 /// anywhere is inert once its slot is freed or handed to another attachment.
 pub const fn classid(slot: u32, generation: u32) -> u32 {
     (generation << SLOT_BITS) | slot
@@ -73,8 +75,7 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const META: &str = "META";
     pub const LAYOUT: &str = "LAYOUT";
-    pub const GEN: &str = "GEN";
-    pub const SLOT_ACL: &str = "SLOT_ACL";
+    pub const SLOT: &str = "SLOT";
     pub const ACL_HDR: &str = "ACL_HDR";
     pub const ACL_IV4: &str = "ACL_IV4";
     pub const ACL_IV6: &str = "ACL_IV6";
@@ -85,6 +86,31 @@ pub mod maps {
     pub const POLICE: &str = "POLICE";
     pub const LOGICAL: &str = "LOGICAL";
 }
+
+/// What every packet reads first about its slot (SLOT entry): whether the filter
+/// running is current, the ACL, and which of the slot's other entries apply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotState {
+    /// A filter whose classid carries another generation (left behind by a freed
+    /// slot) does nothing.
+    pub generation: u32,
+    /// The network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A NAD that
+    /// gains, changes or loses an ACL moves live slots from one header to the next.
+    pub acl: u32,
+    /// USES_* bits: which of POLICE (per direction) and LOGICAL the programs read.
+    /// Userspace sets a bit after writing the entry and clears it before clearing it.
+    pub uses: u32,
+    pub _pad: u32,
+}
+
+/// SlotState::uses: the POLICE entry of direction `dir` (`1 << dir`) acts on packets
+/// (a token bucket, or a queue to redirect to)...
+pub const fn uses_police(dir: u32) -> u32 {
+    1 << dir
+}
+/// ... the LOGICAL entry holds the slot's logical network.
+pub const USES_LOGICAL: u32 = 4;
 
 /// Longest netns path a slot keeps (where its filters are, to remove them).
 pub const NETNS_LEN: usize = 256;
@@ -428,6 +454,8 @@ mod user {
     unsafe impl aya::Pod for super::IfKey {}
     // SAFETY: five u64s.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: four u32s.
+    unsafe impl aya::Pod for super::SlotState {}
     // SAFETY: u64s and two u32s, no padding.
     unsafe impl aya::Pod for super::Policer {}
     // SAFETY: u32s then u64s, 8-aligned, no padding.

@@ -8,21 +8,27 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
+mod addresses;
+#[cfg(target_arch = "bpf")]
 mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod tc {
-    use crate::packet::{addresses, count, parse, rule_matches, Addrs, Packet, Verdict};
+    use crate::addresses::{
+        addresses, link_local, Addrs, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_ROUTER_SOLICIT,
+    };
+    use crate::packet::{count, parse, rule_matches, Packet, Verdict};
     use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::{Array, HashMap, PerCpuArray, ProgramArray};
     use aya_ebpf::programs::TcContext;
     use trellis_ebpf_common::{
-        slot_of, stats_index, table_index, AclHeader, AclInfo, AclRule, Bucket, Counters,
-        IntervalV4, IntervalV6, LogicalNet, Policer, SlotMeta, Span, TableRef, ACL_HIT_NONE,
-        ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE, HOOKS,
-        IDX_SPACE, LOGICAL_PREFIXES, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
+        slot_of, stats_index, table_index, uses_police, AclHeader, AclInfo, AclRule, Bucket,
+        Counters, IntervalV4, IntervalV6, LogicalNet, Policer, SlotMeta, SlotState, Span, TableRef,
+        ACL_HIT_NONE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE,
+        HOOKS, IDX_SPACE, LOGICAL_PREFIXES, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
         POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE, POLICE_SHIFT, RULE_SPACE, TCX_DROP, TCX_NEXT,
+        USES_LOGICAL,
     };
 
     /// Slot and direction (`stats_index`) -> counters.
@@ -38,22 +44,15 @@ mod tc {
     #[map(name = "LAYOUT")]
     static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
-    /// Slot -> its current generation: a filter whose classid carries another one
-    /// (left behind by a freed slot) does nothing.
-    #[map(name = "GEN")]
-    static GEN: Array<u32> = Array::pinned(MAX_SLOTS, 0);
+    /// Slot -> its generation, ACL and what else applies (see SlotState).
+    #[map(name = "SLOT")]
+    static SLOT: Array<SlotState> = Array::pinned(MAX_SLOTS, 0);
 
     /// Hook -> its program, for `trellis_probe` only (tests and benchmarks run
     /// packets through the programs with BPF_PROG_TEST_RUN, which cannot set
     /// tc_classid). Not pinned: each loader fills its own.
     #[map(name = "PROBE")]
     static PROBE: ProgramArray = ProgramArray::with_max_entries(HOOKS, 0);
-
-    /// Slot -> its network's current ACL header (ACL_HDR index) + 1; 0: no ACL. A
-    /// map, not a constant: a NAD that gains, changes or loses an ACL moves live
-    /// attachments from one header to the next with one write each.
-    #[map(name = "SLOT_ACL")]
-    static SLOT_ACL: Array<u32> = Array::pinned(MAX_SLOTS, 0);
 
     /// Two versions per ACL id (see AclHeader).
     #[map(name = "ACL_HDR")]
@@ -123,23 +122,30 @@ mod tc {
         false
     }
 
-    /// Whether `slot`'s logical network lets the packet through: both of its
-    /// addresses in the network's subnets (a pod that takes another tenant's address
-    /// gets nothing out; nothing from another tenant's gets in). Not IP, and
-    /// neighbour discovery, pass; an IP packet that cannot be read does not.
+    /// Whether the slot's logical network (if `s` uses one) lets the packet through
+    /// in `dir`: both of its addresses in the network's subnets (a pod that takes
+    /// another tenant's address gets nothing out; nothing from another tenant's gets
+    /// in). ARP: its sender (0.0.0.0 for a probe) and target addresses. Neighbour
+    /// discovery: solicitations and advertisements only for a link-local target or
+    /// one in the subnets, router solicitations both ways, router advertisements
+    /// and redirects only in (a pod is no router). Nothing else passes: no other
+    /// EtherType, no second VLAN tag, nothing that cannot be read.
     #[inline(always)]
-    fn logical_ok(ctx: &TcContext, slot: u32) -> bool {
-        let Some(l) = LOGICAL.get(slot) else {
-            return true;
-        };
-        if l.n4 == 0 && l.n6 == 0 {
+    fn logical_ok(ctx: &TcContext, slot: u32, s: &SlotState, dir: u32) -> bool {
+        if s.uses & USES_LOGICAL == 0 {
             return true;
         }
+        let Some(l) = LOGICAL.get(slot) else {
+            return false;
+        };
         match addresses(ctx) {
-            Addrs::NotIp => true,
-            Addrs::Unreadable => false,
+            Addrs::Other | Addrs::Unreadable => false,
+            Addrs::Arp(s, t) => (s == 0 || in4(l, s)) && in4(l, t),
             Addrs::V4(s, d) => in4(l, s) && in4(l, d),
-            Addrs::V6(s, d, link) => link || (in6(l, s) && in6(l, d)),
+            Addrs::V6(s, d) => in6(l, s) && in6(l, d),
+            Addrs::Nd(ND_NEIGHBOR_SOLICIT | ND_NEIGHBOR_ADVERT, t) => link_local(t[0]) || in6(l, t),
+            Addrs::Nd(ND_ROUTER_SOLICIT, _) => true,
+            Addrs::Nd(..) => dir == DIR_INGRESS,
         }
     }
 
@@ -173,7 +179,10 @@ mod tc {
     /// The slot's rate limit in `dir` for this packet: whether it may go (in
     /// POLICE_PACE mode, at the departure time it is given), or where it is queued.
     #[inline(always)]
-    fn police(ctx: &TcContext, slot: u32, dir: u32) -> Limit {
+    fn police(ctx: &TcContext, slot: u32, s: &SlotState, dir: u32) -> Limit {
+        if s.uses & uses_police(dir) == 0 {
+            return Limit::Pass;
+        }
         let Some(p) = POLICE.get_ptr_mut(stats_index(slot, dir)) else {
             return Limit::Pass;
         };
@@ -330,25 +339,27 @@ mod tc {
         Some(first_match(t, span, &p).unwrap_or((hdr.default_action as u8, default)))
     }
 
-    /// The slot of the filter running us: its classid (cls_bpf puts it in
-    /// tc_classid before the program runs), if its generation is the slot's current.
+    /// The slot of the filter running us and its state: its classid (cls_bpf puts
+    /// it in tc_classid before the program runs), if its generation is the slot's
+    /// current.
     #[inline(always)]
-    fn slot(ctx: &TcContext) -> Option<u32> {
+    fn slot(ctx: &TcContext) -> Option<(u32, SlotState)> {
         // SAFETY: the context the kernel passed; tc_classid is readable in tc programs.
         let classid = unsafe { (*ctx.skb.skb).tc_classid };
         let (slot, generation) = slot_of(classid);
-        (classid != 0 && GEN.get(slot) == Some(&generation)).then_some(slot)
+        if classid == 0 {
+            return None;
+        }
+        let s = *SLOT.get(slot)?;
+        (s.generation == generation).then_some((slot, s))
     }
 
     /// The slot's ACL verdict for this packet in direction `dir` (TCX_NEXT or
     /// TCX_DROP); the deciding rule's hit is counted if the packet is dropped or
     /// `count_allowed`.
     #[inline(always)]
-    fn acl_verdict(ctx: &TcContext, slot: u32, dir: u32, count_allowed: bool) -> i32 {
-        let Some(&h) = SLOT_ACL.get(slot) else {
-            return TCX_NEXT;
-        };
-        let Some(hdr) = (h != 0).then(|| ACL_HDR.get(h - 1)).flatten() else {
+    fn acl_verdict(ctx: &TcContext, s: &SlotState, dir: u32, count_allowed: bool) -> i32 {
+        let Some(hdr) = (s.acl != 0).then(|| ACL_HDR.get(s.acl - 1)).flatten() else {
             return TCX_NEXT;
         };
         let Some((action, hit)) = judge(ctx, hdr, dir) else {
@@ -373,22 +384,23 @@ mod tc {
 
     #[inline(always)]
     fn account(ctx: &TcContext, dir: u32) -> i32 {
-        let Some(slot) = slot(ctx) else {
+        let Some((slot, s)) = slot(ctx) else {
             return TCX_NEXT;
         };
         let mut queue = None;
-        let verdict = if !logical_ok(ctx, slot) || acl_verdict(ctx, slot, dir, true) == TCX_DROP {
-            Verdict::Denied
-        } else {
-            match police(ctx, slot, dir) {
-                Limit::Pass => Verdict::Pass,
-                Limit::Drop => Verdict::Limited,
-                Limit::Queue(ifindex) => {
-                    queue = Some(ifindex);
-                    Verdict::Pass
+        let verdict =
+            if !logical_ok(ctx, slot, &s, dir) || acl_verdict(ctx, &s, dir, true) == TCX_DROP {
+                Verdict::Denied
+            } else {
+                match police(ctx, slot, &s, dir) {
+                    Limit::Pass => Verdict::Pass,
+                    Limit::Drop => Verdict::Limited,
+                    Limit::Queue(ifindex) => {
+                        queue = Some(ifindex);
+                        Verdict::Pass
+                    }
                 }
-            }
-        };
+            };
         if let Some(c) = STATS.get_ptr_mut(stats_index(slot, dir)) {
             // SAFETY: a per-CPU entry; no other writer on this CPU while we run.
             unsafe { count(c, verdict, ctx.len()) };
@@ -418,11 +430,11 @@ mod tc {
     /// passes was counted at the pod's egress, or bypassed it.
     #[classifier]
     pub fn trellis_peer(ctx: TcContext) -> i32 {
-        let Some(slot) = slot(&ctx) else {
+        let Some((slot, s)) = slot(&ctx) else {
             return TCX_NEXT;
         };
-        let verdict = if logical_ok(&ctx, slot) {
-            acl_verdict(&ctx, slot, DIR_EGRESS, false)
+        let verdict = if logical_ok(&ctx, slot, &s, DIR_EGRESS) {
+            acl_verdict(&ctx, &s, DIR_EGRESS, false)
         } else {
             TCX_DROP
         };

@@ -3,15 +3,15 @@
 use aya_ebpf::programs::TcContext;
 use trellis_ebpf_common::{AclRule, Counters, DIR_INGRESS, PROTO_ANY};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_8021Q: u16 = 0x8100;
+pub(crate) const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_ICMPV6: u8 = 58;
+pub(crate) const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6 extension headers walked to find the transport header: hop-by-hop options,
 /// routing, destination options (length in 8-octet units after the first 8),
 /// fragment (8 octets), authentication (length in 4-octet units after the first 8).
@@ -41,7 +41,7 @@ pub struct Packet {
 }
 
 #[inline(always)]
-fn at<T>(ctx: &TcContext, off: usize) -> Option<T> {
+pub(crate) fn at<T>(ctx: &TcContext, off: usize) -> Option<T> {
     let start = ctx.data();
     if start + off + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
@@ -64,58 +64,9 @@ fn ports_of(ctx: &TcContext, proto: u8, off: usize) -> Option<u16> {
     }
 }
 
-/// Both ends of an IP packet, for a logical network's check.
-pub enum Addrs {
-    NotIp,
-    /// An IP packet whose addresses could not be read.
-    Unreadable,
-    V4(u32, u32),
-    /// Source, destination, and whether it is ICMPv6 to or from a link-local or
-    /// multicast address (neighbour discovery, MLD), which must pass.
-    V6([u64; 2], [u64; 2], bool),
-}
-
-/// The source and destination addresses (host byte order).
-#[inline(always)]
-pub fn addresses(ctx: &TcContext) -> Addrs {
-    pull_headers(ctx);
-    read_addresses(ctx).unwrap_or(Addrs::Unreadable)
-}
-
-/// As `addresses`; None: a frame too short for what it says it is. Read as `parse`
-/// reads (one `?` per load): other shapes leave LLVM's code unverifiable.
-#[inline(always)]
-fn read_addresses(ctx: &TcContext) -> Option<Addrs> {
-    let mut l3 = ETH_HLEN;
-    let mut proto = u16::from_be(at::<u16>(ctx, 12)?);
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = u16::from_be(at::<u16>(ctx, 16)?);
-        l3 += 4;
-    }
-    match proto {
-        ETH_P_IP => {
-            let src = u32::from_be(at::<u32>(ctx, l3 + 12)?);
-            let dst = u32::from_be(at::<u32>(ctx, l3 + 16)?);
-            Some(Addrs::V4(src, dst))
-        }
-        ETH_P_IPV6 => {
-            let next: u8 = at(ctx, l3 + 6)?;
-            let sh = u64::from_be(at::<u64>(ctx, l3 + 8)?);
-            let sl = u64::from_be(at::<u64>(ctx, l3 + 16)?);
-            let dh = u64::from_be(at::<u64>(ctx, l3 + 24)?);
-            let dl = u64::from_be(at::<u64>(ctx, l3 + 32)?);
-            // fe80::/10 at either end, or a multicast (ff00::/8) destination.
-            let link = |hi: u64| hi >> 54 == 0x3fa;
-            let local = next == IPPROTO_ICMPV6 && (link(sh) || link(dh) || dh >> 56 == 0xff);
-            Some(Addrs::V6([sh, sl], [dh, dl], local))
-        }
-        _ => Some(Addrs::NotIp),
-    }
-}
-
 /// Makes the headers linear (as far as a walk may read) for `at`.
 #[inline(always)]
-fn pull_headers(ctx: &TcContext) {
+pub(crate) fn pull_headers(ctx: &TcContext) {
     let linear = ctx.data_end() - ctx.data();
     if linear < HEADERS && (ctx.len() as usize) > linear {
         let want = if (ctx.len() as usize) < HEADERS {

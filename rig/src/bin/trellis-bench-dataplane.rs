@@ -142,6 +142,70 @@ fn per_packet(dp: &mut Dataplane, rounds: usize, repeat: u32) {
             });
         }
     }
+    // A logical network of four subnets per family, the packet in the last (every
+    // subnet compared), and a rate limit the packet is under.
+    for v6 in [false, true] {
+        let subnets: Vec<String> = (1..=4)
+            .map(|i| {
+                if v6 {
+                    format!("fd00:{i}::/64")
+                } else {
+                    format!("10.{i}.0.0/16")
+                }
+            })
+            .collect();
+        let logical = trellis_agent::logical::Logical {
+            physical: "master:bench".into(),
+            subnets: subnets
+                .iter()
+                .map(|s| trellis_agent::logical::Subnet::parse(s).unwrap())
+                .collect(),
+        };
+        let (remote, local): (IpAddr, IpAddr) = if v6 {
+            ("fd00:4::7".parse().unwrap(), "fd00:4::1".parse().unwrap())
+        } else {
+            ("10.4.0.7".parse().unwrap(), "10.4.0.1".parse().unwrap())
+        };
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        let network = format!("bench/logical-{fam}");
+        let probe = dp
+            .probe_with(
+                &owner(&network, "net1"),
+                &Default::default(),
+                Some(logical.to_map()),
+            )
+            .expect("probe");
+        cases.push(Case {
+            label: format!("{fam} logical network"),
+            probe,
+            lpm: None,
+            packet: frame(remote, local, TCP, 80, 100),
+            ours: vec![],
+            direct: vec![],
+            trie: vec![],
+        });
+        let unlimited = trellis_agent::bandwidth::Rate {
+            rate: 1 << 40,
+            burst: 1 << 34,
+        };
+        let limits = trellis_agent::bandwidth::Limits {
+            ingress: Some(unlimited),
+            egress: Some(unlimited),
+        };
+        let network = format!("bench/policed-{fam}");
+        let probe = dp
+            .probe_policed(&owner(&network, "net1"), &limits)
+            .expect("probe");
+        cases.push(Case {
+            label: format!("{fam} policed limit (under it)"),
+            probe,
+            lpm: None,
+            packet: frame(remote, local, TCP, 80, 100),
+            ours: vec![],
+            direct: vec![],
+            trie: vec![],
+        });
+    }
     let base = LpmBaseline::load().expect("baseline object");
     let (mut floor, mut counter) = (vec![], vec![]);
     for _ in 0..rounds {
