@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace --bins --locked
-TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench "$@"
+# The shim as it ships (static); the agent from the workspace build.
+shim=$(bash scripts/build-shim.sh)
+TRELLIS_BIN_DIR="$PWD/target/release" TRELLIS_SHIM="$shim" target/release/trellis-bench "$@"
 echo
 target/release/trellis-bench-devices
 echo

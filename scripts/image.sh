@@ -12,8 +12,9 @@
 #   scripts/image.sh --print-version                 the version the default tag has
 #
 # --bin-dir DIR  where trellis and trellis-cni are; without it:
-#                cargo build --release --locked -p trellis-agent -p trellis-cni
-#                and target/release
+#                cargo build --release --locked -p trellis-agent and target/release,
+#                and the shim built static by scripts/build-shim.sh (it runs on
+#                the host, whatever its C library)
 # --tag REF      default localhost/trellis:VERSION (VERSION from agent/Cargo.toml),
 #                the image deploy/trellis.yaml names
 # --out FILE     default target/trellis-image.tar
@@ -77,14 +78,17 @@ tag=${tag:-localhost/trellis:$version}
   || die "--tag ${tag@Q} is not REGISTRY/NAME:TAG (lower-case name, a tag after the last ':')"
 short_tag=${tag##*:}
 
+shim=
 if [ -z "$bin_dir" ]; then
-  echo "image: cargo build --release --locked -p trellis-agent -p trellis-cni"
-  cargo build --release --locked -p trellis-agent -p trellis-cni
+  echo "image: cargo build --release --locked -p trellis-agent; scripts/build-shim.sh"
+  cargo build --release --locked -p trellis-agent
   bin_dir=target/release
+  # The shim goes onto hosts whatever their C library: static (scripts/build-shim.sh).
+  shim=$(bash scripts/build-shim.sh)
 fi
-for b in trellis trellis-cni; do
-  [ -x "$bin_dir/$b" ] || die "$bin_dir/$b is missing (build it, or give --bin-dir)"
-done
+shim=${shim:-$bin_dir/trellis-cni}
+[ -x "$bin_dir/trellis" ] || die "$bin_dir/trellis is missing (build it, or give --bin-dir)"
+[ -x "$shim" ] || die "$shim is missing (build it, or give --bin-dir)"
 for tool in strip ldd tar gzip sha256sum; do
   command -v "$tool" >/dev/null || die "$tool is missing (binutils, libc-bin, tar, gzip, coreutils)"
 done
@@ -116,20 +120,23 @@ make_rootfs() {
     || die "/etc/ssl/certs/ca-certificates.crt is missing (apt-get install ca-certificates)"
   install -d -m 755 "$root/etc/ssl/certs"
   install -m 644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+  local src
   for b in trellis trellis-cni; do
+    src=$bin_dir/$b
+    [ "$b" = trellis-cni ] && src=$shim
     # Debug info off (the debug build's is ~280 MB); the symbol table stays, so a
     # panic's backtrace still names functions.
-    strip --strip-debug -o "$root/usr/local/bin/$b" "$bin_dir/$b"
+    strip --strip-debug -o "$root/usr/local/bin/$b" "$src"
     chmod 755 "$root/usr/local/bin/$b"
     # Every shared library the binary loads, and the dynamic loader, at the path ldd
     # resolves it to here (copied, not linked: the image has no /usr/lib merge).
     local out
-    if ! out=$(ldd "$bin_dir/$b" 2>&1); then
-      grep -q 'not a dynamic executable' <<<"$out" || die "ldd $bin_dir/$b: $out"
+    if ! out=$(ldd "$src" 2>&1); then
+      grep -q 'not a dynamic executable' <<<"$out" || die "ldd $src: $out"
       continue
     fi
     if grep -q 'not found' <<<"$out"; then
-      die "ldd $bin_dir/$b: a library is missing: $(grep 'not found' <<<"$out")"
+      die "ldd $src: a library is missing: $(grep 'not found' <<<"$out")"
     fi
     while read -r lib; do libs+=("$lib"); done < <(
       awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$out"

@@ -29,6 +29,11 @@ pub fn trellis() -> PathBuf {
     path("trellis")
 }
 
+/// The shim: `TRELLIS_SHIM` if set (the benchmarks use the static build that ships,
+/// scripts/build-shim.sh), else beside the other binaries.
 pub fn shim() -> PathBuf {
-    path("trellis-cni")
+    match std::env::var_os("TRELLIS_SHIM") {
+        Some(p) => PathBuf::from(p),
+        None => path("trellis-cni"),
+    }
 }
