@@ -362,6 +362,67 @@ fn a_veth_pods_ingress_is_shaped_on_the_host_side() {
     assert!(!node.host.sh("tc qdisc show").contains("htb"));
 }
 
+/// A pod whose netns went without a DEL takes its veth (and the host side's HTB)
+/// with it; its later DEL must not touch whatever link got the host side's ifindex
+/// since (here: another veth with an HTB of trellis's handle, as another pod's
+/// host side has).
+#[test]
+fn a_gone_pods_host_side_index_is_left_to_its_new_owner() {
+    require_root!();
+    let mut node = TestNode::new();
+    node.dataplane = true;
+    let bridge = trellis_rig::unique("trbg");
+    let conf = node.bridge_conf("br-lim", &bridge, "10.78.12.0/24");
+    let cap = json!({"ingressRate": 20_000_000, "ingressBurst": 200_000});
+    node.add_nad_annotated("pods", "br-lim", &conf, &bandwidth_annotation(cap));
+    node.start_agent();
+    let ann: BTreeMap<String, String> = [(
+        "k8s.v1.cni.cncf.io/networks".to_string(),
+        "br-lim".to_string(),
+    )]
+    .into();
+    let conf = node.shim_conf(Some(&ann));
+    let a = Netns::new("trq");
+    let path = a.path().to_string_lossy().to_string();
+    node.shim("ADD", "cg", &path, ("pods", "g"), &conf)
+        .expect_ok("ADD");
+    // The host side of the pod's net1: the bridge's only port that shapes.
+    let host_side = node.host.sh(&format!(
+        "for l in $(ls /sys/class/net/{bridge}/brif 2>/dev/null || ip -o link show master {bridge} | awk -F': ' '{{print $2}}' | cut -d@ -f1); do \
+           tc qdisc show dev $l | grep -q htb && echo $l; done"
+    ));
+    let host_side = host_side.trim().to_string();
+    assert!(!host_side.is_empty(), "no shaped host side on {bridge}");
+    let index = node
+        .host
+        .sh(&format!("cat /sys/class/net/{host_side}/ifindex 2>/dev/null || ip -o link show dev {host_side} | cut -d: -f1"))
+        .trim()
+        .to_string();
+    drop(a);
+    // The agent keeps a socket in the last pod netns it worked in: another pod's ADD
+    // lets this one go, and the kernel takes the pair down after it.
+    let b = Netns::new("trq");
+    let b_path = b.path().to_string_lossy().to_string();
+    node.shim("ADD", "ch", &b_path, ("pods", "h"), &conf)
+        .expect_ok("ADD");
+    let new = trellis_rig::unique("trx");
+    node.host.sh(&format!(
+        "for i in $(seq 100); do ip -o link | grep -q '^{index}:' || break; sleep 0.05; done; \
+         ip link add {new} index {index} type veth peer name {new}p && tc qdisc add dev {new} root handle 7e11: htb default 1"
+    ));
+    node.shim("DEL", "cg", &path, ("pods", "g"), &conf)
+        .expect_ok("DEL");
+    node.shim("DEL", "ch", &b_path, ("pods", "h"), &conf)
+        .expect_ok("DEL");
+    let left = node.host.sh(&format!("tc qdisc show dev {new}"));
+    node.host.sh(&format!("ip link del {new}"));
+    assert!(
+        left.contains("htb"),
+        "the new link's qdisc was removed: {left}"
+    );
+    assert!(node.records().is_empty(), "{:?}", node.records());
+}
+
 /// A chain that declares the `bandwidth` capability keeps the limit itself (the
 /// reference plugin's TBF on the host side of the veth), the NAD's cap applied;
 /// the dataplane adds none. A vhost-user network cannot be limited: refused.

@@ -1035,8 +1035,22 @@ impl Dataplane {
                 _ => None,
             },
         };
+        // The host side is touched only while the pod's end of the veth still names
+        // it: once the pair is gone its host-side qdiscs went with it, and the
+        // ifindex may be another pod's veth by now.
+        let mut paired = false;
         if let Some(rtnl) = pod {
             let ifindex = m.key.ifindex;
+            if m.peer_ifindex != 0 {
+                let nsid = rtnl.nsid_of(&self.own_netns).ok().flatten();
+                paired = nsid.is_some()
+                    && rtnl
+                        .link_by_index(ifindex)
+                        .ok()
+                        .flatten()
+                        .and_then(|l| l.veth_peer)
+                        == Some((m.peer_ifindex, nsid));
+            }
             let ours = m.flags & SLOT_CLSACT_POD != 0;
             if let Err(e) = unfilter(rtnl, ifindex, &[Side::Ingress, Side::Egress], class, ours) {
                 tracing::warn!(slot, netns, ifindex, "removing the slot's filters: {e}");
@@ -1065,7 +1079,7 @@ impl Dataplane {
         if let Some((rtnl, cookie)) = opened {
             self.keep_socket(Path::new(&netns), rtnl, cookie);
         }
-        if m.peer_ifindex != 0 {
+        if paired {
             if self.host.is_none() {
                 self.host = Rtnl::here().ok();
             }
