@@ -13,7 +13,8 @@ triple=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
   cargo build --release --locked -p trellis-cni --bin trellis-cni --target "$triple" >&2
 bin="${CARGO_TARGET_DIR:-$PWD/target}/$triple/release/trellis-cni"
-if ldd "$bin" >/dev/null 2>&1; then
+# Static: no program interpreter (the dynamic loader) in its program headers.
+if readelf -lW "$bin" | grep -q 'INTERP'; then
   echo "build-shim: $bin is dynamically linked (is libc6-dev installed?)" >&2
   exit 1
 fi

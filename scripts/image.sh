@@ -89,9 +89,12 @@ fi
 shim=${shim:-$bin_dir/trellis-cni}
 [ -x "$bin_dir/trellis" ] || die "$bin_dir/trellis is missing (build it, or give --bin-dir)"
 [ -x "$shim" ] || die "$shim is missing (build it, or give --bin-dir)"
-for tool in strip ldd tar gzip sha256sum; do
+for tool in strip ldd readelf tar gzip sha256sum; do
   command -v "$tool" >/dev/null || die "$tool is missing (binutils, libc-bin, tar, gzip, coreutils)"
 done
+if readelf -lW "$shim" | grep -q INTERP; then
+  echo "image: warning: $shim is dynamically linked: it will not start on hosts with an older C library (scripts/build-shim.sh builds it static)" >&2
+fi
 
 # Lays out the root filesystem in $1 (which must not exist, or be empty).
 make_rootfs() {

@@ -99,6 +99,14 @@ pub struct AgentConfig {
     /// Default false.
     #[serde(default)]
     pub logical_trust_pod_privileges: bool,
+    /// The physical networks of this node that logical networks may share out
+    /// (`master:eth1`, `bridge:br-tenants`, `sriov:intel.com/pool`): a logical NAD on
+    /// any other is refused, and no NAD that is not a logical network may attach to
+    /// one of these. Names are compared as the node resolves them (altnames, and
+    /// macvlan, ipvlan and VLAN devices down to the device they are on). Default
+    /// empty: no logical networks.
+    #[serde(default)]
+    pub logical_physical_networks: Vec<String>,
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
@@ -118,7 +126,8 @@ pub struct NadPolicy {
     /// Keys no NAD plugin conf (nor its `ipam`) may set, because they name host files,
     /// sockets or devices. Default: `dataDir` (host-local writes its store there),
     /// `daemonSocketPath` (dhcp), `device`, `pciBusID`, `kernelpath` (host-device),
-    /// `delegate`, `delegates` (configs for plugins this policy would not see).
+    /// `delegate`, `delegates` (configs for plugins this policy would not see),
+    /// `linkInContainer` (a master inside the pod).
     #[serde(default = "default_denied_keys")]
     pub denied_keys: Vec<String>,
     /// Host interfaces a NAD may name as `master` (macvlan, ipvlan, vlan); empty:
@@ -180,6 +189,9 @@ fn default_denied_keys() -> Vec<String> {
         // meta-plugins inside a NAD
         "delegate",
         "delegates",
+        // macvlan/ipvlan (CNI plugins >= 1.3): a master inside the pod, such as the
+        // pod's own interface of another network, whose checks the new one skips
+        "linkInContainer",
     ]
     .map(String::from)
     .to_vec()

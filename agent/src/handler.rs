@@ -55,6 +55,8 @@ pub struct Handler {
     /// `logical_trust_pod_privileges`: pods on logical networks without a host side
     /// are not checked for raw network access.
     logical_trust_pods: bool,
+    /// `logical_physical_networks`: the wires logical networks may share out.
+    logical_wires: Vec<String>,
     locks: ContainerLocks,
     /// ADD, DEL and CHECK hold it shared, GC exclusively: GC never sees a container
     /// whose ADD is under way, nor an ADD's delegates between its GC's list and calls.
@@ -170,6 +172,7 @@ impl Handler {
                 global: config.global_namespaces.clone(),
             },
             logical_trust_pods: config.logical_trust_pod_privileges,
+            logical_wires: config.logical_physical_networks.clone(),
             kubelet_required: matches!(
                 config.networks,
                 crate::config::NetworksConfig::Kubernetes { .. }
@@ -1309,7 +1312,7 @@ impl Handler {
                 .map_err(from_source_err)?,
             None => BTreeMap::new(),
         };
-        let plan = self.plan(env, pod.as_ref(), &annotations, &shim.runtime_config)?;
+        let mut plan = self.plan(env, pod.as_ref(), &annotations, &shim.runtime_config)?;
         let mut record = Record {
             container_id: env.container_id.clone(),
             netns: env.netns.clone(),
@@ -1344,17 +1347,19 @@ impl Handler {
             });
         }
         self.check_logical_pods(pod.as_ref(), &plan)?;
-        // Physical networks that logical networks share: the checks against the
-        // cluster's logical NADs and this node's live pods, and the plan's save, are
-        // one step against other ADDs.
+        self.check_wires(&mut plan)?;
+        for (a, p) in record.attachments.iter_mut().zip(&plan) {
+            a.physical = p.physical.clone();
+            a.logical = p.logical.clone();
+        }
+        // Logical networks: the checks against the cluster's logical NADs and this
+        // node's live pods, and the plan's save, are one step against other ADDs.
         let gate = plan
             .iter()
-            .any(|p| p.physical.is_some())
+            .any(|p| p.logical.is_some())
             .then(|| self.logical_gate.lock().unwrap_or_else(|p| p.into_inner()));
         if gate.is_some() {
-            self.check_physical_networks(&plan)?;
-        }
-        if plan.iter().any(|p| p.logical.is_some()) {
+            self.check_carvings(&plan)?;
             self.check_logical_overlaps(&record)?;
         }
         // The whole plan, on disk before the first delegate runs: a crash anywhere in
@@ -1460,19 +1465,22 @@ impl Handler {
     fn check_logical_pods(&self, pod: Option<&PodRef>, plan: &[Planned]) -> Result<(), CniError> {
         for p in plan {
             let Some(l) = &p.logical else { continue };
-            if self.logical_trust_pods || crate::logical::checked_outside(l) {
+            if self.logical_trust_pods {
                 continue;
             }
             let spec = match pod {
-                Some(pod) => self.source.pod_spec(pod).map_err(from_source_err)?,
-                None => None,
+                // Without its uid, a stale pod of the same name could be checked.
+                Some(pod) if !pod.uid.is_empty() => {
+                    self.source.pod_spec(pod).map_err(from_source_err)?
+                }
+                _ => None,
             };
             let reason = match spec {
                 Some(spec) => match crate::logical::raw_access(&spec) {
                     Some(r) => r,
                     None => continue,
                 },
-                None => "the agent cannot see the pod's spec to check it (no Kubernetes API source); set logical_trust_pod_privileges = true in the agent config only if admission keeps privileged containers and NET_RAW, NET_ADMIN and SYS_ADMIN out of these pods".into(),
+                None => "the agent cannot see the pod's spec to check it (no Kubernetes API source, or no K8S_POD_UID from the runtime); set logical_trust_pod_privileges = true in the agent config only if admission keeps privileged containers, hostPID and every capability beyond the runtime defaults (NET_RAW included) out of these pods".into(),
             };
             let e = crate::logical::LogicalError::Privileged {
                 network: p.network.clone(),
@@ -1487,19 +1495,67 @@ impl Handler {
         Ok(())
     }
 
-    /// Every planned attachment on a physical network that logical networks could
-    /// share, against the cluster's logical NADs: a NAD that is no logical network
-    /// may not be on the same physical network as one, and a logical one may not
-    /// overlap one carved before it.
-    fn check_physical_networks(&self, plan: &[Planned]) -> Result<(), CniError> {
-        use crate::logical::{check_cluster, of_nad, Carving, Logical};
+    /// The physical networks of the plan as this node resolves them, held to
+    /// `logical_physical_networks`: a logical network only on one of them, and no
+    /// attachment that is not a logical network on any of them. Sets each planned
+    /// attachment's `physical` (and its logical network's) to the resolved name.
+    fn check_wires(&self, plan: &mut [Planned]) -> Result<(), CniError> {
+        let root = |name: &str| crate::dataplane::root_device(name).ok().flatten();
+        let open: Vec<String> = self
+            .logical_wires
+            .iter()
+            .map(|w| crate::logical::canonical(w, root))
+            .collect();
+        for p in plan.iter_mut() {
+            let net = format!("network {} ({})", p.network, p.ifname);
+            let Some(physical) = &p.physical else {
+                if !open.is_empty() && crate::logical::wired_unknown(&p.conf) {
+                    return Err(invalid(format!(
+                        "{net}: its macvlan, ipvlan or vlan plugin names no master (the plugin then takes the default-route device), and this node shares physical networks out to logical networks ({}): name the master",
+                        self.logical_wires.join(", ")
+                    )));
+                }
+                continue;
+            };
+            let resolved = crate::logical::canonical(physical, root);
+            let is_open = open.contains(&resolved);
+            match &mut p.logical {
+                Some(_) if !is_open => {
+                    return Err(invalid(format!(
+                        "{net}: logical network on physical network {physical} ({resolved} on this node), which is not one this node shares out to logical networks (logical_physical_networks: [{}])",
+                        self.logical_wires.join(", ")
+                    )));
+                }
+                Some(l) => l.physical = resolved.clone(),
+                None if is_open => {
+                    let e = crate::logical::LogicalError::Reserved {
+                        network: p.network.clone(),
+                        physical: format!("{physical} ({resolved} on this node)"),
+                        by: "the node's logical_physical_networks".into(),
+                    };
+                    return Err(invalid(format!("{net}: {e}")));
+                }
+                None => {}
+            }
+            p.physical = Some(resolved);
+        }
+        Ok(())
+    }
+
+    /// The plan's logical networks against the cluster's logical NADs on the same
+    /// physical network (as this node resolves them): no overlap with one carved
+    /// before.
+    fn check_carvings(&self, plan: &[Planned]) -> Result<(), CniError> {
+        use crate::logical::{canonical, check_cluster, of_nad, Carving};
+        let root = |name: &str| crate::dataplane::root_device(name).ok().flatten();
         let cluster: Vec<Carving> = self
             .source
             .logical_nads()
             .map_err(from_source_err)?
             .iter()
             .filter_map(|n| {
-                let l = of_nad(n, &n.conf_list().ok()?).ok()??;
+                let mut l = of_nad(n, &n.conf_list().ok()?).ok()??;
+                l.physical = canonical(&l.physical, root);
                 Some(Carving {
                     network: n.qualified_name(),
                     created: n.metadata.creation_timestamp.clone(),
@@ -1508,16 +1564,11 @@ impl Handler {
             })
             .collect();
         for p in plan {
-            let Some(physical) = &p.physical else {
-                continue;
-            };
+            let Some(l) = &p.logical else { continue };
             let me = Carving {
                 network: p.network.clone(),
                 created: p.created.clone(),
-                logical: p.logical.clone().unwrap_or(Logical {
-                    physical: physical.clone(),
-                    subnets: Vec::new(),
-                }),
+                logical: l.clone(),
             };
             check_cluster(&me, &cluster)
                 .map_err(|e| invalid(format!("network {} ({}): {e}", p.network, p.ifname)))?;
@@ -1537,6 +1588,16 @@ impl Handler {
                 format!("cannot check logical networks against this node's pods: {e}"),
             ));
         }
+        // Records of an agent before physical networks were recorded: from their conf.
+        let physical_of = |b: &Attachment| -> Option<String> {
+            b.physical.clone().or_else(|| {
+                let conf = NetConfList::parse(b.conf.to_string().as_bytes(), None).ok()?;
+                let p = crate::logical::physical(&conf, None)?;
+                Some(crate::logical::canonical(&p, |n| {
+                    crate::dataplane::root_device(n).ok().flatten()
+                }))
+            })
+        };
         for a in record.attachments.iter().filter(|a| a.logical.is_some()) {
             let physical = a.physical.as_deref();
             let plain = live
@@ -1544,7 +1605,7 @@ impl Handler {
                 .filter(|r| r.container_id != record.container_id)
                 .chain(std::iter::once(record))
                 .flat_map(|r| r.attachments.iter().map(move |b| (r, b)))
-                .find(|(_, b)| b.logical.is_none() && b.physical.as_deref() == physical);
+                .find(|(_, b)| b.logical.is_none() && physical_of(b).as_deref() == physical);
             if let Some((r, b)) = plain {
                 let e = crate::logical::LogicalError::Reserved {
                     network: format!(

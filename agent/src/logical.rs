@@ -116,14 +116,22 @@ pub struct Logical {
 }
 
 /// The physical network a NAD's config attaches to, if it is one logical networks
-/// can share (a macvlan or ipvlan master, a bridge, an SR-IOV pool).
+/// can share (a macvlan, ipvlan or VLAN master, a bridge, an SR-IOV pool): the first
+/// plugin of the chain that makes an interface on one.
 pub fn physical(conf: &NetConfList, resource: Option<&str>) -> Option<String> {
     physical_of(conf, resource).ok()
 }
 
+/// Plugin types whose interface is on a physical network logical networks share.
+const WIRED: [&str; 5] = ["macvlan", "ipvlan", "vlan", "bridge", crate::sriov::TYPE];
+
 /// The physical network a NAD's config attaches to.
 fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, LogicalError> {
-    let first = conf.plugins.first();
+    let first = conf.plugins.iter().find(|p| {
+        p.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| WIRED.contains(&t))
+    });
     let ty = first
         .and_then(|p| p.get("type"))
         .and_then(Value::as_str)
@@ -131,16 +139,45 @@ fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, Log
     let field = |k: &str| first.and_then(|p| p.get(k)).and_then(Value::as_str);
     let err = |m: String| LogicalError::Annotation(m);
     match ty {
-        "macvlan" | "ipvlan" => field("master")
+        "macvlan" | "ipvlan" | "vlan" => field("master")
             .map(|m| format!("master:{m}"))
-            .ok_or_else(|| err(format!("a {ty} logical network needs an explicit master"))),
+            .ok_or_else(|| err(format!("a {ty} network on a shared wire needs an explicit master (without one the plugin takes the default-route device)"))),
         "bridge" => Ok(format!("bridge:{}", field("bridge").unwrap_or("cni0"))),
         crate::sriov::TYPE => resource.map(|r| format!("sriov:{r}")).ok_or_else(|| {
             err("an sriov logical network needs the NAD's k8s.v1.cni.cncf.io/resourceName".into())
         }),
-        other => Err(err(format!(
-            "a logical network is carved out of a macvlan, ipvlan, bridge or sriov network, not {other:?}"
-        ))),
+        _ => Err(err(
+            "a logical network is carved out of a macvlan, ipvlan, bridge or sriov network (no plugin of its chain makes one)".into(),
+        )),
+    }
+}
+
+/// Whether the config has a plugin on a physical network that logical networks
+/// share whose physical network cannot be told (a macvlan without a master).
+pub fn wired_unknown(conf: &NetConfList) -> bool {
+    conf.plugins.iter().any(|p| {
+        p.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| WIRED.contains(&t))
+    }) && physical_of(conf, Some("")).is_err()
+}
+
+/// `physical` as this node sees it: a master or bridge named by an altname, or
+/// a macvlan, ipvlan or VLAN device stacked on another, is the device at the bottom
+/// (`root` gives it and whether it is a bridge; a macvlan on a bridge is on the
+/// bridge's wire). A device this node does not have keeps its name; pools are
+/// kept as they are.
+pub fn canonical(physical: &str, root: impl Fn(&str) -> Option<(String, bool)>) -> String {
+    let Some((kind, name)) = physical.split_once(':') else {
+        return physical.to_string();
+    };
+    if kind != "master" && kind != "bridge" {
+        return physical.to_string();
+    }
+    match root(name) {
+        Some((r, true)) => format!("bridge:{r}"),
+        Some((r, false)) => format!("master:{r}"),
+        None => physical.to_string(),
     }
 }
 
@@ -191,10 +228,18 @@ pub fn of_nad(
         .annotations
         .get(crate::nad::RESOURCE_NAME_ANNOTATION)
         .map(String::as_str);
-    Ok(Some(Logical {
-        physical: physical_of(conf, resource)?,
-        subnets,
-    }))
+    let physical = physical_of(conf, resource)?;
+    let made_by = conf.plugins.iter().find_map(|p| {
+        p.get("type")
+            .and_then(Value::as_str)
+            .filter(|t| WIRED.contains(t))
+    });
+    if made_by == Some("vlan") {
+        return Err(err(
+            "a logical network is carved out of a macvlan, ipvlan, bridge or sriov network, not a vlan one".into(),
+        ));
+    }
+    Ok(Some(Logical { physical, subnets }))
 }
 
 /// Fails if `network`'s subnets overlap those of another logical network (`others`:
@@ -233,11 +278,12 @@ pub struct Carving {
 }
 
 impl Carving {
-    /// Whether this carving came before `o` (both creation times known; the same
-    /// second: the lesser name).
+    /// Whether this carving came before `o`; None: that cannot be told (a creation
+    /// time missing, or both in the same second, where a name an attacker picks
+    /// would decide).
     fn before(&self, o: &Carving) -> Option<bool> {
         match (&self.created, &o.created) {
-            (Some(a), Some(b)) => Some((a, &self.network) < (b, &o.network)),
+            (Some(a), Some(b)) if a != b => Some(a < b),
             _ => None,
         }
     }
@@ -268,7 +314,7 @@ pub fn check_cluster(me: &Carving, cluster: &[Carving]) -> Result<(), LogicalErr
             let which = match me.before(o) {
                 Some(true) => continue,
                 Some(false) => "which was created first",
-                None => "and without both creation times neither may be used",
+                None => "and without creation times that tell which came first neither may be used",
             };
             return Err(LogicalError::Claimed {
                 network: me.network.clone(),
@@ -283,22 +329,36 @@ pub fn check_cluster(me: &Carving, cluster: &[Carving]) -> Result<(), LogicalErr
     Ok(())
 }
 
-/// Whether packets a pod sends on this network pass a check outside the pod (the
-/// host side of a veth, for a bridge), which no pod can skip or remove.
-pub fn checked_outside(l: &Logical) -> bool {
-    l.physical.starts_with("bridge:")
-}
+/// Capabilities a container may add and still join a logical network: the
+/// runtimes' defaults without NET_RAW (which lets a pod send past its egress check
+/// with AF_PACKET and PACKET_QDISC_BYPASS, or read the wire's other frames). Every
+/// other one (NET_ADMIN removes the check; SYS_ADMIN, SYS_MODULE, BPF, ... do
+/// worse) is refused.
+const HARMLESS_CAPS: [&str; 12] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+];
 
-/// Capabilities that let a pod send past its egress check (NET_RAW: AF_PACKET with
-/// PACKET_QDISC_BYPASS), remove the check (NET_ADMIN) or do either (SYS_ADMIN).
-const RAW_CAPS: [&str; 3] = ["NET_RAW", "NET_ADMIN", "SYS_ADMIN"];
-
-/// Why a pod of `spec` may send raw frames or change its interfaces, if it may: a
-/// privileged container, one adding such a capability (or ALL), or one not
+/// Why a pod of `spec` may send raw frames, change its interfaces or reach the
+/// node's processes, if it may: the host's PID namespace, a privileged container,
+/// one adding a capability beyond the runtimes' harmless defaults, or one not
 /// dropping NET_RAW (containerd grants it by default). Capability names are read
-/// as the runtimes read them (upper-cased; a "CAP_" prefix is not stripped by
-/// them, so a drop of "CAP_NET_RAW" drops nothing).
+/// as the runtimes read them (upper-cased; a "CAP_" prefix is not stripped by them,
+/// so a drop of "CAP_NET_RAW" drops nothing).
 pub fn raw_access(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    if spec.host_pid == Some(true) {
+        return Some("the pod shares the host's PID namespace (hostPID)".into());
+    }
     let containers = spec
         .init_containers
         .iter()
@@ -324,11 +384,11 @@ pub fn raw_access(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> 
                 .collect()
         };
         let (add, drop) = (upper(caps.add), upper(caps.drop));
-        if let Some(c) = add.iter().find(|c| {
-            let bare = c.strip_prefix("CAP_").unwrap_or(c);
-            *c == "ALL" || RAW_CAPS.contains(&bare)
-        }) {
-            return Some(format!("container {name:?} adds capability {c}"));
+        if let Some(c) = add.iter().find(|c| !HARMLESS_CAPS.contains(&c.as_str())) {
+            return Some(format!(
+                "container {name:?} adds capability {c} (only {} may be added)",
+                HARMLESS_CAPS.join(", ")
+            ));
         }
         if !drop.iter().any(|c| c == "ALL" || c == "NET_RAW") {
             return Some(format!(
@@ -531,9 +591,9 @@ mod tests {
         let c = carving("tc/x", None, "master:eth1", &["10.1.0.0/25"]);
         let e = check_cluster(&c, &cluster).unwrap_err().to_string();
         assert!(e.contains("neither"), "{e}");
-        // The same second: the lesser name.
+        // The same second: neither (a name would decide, and names are chosen).
         let d = carving("aa/x", t2, "master:eth1", &["10.1.0.192/26"]);
-        assert!(check_cluster(&d, &cluster[1..2]).is_ok());
+        assert!(check_cluster(&d, &cluster[1..2]).is_err());
         // Apart, on one wire: fine.
         let e2 = carving("td/lan", t2, "master:eth1", &["10.2.0.0/24"]);
         assert!(check_cluster(&e2, &cluster).is_ok());
@@ -598,11 +658,62 @@ mod tests {
             let r = r.unwrap_or_else(|| panic!("{sc}: not found"));
             assert!(r.contains("\"b\"") && r.contains(says), "{sc}: {r}");
         }
+        // The host's PID namespace, and capabilities beyond the runtimes' defaults.
+        let mut s = spec(json!([{"name": "a", "securityContext": safe}]));
+        s.host_pid = Some(true);
+        assert!(raw_access(&s).unwrap().contains("hostPID"));
+        let bpf = json!({"capabilities": {"add": ["BPF"], "drop": ["ALL"]}});
+        assert!(
+            raw_access(&spec(json!([{"name": "a", "securityContext": bpf}])))
+                .unwrap()
+                .contains("BPF")
+        );
+        let bind = json!({"capabilities": {"add": ["net_bind_service"], "drop": ["ALL"]}});
+        assert_eq!(
+            raw_access(&spec(json!([{"name": "a", "securityContext": bind}]))),
+            None
+        );
         // Init containers count as much.
         let mut s = spec(json!([{"name": "a", "securityContext": safe}]));
         s.init_containers = Some(vec![
             serde_json::from_value(json!({"name": "init"})).unwrap()
         ]);
         assert!(raw_access(&s).unwrap().contains("init"));
+    }
+
+    #[test]
+    fn names_resolve_to_the_device_at_the_bottom() {
+        let root = |n: &str| match n {
+            "alt0" | "eth1" => Some(("eth1".to_string(), false)),
+            "mv0" => Some(("eth1".to_string(), false)),
+            "br0" | "mvb" => Some(("br0".to_string(), true)),
+            _ => None,
+        };
+        assert_eq!(canonical("master:alt0", root), "master:eth1");
+        assert_eq!(canonical("master:mv0", root), "master:eth1");
+        assert_eq!(canonical("master:mvb", root), "bridge:br0");
+        assert_eq!(canonical("bridge:br0", root), "bridge:br0");
+        assert_eq!(canonical("master:gone", root), "master:gone");
+        assert_eq!(canonical("sriov:intel.com/a", root), "sriov:intel.com/a");
+        // The chain's first plugin that makes an interface names the wire.
+        let chain: NetConfList = NetConfList::parse(
+            json!({"cniVersion": "1.0.0", "name": "x", "plugins": [
+                {"type": "static"},
+                {"type": "macvlan", "master": "eth1"}
+            ]})
+            .to_string()
+            .as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(physical(&chain, None).as_deref(), Some("master:eth1"));
+        let no_master: NetConfList = NetConfList::parse(
+            json!({"cniVersion": "1.0.0", "name": "x", "type": "ipvlan"})
+                .to_string()
+                .as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert!(wired_unknown(&no_master));
     }
 }

@@ -138,9 +138,29 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
         &node.bridge_conf("br", &bridge, "10.79.11.0/24"),
     );
 
+    // A logical NAD on a wire the node does not share out, and a plain one on the
+    // shared master by an altname.
+    node.add_nad_annotated(
+        "tenant-g",
+        "lan",
+        &node.bridge_conf("lan", &bridge2, "10.79.12.0/24"),
+        &logical(&["10.79.12.0/24"]),
+    );
+    let alt = trellis_rig::unique("tra");
+    node.host.sh(&format!(
+        "ip link property add dev {} altname {alt}",
+        node.master
+    ));
+    let mut by_alt = node.macvlan_conf("10.79.13.0/24");
+    by_alt["master"] = json!(alt);
+    node.add_nad("tenant-h", "lan", &by_alt);
+    node.top_toml.push_str(&format!(
+        "\nlogical_physical_networks = [\"master:{}\", \"bridge:{bridge}\"]\n",
+        node.master
+    ));
+
     // Without the Kubernetes API the agent cannot see whether a pod may send raw
-    // frames: on a macvlan master (nothing outside the pod checks what it sends)
-    // it refuses, unless told to trust the pods; nothing is left.
+    // frames: it refuses, unless told to trust the pods; nothing is left.
     node.start_agent();
     let mut pods = Pods {
         node: &node,
@@ -228,14 +248,17 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
         e.contains("overlaps") && e.contains("tenant-a/lan") && e.contains("10.79.1.128/25"),
         "{e}"
     );
-    // A NAD that is no logical network on the shared master or bridge: refused.
-    for net in ["lan", "br"] {
-        let e = pods.add("tenant-f", &format!("f-{net}"), net).unwrap_err();
+    // A NAD that is no logical network on the shared master (by its name or an
+    // altname) or bridge: refused. A logical one on a wire not shared out: refused.
+    for (ns, net) in [("tenant-f", "lan"), ("tenant-f", "br"), ("tenant-h", "lan")] {
+        let e = pods.add(ns, &format!("{ns}-{net}"), net).unwrap_err();
         assert!(
             e.contains("trellis.dev/logical-network") && e.contains("must be a logical network"),
             "{e}"
         );
     }
+    let e = pods.add("tenant-g", "g-lan", "lan").unwrap_err();
+    assert!(e.contains("logical_physical_networks"), "{e}");
     // Addresses outside the carving: refused, the address released.
     let e = pods.add("tenant-d", "d9", "lan").unwrap_err();
     assert!(e.contains("outside") && e.contains("10.79.5.0/24"), "{e}");
@@ -288,6 +311,10 @@ fn the_pod_spec_and_the_clusters_nads_decide() {
         &logical(&["10.79.21.0/25"]),
     );
     api.put_nad("tenant-c", "plain", &node.macvlan_conf("10.79.22.0/24"));
+    node.top_toml.push_str(&format!(
+        "\nlogical_physical_networks = [\"master:{}\"]\n",
+        node.master
+    ));
     let safe = json!({"capabilities": {"drop": ["ALL"]}});
     let pods = [
         (
@@ -448,7 +475,7 @@ fn a_logical_slot_passes_only_its_own_addresses() {
             "one VLAN tag",
             tagged(&udp("10.1.0.1", "10.1.0.2"), 0x8100, 5),
             DIR_EGRESS,
-            TCX_NEXT,
+            TCX_DROP,
         ),
         (
             "two VLAN tags",
@@ -482,6 +509,18 @@ fn a_logical_slot_passes_only_its_own_addresses() {
             TCX_DROP,
         ),
         (
+            "ARP answering a probe",
+            arp(v4("10.1.0.1"), v4("0.0.0.0")),
+            DIR_EGRESS,
+            TCX_NEXT,
+        ),
+        (
+            "ARP from nobody to nobody",
+            arp(v4("0.0.0.0"), v4("0.0.0.0")),
+            DIR_EGRESS,
+            TCX_DROP,
+        ),
+        (
             "NS for an address inside",
             nd(135, v6("fe80::1"), v6("ff02::1:ff00:2"), v6("fd00:1::2")),
             DIR_EGRESS,
@@ -497,6 +536,30 @@ fn a_logical_slot_passes_only_its_own_addresses() {
             "NA for another tenant's address",
             nd(136, v6("fe80::1"), v6("ff02::1"), v6("fd00:2::9")),
             DIR_EGRESS,
+            TCX_DROP,
+        ),
+        (
+            "NS from another tenant's address",
+            nd(135, v6("fd00:2::9"), v6("ff02::1:ff00:2"), v6("fe80::2")),
+            DIR_INGRESS,
+            TCX_DROP,
+        ),
+        (
+            "NS to another tenant's address",
+            nd(135, v6("fe80::1"), v6("fd00:2::9"), v6("fe80::2")),
+            DIR_EGRESS,
+            TCX_DROP,
+        ),
+        (
+            "NA from the unspecified address",
+            nd(136, Ipv6Addr::UNSPECIFIED, v6("ff02::1"), v6("fd00:1::2")),
+            DIR_EGRESS,
+            TCX_DROP,
+        ),
+        (
+            "router advertisement from a global address",
+            nd(134, v6("fd00:2::1"), v6("ff02::1"), Ipv6Addr::UNSPECIFIED),
+            DIR_INGRESS,
             TCX_DROP,
         ),
         (

@@ -1394,6 +1394,25 @@ const PINNED_MAPS: [&str; 13] = [
     maps::RULE_HITS,
 ];
 
+/// The device at the bottom of `name` in the calling thread's netns (following
+/// macvlan, ipvlan and VLAN devices down to what they are on; an altname resolves to
+/// its device), and whether it is a bridge. None: no such device.
+pub fn root_device(name: &str) -> std::io::Result<Option<(String, bool)>> {
+    let mut rtnl = Rtnl::here()?;
+    let Some(mut link) = rtnl.link(name)? else {
+        return Ok(None);
+    };
+    // A chain of stacked devices is short; the bound keeps a loop out.
+    for _ in 0..8 {
+        let Some(lower) = link.lower else { break };
+        match rtnl.link_by_index(lower)? {
+            Some(l) => link = l,
+            None => break,
+        }
+    }
+    Ok(Some((link.name, link.bridge)))
+}
+
 /// The name of the ifb device queueing `slot`'s ingress, in its pod's netns.
 pub fn ifb_name(slot: u32) -> String {
     format!("trl-in-{slot}")

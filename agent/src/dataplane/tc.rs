@@ -117,11 +117,15 @@ pub struct LinkFacts {
     pub veth_peer: Option<(u32, Option<i32>)>,
     /// An ifb device.
     pub ifb: bool,
+    /// A bridge.
+    pub bridge: bool,
+    /// The device a macvlan, ipvlan or VLAN device is on (IFLA_LINK, same netns).
+    pub lower: Option<u32>,
 }
 
 fn link_facts(m: &LinkMessage) -> LinkFacts {
     let mut name = String::new();
-    let (mut veth, mut ifb, mut peer, mut nsid) = (false, false, 0u32, None);
+    let (mut veth, mut ifb, mut bridge, mut peer, mut nsid) = (false, false, false, 0u32, None);
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
@@ -129,6 +133,7 @@ fn link_facts(m: &LinkMessage) -> LinkFacts {
                 let kind = |k: InfoKind| i.iter().any(|x| x == &LinkInfo::Kind(k.clone()));
                 veth |= kind(InfoKind::Veth);
                 ifb |= kind(InfoKind::Ifb);
+                bridge |= kind(InfoKind::Bridge);
             }
             LinkAttribute::Link(i) => peer = *i,
             LinkAttribute::LinkNetNsId(n) if *n >= 0 => nsid = Some(*n),
@@ -140,6 +145,8 @@ fn link_facts(m: &LinkMessage) -> LinkFacts {
         name,
         veth_peer: (veth && peer != 0).then_some((peer, nsid)),
         ifb,
+        bridge,
+        lower: (!veth && peer != 0 && peer != m.header.index && nsid.is_none()).then_some(peer),
     }
 }
 

@@ -147,7 +147,13 @@ impl KubeSource {
     /// same name (another uid) is not it.
     fn pod(&self, pod: &PodRef) -> Result<Pod, SourceError> {
         let key = ObjectRef::<Pod>::new(&pod.name).within(&pod.namespace);
-        let found = match self.pods.get(&key) {
+        // A cached pod of another uid may be the one before a re-creation the
+        // watch has not delivered yet: asked for again.
+        let cached = self
+            .pods
+            .get(&key)
+            .filter(|p| pod.uid.is_empty() || p.meta().uid.as_deref() == Some(pod.uid.as_str()));
+        let found = match cached {
             Some(p) => Some((*p).clone()),
             None => {
                 let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);

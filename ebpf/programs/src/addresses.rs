@@ -1,9 +1,7 @@
 //! What a logical network's check reads of a packet: its addresses (IP, ARP) and
 //! neighbour discovery's targets. Used by trellis-tc only.
 
-use crate::packet::{
-    at, pull_headers, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMPV6,
-};
+use crate::packet::{at, pull_headers, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMPV6};
 use aya_ebpf::programs::TcContext;
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -20,7 +18,7 @@ const ND_LAST: u8 = 137;
 
 /// The addresses a logical network's check looks at.
 pub enum Addrs {
-    /// Neither IPv4, IPv6 nor ARP for IPv4 over Ethernet (after one VLAN tag).
+    /// Neither IPv4, IPv6 nor ARP for IPv4 over Ethernet, or VLAN-tagged.
     Other,
     /// A packet whose addresses could not be read.
     Unreadable,
@@ -28,20 +26,33 @@ pub enum Addrs {
     Arp(u32, u32),
     V4(u32, u32),
     V6([u64; 2], [u64; 2]),
-    /// ICMPv6 neighbour discovery right after the IPv6 header: its type and, for
-    /// neighbour solicitations and advertisements, the target address.
-    Nd(u8, [u64; 2]),
+    /// ICMPv6 neighbour discovery right after the IPv6 header: its type, its target
+    /// address (neighbour solicitations and advertisements; else zero), source and
+    /// destination.
+    Nd(u8, [u64; 2], [u64; 2], [u64; 2]),
 }
 
-/// Whether an IPv6 address (its high half) is link-local (fe80::/10).
+/// Whether an IPv6 address is link-local (fe80::/10).
 #[inline(always)]
-pub fn link_local(hi: u64) -> bool {
-    hi >> 54 == 0x3fa
+pub fn link_local(a: [u64; 2]) -> bool {
+    a[0] >> 54 == 0x3fa
 }
 
-/// The addresses of the packet (host byte order).
+/// Whether an IPv6 address is link-scope multicast (ff02::/16).
+#[inline(always)]
+pub fn link_multicast(a: [u64; 2]) -> bool {
+    a[0] >> 48 == 0xff02
+}
+
+/// The addresses of the packet (host byte order). A VLAN tag, in the frame or
+/// already taken into the packet's metadata, makes it Other: a pod on a logical
+/// network has no business tagging.
 #[inline(always)]
 pub fn addresses(ctx: &TcContext) -> Addrs {
+    // SAFETY: the context the kernel passed; vlan_present is readable in tc programs.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Addrs::Other;
+    }
     pull_headers(ctx);
     read_addresses(ctx).unwrap_or(Addrs::Unreadable)
 }
@@ -50,46 +61,43 @@ pub fn addresses(ctx: &TcContext) -> Addrs {
 /// reads (one `?` per load): other shapes leave LLVM's code unverifiable.
 #[inline(always)]
 fn read_addresses(ctx: &TcContext) -> Option<Addrs> {
-    let mut l3 = ETH_HLEN;
-    let mut proto = u16::from_be(at::<u16>(ctx, 12)?);
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        proto = u16::from_be(at::<u16>(ctx, 16)?);
-        l3 += 4;
-    }
+    const L3: usize = ETH_HLEN;
+    let proto = u16::from_be(at::<u16>(ctx, 12)?);
     match proto {
         ETH_P_IP => {
-            let src = u32::from_be(at::<u32>(ctx, l3 + 12)?);
-            let dst = u32::from_be(at::<u32>(ctx, l3 + 16)?);
+            let src = u32::from_be(at::<u32>(ctx, L3 + 12)?);
+            let dst = u32::from_be(at::<u32>(ctx, L3 + 16)?);
             Some(Addrs::V4(src, dst))
         }
         ETH_P_ARP => {
-            let head = u64::from_be(at::<u64>(ctx, l3)?);
+            let head = u64::from_be(at::<u64>(ctx, L3)?);
             if head >> 16 != ARP_ETHER_IPV4 {
                 return Some(Addrs::Other);
             }
-            let spa = u32::from_be(at::<u32>(ctx, l3 + 14)?);
-            let tpa = u32::from_be(at::<u32>(ctx, l3 + 24)?);
+            let spa = u32::from_be(at::<u32>(ctx, L3 + 14)?);
+            let tpa = u32::from_be(at::<u32>(ctx, L3 + 24)?);
             Some(Addrs::Arp(spa, tpa))
         }
         ETH_P_IPV6 => {
-            let next: u8 = at(ctx, l3 + 6)?;
-            let sh = u64::from_be(at::<u64>(ctx, l3 + 8)?);
-            let sl = u64::from_be(at::<u64>(ctx, l3 + 16)?);
-            let dh = u64::from_be(at::<u64>(ctx, l3 + 24)?);
-            let dl = u64::from_be(at::<u64>(ctx, l3 + 32)?);
+            let next: u8 = at(ctx, L3 + 6)?;
+            let sh = u64::from_be(at::<u64>(ctx, L3 + 8)?);
+            let sl = u64::from_be(at::<u64>(ctx, L3 + 16)?);
+            let dh = u64::from_be(at::<u64>(ctx, L3 + 24)?);
+            let dl = u64::from_be(at::<u64>(ctx, L3 + 32)?);
+            let (src, dst) = ([sh, sl], [dh, dl]);
             if next == IPPROTO_ICMPV6 {
                 // Type and code read together, as in `parse`.
-                let [t, _] = at::<[u8; 2]>(ctx, l3 + 40)?;
+                let [t, _] = at::<[u8; 2]>(ctx, L3 + 40)?;
                 if t == ND_NEIGHBOR_SOLICIT || t == ND_NEIGHBOR_ADVERT {
-                    let th = u64::from_be(at::<u64>(ctx, l3 + 48)?);
-                    let tl = u64::from_be(at::<u64>(ctx, l3 + 56)?);
-                    return Some(Addrs::Nd(t, [th, tl]));
+                    let th = u64::from_be(at::<u64>(ctx, L3 + 48)?);
+                    let tl = u64::from_be(at::<u64>(ctx, L3 + 56)?);
+                    return Some(Addrs::Nd(t, [th, tl], src, dst));
                 }
                 if (ND_FIRST..=ND_LAST).contains(&t) {
-                    return Some(Addrs::Nd(t, [0; 2]));
+                    return Some(Addrs::Nd(t, [0; 2], src, dst));
                 }
             }
-            Some(Addrs::V6([sh, sl], [dh, dl]))
+            Some(Addrs::V6(src, dst))
         }
         _ => Some(Addrs::Other),
     }

@@ -15,7 +15,8 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod tc {
     use crate::addresses::{
-        addresses, link_local, Addrs, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_ROUTER_SOLICIT,
+        addresses, link_local, link_multicast, Addrs, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT,
+        ND_ROUTER_SOLICIT,
     };
     use crate::packet::{count, parse, rule_matches, Packet, Verdict};
     use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
@@ -125,11 +126,15 @@ mod tc {
     /// Whether the slot's logical network (if `s` uses one) lets the packet through
     /// in `dir`: both of its addresses in the network's subnets (a pod that takes
     /// another tenant's address gets nothing out; nothing from another tenant's gets
-    /// in). ARP: its sender (0.0.0.0 for a probe) and target addresses. Neighbour
-    /// discovery: solicitations and advertisements only for a link-local target or
-    /// one in the subnets, router solicitations both ways, router advertisements
-    /// and redirects only in (a pod is no router). Nothing else passes: no other
-    /// EtherType, no second VLAN tag, nothing that cannot be read.
+    /// in). ARP: sender and target inside, or a probe (sender 0.0.0.0) for an
+    /// address inside, or the answer to one (target 0.0.0.0). Neighbour discovery
+    /// (RFC 4861's addresses): solicitations and advertisements about a link-local
+    /// target or one inside, from the unspecified address (solicitations only), a
+    /// link-local one or one inside, to link-scope multicast, a link-local address or
+    /// one inside; router solicitations from the unspecified or a link-local address
+    /// to link-scope multicast; router advertisements and redirects from a link-local
+    /// address, coming in only (a pod is no router). Nothing else passes: no other
+    /// EtherType, no VLAN tag, nothing that cannot be read.
     #[inline(always)]
     fn logical_ok(ctx: &TcContext, slot: u32, s: &SlotState, dir: u32) -> bool {
         if s.uses & USES_LOGICAL == 0 {
@@ -140,12 +145,22 @@ mod tc {
         };
         match addresses(ctx) {
             Addrs::Other | Addrs::Unreadable => false,
-            Addrs::Arp(s, t) => (s == 0 || in4(l, s)) && in4(l, t),
+            Addrs::Arp(s, t) => (s == 0 && in4(l, t)) || (in4(l, s) && (t == 0 || in4(l, t))),
             Addrs::V4(s, d) => in4(l, s) && in4(l, d),
             Addrs::V6(s, d) => in6(l, s) && in6(l, d),
-            Addrs::Nd(ND_NEIGHBOR_SOLICIT | ND_NEIGHBOR_ADVERT, t) => link_local(t[0]) || in6(l, t),
-            Addrs::Nd(ND_ROUTER_SOLICIT, _) => true,
-            Addrs::Nd(..) => dir == DIR_INGRESS,
+            Addrs::Nd(t, target, src, dst) => {
+                let unspecified = src == [0, 0];
+                let to = link_multicast(dst) || link_local(dst) || in6(l, dst);
+                let about = link_local(target) || in6(l, target);
+                match t {
+                    ND_NEIGHBOR_SOLICIT => {
+                        (unspecified || link_local(src) || in6(l, src)) && to && about
+                    }
+                    ND_NEIGHBOR_ADVERT => (link_local(src) || in6(l, src)) && to && about,
+                    ND_ROUTER_SOLICIT => (unspecified || link_local(src)) && link_multicast(dst),
+                    _ => dir == DIR_INGRESS && link_local(src),
+                }
+            }
         }
     }
 
