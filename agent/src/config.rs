@@ -126,8 +126,7 @@ pub struct NadPolicy {
     /// Keys no NAD plugin conf (nor its `ipam`) may set, because they name host files,
     /// sockets or devices. Default: `dataDir` (host-local writes its store there),
     /// `daemonSocketPath` (dhcp), `device`, `pciBusID`, `kernelpath` (host-device),
-    /// `delegate`, `delegates` (configs for plugins this policy would not see),
-    /// `linkInContainer` (a master inside the pod).
+    /// `delegate`, `delegates` (configs for plugins this policy would not see).
     #[serde(default = "default_denied_keys")]
     pub denied_keys: Vec<String>,
     /// Host interfaces a NAD may name as `master` (macvlan, ipvlan, vlan); empty:
@@ -189,9 +188,6 @@ fn default_denied_keys() -> Vec<String> {
         // meta-plugins inside a NAD
         "delegate",
         "delegates",
-        // macvlan/ipvlan (CNI plugins >= 1.3): a master inside the pod, such as the
-        // pod's own interface of another network, whose checks the new one skips
-        "linkInContainer",
     ]
     .map(String::from)
     .to_vec()
@@ -568,6 +564,10 @@ impl AgentConfig {
             return Err(err(format!(
                 "global_namespaces: {bad:?} is not a namespace name"
             )));
+        }
+        for w in &c.logical_physical_networks {
+            crate::logical::check_wire_name(w)
+                .map_err(|m| err(format!("logical_physical_networks: {m}")))?;
         }
         if c.delegate_timeout_secs == 0 {
             return Err(err("delegate_timeout_secs must be at least 1".into()));

@@ -1500,30 +1500,50 @@ impl Handler {
     /// attachment that is not a logical network on any of them. Sets each planned
     /// attachment's `physical` (and its logical network's) to the resolved name.
     fn check_wires(&self, plan: &mut [Planned]) -> Result<(), CniError> {
-        let root = |name: &str| crate::dataplane::root_device(name).ok().flatten();
+        if self.logical_wires.is_empty() {
+            return match plan.iter().find(|p| p.logical.is_some()) {
+                Some(p) => Err(invalid(format!(
+                    "network {} ({}) is a logical network, and this node shares no physical network out to logical networks (logical_physical_networks in the agent config)",
+                    p.network, p.ifname
+                ))),
+                None => Ok(()),
+            };
+        }
+        let resolve = |physical: &str| {
+            crate::logical::canonical(physical, crate::dataplane::root_device).map_err(|e| {
+                CniError::new(
+                    ErrorCode::Io,
+                    format!("cannot tell which device {physical} is on this node: {e}"),
+                )
+            })
+        };
         let open: Vec<String> = self
             .logical_wires
             .iter()
-            .map(|w| crate::logical::canonical(w, root))
-            .collect();
+            .map(|w| resolve(w))
+            .collect::<Result<_, _>>()?;
+        let wires = self.logical_wires.join(", ");
         for p in plan.iter_mut() {
             let net = format!("network {} ({})", p.network, p.ifname);
+            if crate::logical::link_in_container(&p.conf) {
+                return Err(invalid(format!(
+                    "{net}: linkInContainer (a master inside the pod, which could be another network's interface) is refused on a node that shares physical networks out to logical networks ({wires})"
+                )));
+            }
             let Some(physical) = &p.physical else {
-                if !open.is_empty() && crate::logical::wired_unknown(&p.conf) {
+                if crate::logical::wired_unknown(&p.conf, p.resource.as_deref()) {
                     return Err(invalid(format!(
-                        "{net}: its macvlan, ipvlan or vlan plugin names no master (the plugin then takes the default-route device), and this node shares physical networks out to logical networks ({}): name the master",
-                        self.logical_wires.join(", ")
+                        "{net}: its physical network cannot be told (a macvlan, ipvlan or vlan plugin without a master takes the default-route device; an sriov network needs the NAD's k8s.v1.cni.cncf.io/resourceName), and this node shares physical networks out to logical networks ({wires})"
                     )));
                 }
                 continue;
             };
-            let resolved = crate::logical::canonical(physical, root);
+            let resolved = resolve(physical)?;
             let is_open = open.contains(&resolved);
             match &mut p.logical {
                 Some(_) if !is_open => {
                     return Err(invalid(format!(
-                        "{net}: logical network on physical network {physical} ({resolved} on this node), which is not one this node shares out to logical networks (logical_physical_networks: [{}])",
-                        self.logical_wires.join(", ")
+                        "{net}: logical network on physical network {physical} ({resolved} on this node), which is not one this node shares out to logical networks (logical_physical_networks: [{wires}])"
                     )));
                 }
                 Some(l) => l.physical = resolved.clone(),
@@ -1531,7 +1551,7 @@ impl Handler {
                     let e = crate::logical::LogicalError::Reserved {
                         network: p.network.clone(),
                         physical: format!("{physical} ({resolved} on this node)"),
-                        by: "the node's logical_physical_networks".into(),
+                        by: "this node's logical_physical_networks".into(),
                     };
                     return Err(invalid(format!("{net}: {e}")));
                 }
@@ -1547,22 +1567,26 @@ impl Handler {
     /// before.
     fn check_carvings(&self, plan: &[Planned]) -> Result<(), CniError> {
         use crate::logical::{canonical, check_cluster, of_nad, Carving};
-        let root = |name: &str| crate::dataplane::root_device(name).ok().flatten();
-        let cluster: Vec<Carving> = self
-            .source
-            .logical_nads()
-            .map_err(from_source_err)?
-            .iter()
-            .filter_map(|n| {
-                let mut l = of_nad(n, &n.conf_list().ok()?).ok()??;
-                l.physical = canonical(&l.physical, root);
-                Some(Carving {
-                    network: n.qualified_name(),
-                    created: n.metadata.creation_timestamp.clone(),
-                    logical: l,
-                })
-            })
-            .collect();
+        let mut cluster = Vec::new();
+        for n in self.source.logical_nads().map_err(from_source_err)? {
+            let Some(Ok(Some(mut l))) = n.conf_list().ok().map(|c| of_nad(&n, &c)) else {
+                continue;
+            };
+            l.physical = canonical(&l.physical, crate::dataplane::root_device).map_err(|e| {
+                CniError::new(
+                    ErrorCode::Io,
+                    format!(
+                        "cannot tell which device {} is on this node: {e}",
+                        l.physical
+                    ),
+                )
+            })?;
+            cluster.push(Carving {
+                network: n.qualified_name(),
+                created: n.metadata.creation_timestamp.clone(),
+                logical: l,
+            });
+        }
         for p in plan {
             let Some(l) = &p.logical else { continue };
             let me = Carving {
@@ -1588,15 +1612,14 @@ impl Handler {
                 format!("cannot check logical networks against this node's pods: {e}"),
             ));
         }
-        // Records of an agent before physical networks were recorded: from their conf.
+        // As this node resolves it now (records of earlier agents hold names as the
+        // NAD gave them, or none: then from their conf).
         let physical_of = |b: &Attachment| -> Option<String> {
-            b.physical.clone().or_else(|| {
+            let p = b.physical.clone().or_else(|| {
                 let conf = NetConfList::parse(b.conf.to_string().as_bytes(), None).ok()?;
-                let p = crate::logical::physical(&conf, None)?;
-                Some(crate::logical::canonical(&p, |n| {
-                    crate::dataplane::root_device(n).ok().flatten()
-                }))
-            })
+                crate::logical::physical(&conf, None)
+            })?;
+            Some(crate::logical::canonical(&p, crate::dataplane::root_device).unwrap_or(p))
         };
         for a in record.attachments.iter().filter(|a| a.logical.is_some()) {
             let physical = a.physical.as_deref();
@@ -1613,7 +1636,7 @@ impl Handler {
                         b.network, r.pod_namespace, r.pod_name, b.ifname
                     ),
                     physical: physical.unwrap_or_default().to_string(),
-                    by: a.network.clone(),
+                    by: format!("logical network {}", a.network),
                 };
                 return Err(invalid(format!(
                     "network {} ({}): {e}",
@@ -1627,6 +1650,13 @@ impl Handler {
             .chain(std::iter::once(record))
             .flat_map(|r| r.attachments.iter())
             .filter_map(|a| a.logical.clone().map(|l| (a.network.clone(), l)))
+            .map(|(n, mut l)| {
+                if let Ok(p) = crate::logical::canonical(&l.physical, crate::dataplane::root_device)
+                {
+                    l.physical = p;
+                }
+                (n, l)
+            })
             .collect();
         others.dedup();
         for a in &record.attachments {

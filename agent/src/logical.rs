@@ -36,13 +36,13 @@ pub enum LogicalError {
         physical: String,
         which: &'static str,
     },
-    #[error("{network} attaches to physical network {physical}, which logical network {by} shares out between tenants: every NetworkAttachmentDefinition on it must be a logical network too ({LOGICAL_ANNOTATION}), or its pods could take any tenant's addresses")]
+    #[error("{network} attaches to physical network {physical}, which {by} shares out between tenants: every NetworkAttachmentDefinition on it must be a logical network too ({LOGICAL_ANNOTATION}), or its pods could take any tenant's addresses")]
     Reserved {
         network: String,
         physical: String,
         by: String,
     },
-    #[error("logical network {network} is on {kind}, where nothing outside the pod checks what it sends: a pod that may send raw frames or change its own interfaces could take another tenant's addresses, and {reason}")]
+    #[error("logical network {network} (on {kind}): a pod that may send raw frames or change its own interfaces could take or watch another tenant's addresses, and {reason}")]
     Privileged {
         network: String,
         kind: String,
@@ -136,7 +136,13 @@ fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, Log
         .and_then(|p| p.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("");
-    let field = |k: &str| first.and_then(|p| p.get(k)).and_then(Value::as_str);
+    // An empty name is no name to the plugins (the default-route device, cni0).
+    let field = |k: &str| {
+        first
+            .and_then(|p| p.get(k))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
     let err = |m: String| LogicalError::Annotation(m);
     match ty {
         "macvlan" | "ipvlan" | "vlan" => field("master")
@@ -153,31 +159,53 @@ fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, Log
 }
 
 /// Whether the config has a plugin on a physical network that logical networks
-/// share whose physical network cannot be told (a macvlan without a master).
-pub fn wired_unknown(conf: &NetConfList) -> bool {
+/// share whose physical network cannot be told (a macvlan without a master, an
+/// sriov network without the NAD's resourceName).
+pub fn wired_unknown(conf: &NetConfList, resource: Option<&str>) -> bool {
     conf.plugins.iter().any(|p| {
         p.get("type")
             .and_then(Value::as_str)
             .is_some_and(|t| WIRED.contains(&t))
-    }) && physical_of(conf, Some("")).is_err()
+    }) && physical_of(conf, resource).is_err()
 }
 
-/// `physical` as this node sees it: a master or bridge named by an altname, or
-/// a macvlan, ipvlan or VLAN device stacked on another, is the device at the bottom
-/// (`root` gives it and whether it is a bridge; a macvlan on a bridge is on the
-/// bridge's wire). A device this node does not have keeps its name; pools are
-/// kept as they are.
-pub fn canonical(physical: &str, root: impl Fn(&str) -> Option<(String, bool)>) -> String {
+/// Whether a plugin of the config puts a macvlan or ipvlan master inside the pod
+/// (`linkInContainer`, CNI plugins >= 1.3), in any spelling.
+pub fn link_in_container(conf: &NetConfList) -> bool {
+    conf.plugins
+        .iter()
+        .any(|p| p.keys().any(|k| k.eq_ignore_ascii_case("linkInContainer")))
+}
+
+/// `physical` as this node sees it: a master or bridge named by an altname, or a
+/// macvlan or ipvlan device stacked on another, is the device at the bottom (`root`
+/// gives it and whether it is a bridge; a macvlan on a bridge is on the bridge's
+/// wire). A device this node does not have keeps its name; pools are kept as they
+/// are. Running it again on its answer gives the same answer.
+pub fn canonical<E>(
+    physical: &str,
+    root: impl Fn(&str) -> Result<Option<(String, bool)>, E>,
+) -> Result<String, E> {
     let Some((kind, name)) = physical.split_once(':') else {
-        return physical.to_string();
+        return Ok(physical.to_string());
     };
     if kind != "master" && kind != "bridge" {
-        return physical.to_string();
+        return Ok(physical.to_string());
     }
-    match root(name) {
+    Ok(match root(name)? {
         Some((r, true)) => format!("bridge:{r}"),
         Some((r, false)) => format!("master:{r}"),
         None => physical.to_string(),
+    })
+}
+
+/// Whether `w` names a physical network as `logical_physical_networks` takes it.
+pub fn check_wire_name(w: &str) -> Result<(), String> {
+    match w.split_once(':') {
+        Some(("master" | "bridge" | "sriov", name)) if !name.is_empty() => Ok(()),
+        _ => Err(format!(
+            "{w:?} is not master:DEVICE, bridge:BRIDGE or sriov:RESOURCE"
+        )),
     }
 }
 
@@ -304,7 +332,7 @@ pub fn check_cluster(me: &Carving, cluster: &[Carving]) -> Result<(), LogicalErr
             return Err(LogicalError::Reserved {
                 network: me.network.clone(),
                 physical: physical.clone(),
-                by: o.network.clone(),
+                by: format!("logical network {}", o.network),
             });
         }
         for s in &me.logical.subnets {
@@ -683,18 +711,24 @@ mod tests {
 
     #[test]
     fn names_resolve_to_the_device_at_the_bottom() {
-        let root = |n: &str| match n {
-            "alt0" | "eth1" => Some(("eth1".to_string(), false)),
-            "mv0" => Some(("eth1".to_string(), false)),
-            "br0" | "mvb" => Some(("br0".to_string(), true)),
-            _ => None,
+        let root = |n: &str| -> Result<_, ()> {
+            Ok(match n {
+                "alt0" | "eth1" => Some(("eth1".to_string(), false)),
+                "mv0" => Some(("eth1".to_string(), false)),
+                "br0" | "mvb" => Some(("br0".to_string(), true)),
+                _ => None,
+            })
         };
-        assert_eq!(canonical("master:alt0", root), "master:eth1");
-        assert_eq!(canonical("master:mv0", root), "master:eth1");
-        assert_eq!(canonical("master:mvb", root), "bridge:br0");
-        assert_eq!(canonical("bridge:br0", root), "bridge:br0");
-        assert_eq!(canonical("master:gone", root), "master:gone");
-        assert_eq!(canonical("sriov:intel.com/a", root), "sriov:intel.com/a");
+        let c = |p: &str| canonical(p, root).unwrap();
+        assert_eq!(c("master:alt0"), "master:eth1");
+        assert_eq!(c("master:mv0"), "master:eth1");
+        assert_eq!(c("master:mvb"), "bridge:br0");
+        assert_eq!(c("bridge:br0"), "bridge:br0");
+        assert_eq!(c("master:gone"), "master:gone");
+        assert_eq!(c("sriov:intel.com/a"), "sriov:intel.com/a");
+        assert!(canonical("master:x", |_| Err::<Option<(String, bool)>, _>(())).is_err());
+        assert!(check_wire_name("master:eth1").is_ok());
+        assert!(check_wire_name("eth1").is_err() && check_wire_name("macvlan:eth1").is_err());
         // The chain's first plugin that makes an interface names the wire.
         let chain: NetConfList = NetConfList::parse(
             json!({"cniVersion": "1.0.0", "name": "x", "plugins": [
@@ -714,6 +748,15 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(wired_unknown(&no_master));
+        assert!(wired_unknown(&no_master, None));
+        let empty_master: NetConfList = NetConfList::parse(
+            json!({"cniVersion": "1.0.0", "name": "x", "type": "macvlan", "master": ""})
+                .to_string()
+                .as_bytes(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(physical(&empty_master, None), None);
+        assert!(wired_unknown(&empty_master, None));
     }
 }

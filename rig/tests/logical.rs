@@ -154,6 +154,15 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
     let mut by_alt = node.macvlan_conf("10.79.13.0/24");
     by_alt["master"] = json!(alt);
     node.add_nad("tenant-h", "lan", &by_alt);
+    // A master that is empty (the plugin then takes the default-route device), and
+    // one inside the pod (linkInContainer: the pod's own logical net1).
+    let mut empty = node.macvlan_conf("10.79.14.0/24");
+    empty["master"] = json!("");
+    node.add_nad("tenant-i", "lan", &empty);
+    let mut inside = node.macvlan_conf("10.79.15.0/24");
+    inside["master"] = json!("net1");
+    inside["linkInContainer"] = json!(true);
+    node.add_nad("tenant-j", "lan", &inside);
     node.top_toml.push_str(&format!(
         "\nlogical_physical_networks = [\"master:{}\", \"bridge:{bridge}\"]\n",
         node.master
@@ -259,6 +268,10 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
     }
     let e = pods.add("tenant-g", "g-lan", "lan").unwrap_err();
     assert!(e.contains("logical_physical_networks"), "{e}");
+    let e = pods.add("tenant-i", "i-lan", "lan").unwrap_err();
+    assert!(e.contains("cannot be told"), "{e}");
+    let e = pods.add("tenant-j", "j-lan", "lan").unwrap_err();
+    assert!(e.contains("linkInContainer"), "{e}");
     // Addresses outside the carving: refused, the address released.
     let e = pods.add("tenant-d", "d9", "lan").unwrap_err();
     assert!(e.contains("outside") && e.contains("10.79.5.0/24"), "{e}");

@@ -1395,8 +1395,8 @@ const PINNED_MAPS: [&str; 13] = [
 ];
 
 /// The device at the bottom of `name` in the calling thread's netns (following
-/// macvlan, ipvlan and VLAN devices down to what they are on; an altname resolves to
-/// its device), and whether it is a bridge. None: no such device.
+/// macvlan and ipvlan devices down to what they are on; an altname resolves to its
+/// device), and whether it is a bridge. None: no such device.
 pub fn root_device(name: &str) -> std::io::Result<Option<(String, bool)>> {
     let mut rtnl = Rtnl::here()?;
     let Some(mut link) = rtnl.link(name)? else {

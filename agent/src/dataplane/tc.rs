@@ -107,6 +107,10 @@ impl Side {
     }
 }
 
+/// IFNAMSIZ (with the NUL) and IFLA_ALT_IFNAME (include/uapi/linux/if_link.h).
+const IFNAMSIZ: usize = 16;
+const IFLA_ALT_IFNAME: u16 = 53;
+
 /// What a link says about itself that the dataplane needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkFacts {
@@ -119,13 +123,15 @@ pub struct LinkFacts {
     pub ifb: bool,
     /// A bridge.
     pub bridge: bool,
-    /// The device a macvlan, ipvlan or VLAN device is on (IFLA_LINK, same netns).
+    /// The device a macvlan or ipvlan device (or its tap) is on (IFLA_LINK, same
+    /// netns): the same wire. A VLAN, tunnel or macsec device is a wire of its own.
     pub lower: Option<u32>,
 }
 
 fn link_facts(m: &LinkMessage) -> LinkFacts {
     let mut name = String::new();
     let (mut veth, mut ifb, mut bridge, mut peer, mut nsid) = (false, false, false, 0u32, None);
+    let mut stacked = false;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
@@ -134,6 +140,14 @@ fn link_facts(m: &LinkMessage) -> LinkFacts {
                 veth |= kind(InfoKind::Veth);
                 ifb |= kind(InfoKind::Ifb);
                 bridge |= kind(InfoKind::Bridge);
+                stacked |= [
+                    InfoKind::MacVlan,
+                    InfoKind::MacVtap,
+                    InfoKind::IpVlan,
+                    InfoKind::IpVtap,
+                ]
+                .into_iter()
+                .any(kind);
             }
             LinkAttribute::Link(i) => peer = *i,
             LinkAttribute::LinkNetNsId(n) if *n >= 0 => nsid = Some(*n),
@@ -146,7 +160,7 @@ fn link_facts(m: &LinkMessage) -> LinkFacts {
         veth_peer: (veth && peer != 0).then_some((peer, nsid)),
         ifb,
         bridge,
-        lower: (!veth && peer != 0 && peer != m.header.index && nsid.is_none()).then_some(peer),
+        lower: (stacked && peer != 0 && peer != m.header.index && nsid.is_none()).then_some(peer),
     }
 }
 
@@ -218,7 +232,15 @@ impl Rtnl {
     /// The link named `name`, if there is one.
     pub fn link(&mut self, name: &str) -> io::Result<Option<LinkFacts>> {
         let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        if name.len() < IFNAMSIZ {
+            m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        } else {
+            // Only an altname can be this long; IFLA_IFNAME would be refused.
+            let mut v = name.as_bytes().to_vec();
+            v.push(0);
+            m.attributes
+                .push(LinkAttribute::Other(DefaultNla::new(IFLA_ALT_IFNAME, v)));
+        }
         self.get_link(m)
     }
 

@@ -46,11 +46,14 @@ pub fn link_multicast(a: [u64; 2]) -> bool {
 
 /// The addresses of the packet (host byte order). A VLAN tag, in the frame or
 /// already taken into the packet's metadata, makes it Other: a pod on a logical
-/// network has no business tagging.
+/// network has no business tagging. (A priority tag, VLAN ID 0, in the metadata is
+/// no VLAN: the kernel takes such a frame as untagged.)
 #[inline(always)]
 pub fn addresses(ctx: &TcContext) -> Addrs {
-    // SAFETY: the context the kernel passed; vlan_present is readable in tc programs.
-    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+    // SAFETY: the context the kernel passed; vlan_present and vlan_tci are readable
+    // in tc programs.
+    let (present, tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
+    if present != 0 && tci & 0x0fff != 0 {
         return Addrs::Other;
     }
     pull_headers(ctx);
