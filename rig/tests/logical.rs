@@ -146,7 +146,8 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
         &node.bridge_conf("lan", &bridge2, "10.79.12.0/24"),
         &logical(&["10.79.12.0/24"]),
     );
-    let alt = trellis_rig::unique("tra");
+    // Longer than an interface name may be: only an altname can be.
+    let alt = format!("{}-a-long-altname", trellis_rig::unique("tra"));
     node.host.sh(&format!(
         "ip link property add dev {} altname {alt}",
         node.master
