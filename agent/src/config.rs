@@ -377,6 +377,16 @@ pub struct DataplaneConfig {
     /// less CPU, but TCP through a policer falls far below the rate).
     #[serde(default)]
     pub ingress_limit: crate::bandwidth::IngressLimit,
+    /// The part (0 < share <= 1) of each table space every ACL shares (intervals,
+    /// rules, index, hit counters) and of the 1,024 ACL ids that the ACL networks of
+    /// one namespace may hold together, so that one tenant cannot fill them for the
+    /// others. Default 0.25 (room for one ACL of the largest size, 10,000 rules).
+    #[serde(default = "default_acl_share")]
+    pub acl_share_per_namespace: f64,
+}
+
+fn default_acl_share() -> f64 {
+    0.25
 }
 
 fn default_acl_resync_ms() -> u64 {
@@ -390,6 +400,7 @@ impl Default for DataplaneConfig {
             bpffs_dir: default_bpffs_dir(),
             acl_resync_ms: default_acl_resync_ms(),
             ingress_limit: Default::default(),
+            acl_share_per_namespace: default_acl_share(),
         }
     }
 }
@@ -565,6 +576,12 @@ impl AgentConfig {
                 "global_namespaces: {bad:?} is not a namespace name"
             )));
         }
+        let share = c.dataplane.acl_share_per_namespace;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(err(format!(
+                "dataplane.acl_share_per_namespace: {share} is not in (0, 1]"
+            )));
+        }
         for w in &c.logical_physical_networks {
             crate::logical::check_wire_name(w)
                 .map_err(|m| err(format!("logical_physical_networks: {m}")))?;
@@ -635,6 +652,10 @@ mod tests {
             (
                 "global_namespaces = [\"Team_A\"]",
                 "global_namespaces: \"Team_A\"",
+            ),
+            (
+                "logical_physical_networks = [\"eth1\"]",
+                "logical_physical_networks: \"eth1\" is not master:DEVICE",
             ),
         ] {
             let e = AgentConfig::parse(&format!("{key}\n{base}"), Path::new("t.toml"))

@@ -394,18 +394,23 @@ impl Handler {
             Ok(Ok(None)) => return false,
             Err(e) => {
                 tracing::warn!(%network, "its NAD cannot be read ({e}): its interfaces deny all traffic until it can");
-                deny_all
+                deny_all.clone()
             }
             Ok(Err(e)) => {
                 tracing::warn!(%network, "its NAD's ACL is invalid ({e}): its interfaces deny all traffic until it is fixed");
-                deny_all
+                deny_all.clone()
             }
         };
         match self.set_acl_read_at(dp, network, Some(&acl), read_at) {
             Ok(set) => set,
             Err(e) => {
-                tracing::warn!(%network, "ACL from its NAD: {e}");
-                false
+                // Past the namespace's share or out of space: closed, not open.
+                tracing::warn!(%network, "ACL from its NAD: {e}: its interfaces deny all traffic until it fits");
+                dp.without_share(|dp| self.set_acl_read_at(dp, network, Some(&deny_all), read_at))
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(%network, "deny-all ACL: {e}");
+                        false
+                    })
             }
         }
     }

@@ -386,6 +386,7 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
         match Dataplane::open(&config.dataplane.bpffs_dir) {
             Ok(mut dp) => {
                 dp.set_ingress_limit(config.dataplane.ingress_limit);
+                dp.set_acl_share(config.dataplane.acl_share_per_namespace);
                 handler = handler.with_dataplane(dp)
             }
             // Pins of another version (an upgrade): the pods keep the programs they

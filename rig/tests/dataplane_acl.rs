@@ -236,6 +236,63 @@ fn deny_rules_drop_exactly_change_live_and_survive_a_restart() {
 
 /// ACLs share one table space; the one that does not fit is refused by name, leaves
 /// nothing behind, and the others keep working.
+/// One namespace's ACL networks hold at most their share of the shared spaces and
+/// of the ACL ids (`[dataplane] acl_share_per_namespace`): past it, that
+/// namespace's next ACL is refused naming the namespace, while another's fits.
+#[test]
+fn a_namespace_holds_no_more_than_its_share() {
+    require_root!();
+    let dir = BpfDir::new("trellis-acl");
+    let mut dp = Dataplane::open(&dir.0).expect("load");
+    // 0.5% of 1,024 ids: 5; of 262,144 IPv4 intervals: 1,310.
+    dp.set_acl_share(0.005);
+    let small = Acl::parse(r#"{"rules":[{"action":"deny","cidr":"10.9.0.0/16"}]}"#).unwrap();
+    for i in 0..5 {
+        dp.set_network_acl(&format!("tenant-a/n{i}"), Some(&small))
+            .expect("within the share");
+    }
+    let e = dp
+        .set_network_acl("tenant-a/n5", Some(&small))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("namespace tenant-a")
+            && e.contains("ACL id")
+            && e.contains("acl_share_per_namespace"),
+        "{e}"
+    );
+    assert!(dp.acl_of("tenant-a/n5").unwrap().is_none());
+    // Changing a network already held is not a new one.
+    let other = Acl::parse(r#"{"rules":[{"action":"deny","cidr":"10.8.0.0/16"}]}"#).unwrap();
+    dp.set_network_acl("tenant-a/n0", Some(&other))
+        .expect("an update within the share");
+    // Another namespace is not held back by tenant-a.
+    dp.set_network_acl("tenant-b/n0", Some(&small))
+        .expect("another namespace");
+    // 1,000 /24s need 2 x 1,002 IPv4 intervals: past 1,310.
+    let rules: Vec<String> = (0..1_000)
+        .map(|i| {
+            format!(
+                r#"{{"action":"deny","cidr":"10.{}.{}.0/24"}}"#,
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let big = Acl::parse(&format!(r#"{{"rules":[{}]}}"#, rules.join(","))).unwrap();
+    let e = dp
+        .set_network_acl("tenant-c/big", Some(&big))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("IPv4 interval") && e.contains("namespace tenant-c"),
+        "{e}"
+    );
+    // The cluster network (no namespace) has no share.
+    dp.set_network_acl("cluster", Some(&big))
+        .expect("the cluster network");
+}
+
 #[test]
 fn an_acl_that_does_not_fit_is_refused_cleanly() {
     require_root!();

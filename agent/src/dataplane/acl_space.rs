@@ -210,6 +210,76 @@ impl Dataplane {
         Ok(used)
     }
 
+    /// Fails if `network`'s ACL would take its namespace past its share of a shared
+    /// space or of the ACL ids (`acl_share`). The cluster network (no namespace) is
+    /// not held to one.
+    fn check_share(
+        &mut self,
+        network: &str,
+        acl: &crate::acl::Acl,
+        tables: &[crate::acl::Table],
+    ) -> Result<(), DataplaneError> {
+        let Some((namespace, _)) = network.split_once('/') else {
+            return Ok(());
+        };
+        if self.acl_share >= 1.0 {
+            return Ok(());
+        }
+        let prefix = format!("{namespace}/");
+        let infos: Vec<AclInfo> = self
+            .acl_info()?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, i)| i)
+            .filter(|i| {
+                let n = get(&i.network);
+                n.starts_with(&prefix) && n != network
+            })
+            .collect();
+        let hdrs = self.headers()?;
+        let mut used = [0u64; 6];
+        for i in &infos {
+            let h = hdrs
+                .get(&i.header, 0)
+                .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
+            for (k, t) in h.tables.iter().enumerate() {
+                used[k / 2] += t.len as u64;
+                used[2] += t.nrules as u64;
+                used[3] += (1u64 << t.bits) + 1;
+            }
+            used[4] += h.nhits as u64;
+        }
+        used[5] = infos.len() as u64;
+        let mut need = [0u64; 6];
+        for (k, t) in tables.iter().enumerate() {
+            need[k / 2] += t.intervals.len() as u64;
+            need[2] += t.rules.len() as u64;
+            need[3] += t.index(if k < 2 { 32 } else { 128 }).buckets.len() as u64;
+        }
+        need[4] = acl.rules.len() as u64 + 1;
+        need[5] = 1;
+        let caps: Vec<(&'static str, u32)> = SPACES
+            .iter()
+            .copied()
+            .chain([("ACL id", MAX_ACLS)])
+            .collect();
+        for (k, (what, cap)) in caps.into_iter().enumerate() {
+            let share = (cap as f64 * self.acl_share) as u64;
+            if used[k] + need[k] > share {
+                return Err(DataplaneError::AclQuota {
+                    network: network.to_string(),
+                    namespace: namespace.to_string(),
+                    what,
+                    need: need[k],
+                    used: used[k],
+                    share,
+                    cap,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `network`'s rules `acl` for every attachment of it, live: the new tables
     /// go into free regions and a header not in use, then each slot is pointed at
     /// that header (one u32 write each); nothing is detached, and a packet sees the
@@ -263,6 +333,7 @@ impl Dataplane {
         // Regions for the new tables, clear of every current table (this network's
         // too: packets may be reading them until the slots move).
         let tables = acl.tables();
+        self.check_share(network, acl, &tables)?;
         let mut used = self.used_regions()?;
         // Free regions may have been read by a program until just now.
         if let Some(t) = self.freed_at.take() {

@@ -68,6 +68,16 @@ pub enum DataplaneError {
         need: u32,
         cap: u32,
     },
+    #[error("network {network}: its ACL needs {need} {what} entries, and the other ACL networks of namespace {namespace} hold {used} of the {share} it may hold ([dataplane] acl_share_per_namespace, of {cap} shared by all)")]
+    AclQuota {
+        network: String,
+        namespace: String,
+        what: &'static str,
+        need: u64,
+        used: u64,
+        share: u64,
+        cap: u32,
+    },
 }
 
 fn op(what: impl Into<String>) -> impl FnOnce(String) -> DataplaneError {
@@ -328,6 +338,9 @@ pub struct Dataplane {
     no_ifb: bool,
     /// How ingress limits are kept (`[dataplane] ingress_limit`).
     ingress_limit: crate::bandwidth::IngressLimit,
+    /// The part of each shared ACL space (and of the ACL ids) the ACLs of one
+    /// namespace may hold (1.0: no limit).
+    acl_share: f64,
 }
 
 /// What attaching found out about the pod's interface.
@@ -395,6 +408,7 @@ impl Dataplane {
             shaper: None,
             no_ifb: false,
             ingress_limit: Default::default(),
+            acl_share: 1.0,
             progs,
             probe_ready: false,
             slots: BTreeMap::new(),
@@ -882,6 +896,20 @@ impl Dataplane {
     /// How ingress limits are kept from now on.
     pub fn set_ingress_limit(&mut self, how: crate::bandwidth::IngressLimit) {
         self.ingress_limit = how;
+    }
+
+    /// The part of each shared ACL space one namespace's ACLs may hold.
+    pub fn set_acl_share(&mut self, share: f64) {
+        self.acl_share = share;
+    }
+
+    /// Runs `f` with no namespace share: for a deny-all ACL put in place of one that
+    /// could not be (failing closed must not fail).
+    pub fn without_share<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let share = std::mem::replace(&mut self.acl_share, 1.0);
+        let out = f(self);
+        self.acl_share = share;
+        out
     }
 
     /// How egress limits are kept on this node (None: none asked for yet).
