@@ -305,7 +305,7 @@ def check_metadata(o):
 # NADs: the CNI config and trellis's annotations (docs/cni.md, sriov.md, dataplane.md).
 
 CNI_VERSIONS = {"0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
-# agent/src/builtins.rs CNI_CONF_KEYS, sriov/conf.rs SRIOV_KEYS, vhostuser.rs VHOST_KEYS
+# agent/src/kinds/mod.rs CNI_CONF_KEYS, kinds/sriov/conf.rs SRIOV_KEYS, kinds/vhostuser.rs VHOST_KEYS
 CNI_CONF_KEYS = {"cniVersion", "name", "type", "capabilities", "ipam", "dns", "args",
                  "runtimeConfig", "prevResult"}
 IN_PROCESS_KEYS = {

@@ -123,7 +123,13 @@ pub fn physical(conf: &NetConfList, resource: Option<&str>) -> Option<String> {
 }
 
 /// Plugin types whose interface is on a physical network logical networks share.
-const WIRED: [&str; 5] = ["macvlan", "ipvlan", "vlan", "bridge", crate::sriov::TYPE];
+const WIRED: [&str; 5] = [
+    "macvlan",
+    "ipvlan",
+    "vlan",
+    "bridge",
+    crate::kinds::sriov::TYPE,
+];
 
 /// The physical network a NAD's config attaches to.
 fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, LogicalError> {
@@ -149,7 +155,7 @@ fn physical_of(conf: &NetConfList, resource: Option<&str>) -> Result<String, Log
             .map(|m| format!("master:{m}"))
             .ok_or_else(|| err(format!("a {ty} network on a shared wire needs an explicit master (without one the plugin takes the default-route device)"))),
         "bridge" => Ok(format!("bridge:{}", field("bridge").unwrap_or("cni0"))),
-        crate::sriov::TYPE => resource.map(|r| format!("sriov:{r}")).ok_or_else(|| {
+        crate::kinds::sriov::TYPE => resource.map(|r| format!("sriov:{r}")).ok_or_else(|| {
             err("an sriov logical network needs the NAD's k8s.v1.cni.cncf.io/resourceName".into())
         }),
         _ => Err(err(

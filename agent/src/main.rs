@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use trellis_agent::config::{AgentConfig, NetworksConfig};
-use trellis_agent::handler::Handler;
 use trellis_agent::source::{files::FileSource, kube::KubeSource, NetworkSource};
+use trellis_agent::verbs::Handler;
 
 use trellis_agent::cli::{self, Filter, Output, DEFAULT_CONFIG};
 

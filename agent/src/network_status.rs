@@ -72,10 +72,13 @@ fn vhost_info(a: &Attachment, socket: &str) -> Value {
         .conf
         .get("plugins")
         .and_then(Value::as_array)
-        .and_then(|p| p.iter().find(|p| p["type"] == crate::vhostuser::TYPE))
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p["type"] == crate::kinds::vhostuser::TYPE)
+        })
         .cloned()
         .unwrap_or(Value::Null);
-    let path = crate::vhostuser::container_path(&plugin, socket);
+    let path = crate::kinds::vhostuser::container_path(&plugin, socket);
     json!({"type": "vhost-user", "version": "1.1.0", "vhost-user": {"mode": "client", "path": path}})
 }
 
@@ -105,6 +108,8 @@ mod tests {
             bandwidth: Default::default(),
             logical: None,
             physical: None,
+            selection: None,
+            attached_at: None,
         }
     }
 

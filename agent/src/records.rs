@@ -65,6 +65,15 @@ pub struct Attachment {
     /// The physical network it attaches to, if logical networks could share it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub physical: Option<String>,
+    /// The pod's selection it was made from, with the interface name as the pod gave
+    /// it (empty: named by the agent); None for the cluster network and in records of
+    /// agents before hot-plug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<crate::selection::NetworkSelection>,
+    /// When it was added to the running pod (RFC 3339), for an attachment hot-plugged
+    /// after the pod's ADD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +94,10 @@ pub struct Record {
     /// added after the runtime made its list of valid attachments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub added_at_ms: Option<u64>,
+    /// The pod's networks annotation its attachments were last made from (hot-plug
+    /// compares the pod's current one against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<String>,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -307,6 +320,7 @@ mod tests {
             attachments: vec![],
             network_status: None,
             added_at_ms: None,
+            networks: None,
         };
         assert!(s.load("c1").unwrap().is_none());
         s.save(&r).unwrap();
@@ -373,6 +387,7 @@ mod tests {
             attachments: vec![],
             network_status: None,
             added_at_ms: None,
+            networks: None,
         };
         let p = d.path().join("containers/big.json");
         let mut sizes = Vec::new();

@@ -73,20 +73,49 @@ pub fn parse_networks(
     pod_namespace: &str,
     pod_ifname: &str,
 ) -> Result<Vec<NetworkSelection>, SelectionError> {
+    let list = parse_networks_asked(annotation, pod_namespace)?;
+    let named: Vec<NetworkSelection> = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut sel)| {
+            if sel.interface.is_empty() {
+                sel.interface = default_ifname(i);
+            }
+            sel
+        })
+        .collect();
+    check_ifnames(&named, pod_ifname)?;
+    Ok(named)
+}
+
+/// The name an entry without one gets at pod ADD: `net<N>`, N its 1-based position.
+pub fn default_ifname(i: usize) -> String {
+    format!("net{}", i + 1)
+}
+
+/// The annotation's entries as the pod wrote them: `interface` empty where the pod
+/// named none (hot-plug names those itself, so that the names of attachments already
+/// made never change).
+pub fn parse_networks_asked(
+    annotation: &str,
+    pod_namespace: &str,
+) -> Result<Vec<NetworkSelection>, SelectionError> {
     let text = annotation.trim();
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    let mut list = if text.starts_with('[') || text.starts_with('{') {
-        parse_json_form(text, pod_namespace)?
+    if text.starts_with('[') || text.starts_with('{') {
+        parse_json_form(text, pod_namespace)
     } else {
-        parse_comma_form(text, pod_namespace)?
-    };
+        parse_comma_form(text, pod_namespace)
+    }
+}
+
+/// Every interface name valid and used once in the pod (with `pod_ifname`, the
+/// cluster network's).
+pub fn check_ifnames(list: &[NetworkSelection], pod_ifname: &str) -> Result<(), SelectionError> {
     let mut seen = vec![pod_ifname.to_string()];
-    for (i, sel) in list.iter_mut().enumerate() {
-        if sel.interface.is_empty() {
-            sel.interface = format!("net{}", i + 1);
-        }
+    for sel in list.iter().filter(|s| !s.interface.is_empty()) {
         validate_ifname(&sel.interface).map_err(|m| {
             err(format!(
                 "network {:?}: interface name {:?} {m}",
@@ -103,7 +132,7 @@ pub fn parse_networks(
         }
         seen.push(sel.interface.clone());
     }
-    Ok(list)
+    Ok(())
 }
 
 /// `name`, `ns/name`, `name@if`, `ns/name@if`, separated by commas.

@@ -3,7 +3,7 @@
 //! request within a deadline, and requests run on a fixed pool of worker threads, so
 //! no number of clients can pin the agent's threads or memory.
 
-use crate::handler::Handler;
+use crate::verbs::Handler;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;

@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use trellis_agent::config::AgentConfig;
-use trellis_agent::handler::Handler;
 use trellis_agent::nad::NetworkAttachmentDefinition;
 use trellis_agent::source::{NetworkSource, PodRef, SourceError};
+use trellis_agent::verbs::Handler;
 use trellis_cni::wire::Request;
 
 /// A source with no NADs whose network-status write panics (a bug stand-in).

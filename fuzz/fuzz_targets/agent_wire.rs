@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 use trellis_agent::config::AgentConfig;
-use trellis_agent::handler::Handler;
+use trellis_agent::verbs::Handler;
 use trellis_agent::source::files::FileSource;
 
 fn handler() -> &'static Handler {

@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             attachments: vec![],
             network_status: None,
             added_at_ms: None,
+            networks: None,
         });
         r.container_id = "c1".into();
         r.pod_name = "after".into();

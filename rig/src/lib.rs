@@ -12,6 +12,7 @@ pub mod dpdk;
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod figures;
+pub mod lpm_baseline;
 pub mod netns;
 pub mod node;
 pub mod packets;

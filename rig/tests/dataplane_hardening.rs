@@ -457,7 +457,7 @@ fn request(cmd: &str, c: &str, ns: &str, pod: &str, node: &TestNode) -> trellis_
     }
 }
 
-fn expect_ok(h: &trellis_agent::handler::Handler, r: &trellis_cni::wire::Request, what: &str) {
+fn expect_ok(h: &trellis_agent::verbs::Handler, r: &trellis_cni::wire::Request, what: &str) {
     let resp = h.handle(r);
     assert!(resp.ok, "{what}: {}", resp.stdout);
 }
@@ -507,7 +507,7 @@ fn an_add_planned_before_a_nad_edit_does_not_undo_it() {
                 }));
             let dp = Dataplane::open(&config.dataplane.bpffs_dir).expect("dataplane");
             std::sync::Arc::new(
-                trellis_agent::handler::Handler::new(&config, source)
+                trellis_agent::verbs::Handler::new(&config, source)
                     .unwrap()
                     .with_dataplane(dp),
             )

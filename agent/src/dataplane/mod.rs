@@ -238,7 +238,7 @@ pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
 }
 
 /// Loads (verifies) the TC classifier `name` of an object.
-pub(crate) fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+pub fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
     classifier(bpf, name)?
         .load()
         .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))
@@ -1387,7 +1387,7 @@ impl Probe {
 
 /// Runs `packet` `repeat` times through the loaded classifier `name` of `bpf`
 /// (BPF_PROG_TEST_RUN): its return value and the kernel's mean time per run.
-pub(crate) fn test_run(
+pub fn test_run(
     bpf: &Ebpf,
     name: &str,
     packet: &[u8],

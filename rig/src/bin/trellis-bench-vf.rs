@@ -7,7 +7,7 @@
 use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use trellis_agent::sriov::SriovPlugin;
+use trellis_agent::kinds::sriov::SriovPlugin;
 use trellis_cni::invoke::{InProcessPlugins, Invoker, Target};
 use trellis_device_plugin::fixture::FixtureSysfs;
 use trellis_rig::figures::{ms, percentiles};

@@ -47,12 +47,11 @@ impl VhostUserPlugin {
         cmd: Command,
         target: &Target,
     ) -> Result<Option<CniResult>, CniError> {
-        crate::builtins::ipam(&self.ipam, raw, cmd, target)
+        crate::kinds::ipam(&self.ipam, raw, cmd, target)
     }
 
     fn add(&self, target: &Target, raw: &Map<String, Value>) -> Result<Value, Failed> {
-        let known =
-            |k: &str| crate::builtins::CNI_CONF_KEYS.contains(&k) || VHOST_KEYS.contains(&k);
+        let known = |k: &str| crate::kinds::CNI_CONF_KEYS.contains(&k) || VHOST_KEYS.contains(&k);
         if let Some(k) = raw.keys().find(|k| !known(k)) {
             return Err(Failed::Clean(conf_err(format!(
                 "{k}: unknown field for type vhostuser"
@@ -87,7 +86,7 @@ impl VhostUserPlugin {
             }],
             ..Default::default()
         };
-        let ipam = match crate::builtins::ipam_add(&self.ipam, raw, target) {
+        let ipam = match crate::kinds::ipam_add(&self.ipam, raw, target) {
             Ok(ipam) => ipam,
             // It reported its failure: it holds nothing.
             Err(f) if !f.owes_del => return Err(Failed::Clean(f.error)),
@@ -150,7 +149,7 @@ impl InProcessPlugins for VhostUserPlugin {
         target: &Target,
         stdin: &[u8],
     ) -> Result<Vec<u8>, InvokeError> {
-        let fail = |error: CniError| crate::builtins::plugin_error(plugin, command, error);
+        let fail = |error: CniError| crate::kinds::plugin_error(plugin, command, error);
         let raw: Map<String, Value> = serde_json::from_slice(stdin)
             .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
         match command {

@@ -254,7 +254,7 @@ impl SriovPlugin {
         cmd: Command,
         target: &Target,
     ) -> Result<Option<CniResult>, CniError> {
-        crate::builtins::ipam(&self.ipam, &c.raw, cmd, target)
+        crate::kinds::ipam(&self.ipam, &c.raw, cmd, target)
     }
 
     fn add(&self, target: &Target, c: &SriovConf) -> Result<AddOutcome, CniError> {
@@ -523,7 +523,7 @@ impl SriovPlugin {
         self.save(record)?;
         // Any failure from here on is undone by add(), IPAM's DEL included (unless
         // IPAM reported its own failure: then it holds nothing).
-        let ipam = match crate::builtins::ipam_add(&self.ipam, &c.raw, target) {
+        let ipam = match crate::kinds::ipam_add(&self.ipam, &c.raw, target) {
             Ok(ipam) => ipam,
             Err(f) => {
                 if !f.owes_del {
@@ -790,7 +790,7 @@ impl InProcessPlugins for SriovPlugin {
         target: &Target,
         stdin: &[u8],
     ) -> Result<Vec<u8>, InvokeError> {
-        let fail = |error: CniError| crate::builtins::plugin_error(plugin, command, error);
+        let fail = |error: CniError| crate::kinds::plugin_error(plugin, command, error);
         let raw: Map<String, Value> = serde_json::from_slice(stdin)
             .map_err(|e| fail(CniError::new(ErrorCode::Decode, format!("config: {e}"))))?;
         let out = match command {

@@ -2,11 +2,11 @@
 //! TCX programs with the rules in a kernel LPM trie (ebpf/programs/src/bench_lpm.rs).
 //! Loaded only by `trellis-bench-dataplane`, never attached.
 
-use crate::dataplane::DataplaneError;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::MapData;
 use aya::{Ebpf, EbpfLoader};
 use std::net::IpAddr;
+use trellis_agent::dataplane::DataplaneError;
 use trellis_ebpf_common::AclRule;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-bench-lpm"));
@@ -28,7 +28,7 @@ impl LpmBaseline {
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
         for name in ["lpm_ingress", "floor", "counter_only"] {
-            crate::dataplane::load_classifier(&mut bpf, name)?;
+            trellis_agent::dataplane::load_classifier(&mut bpf, name)?;
         }
         Ok(LpmBaseline { bpf })
     }
@@ -70,6 +70,6 @@ impl LpmBaseline {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        crate::dataplane::test_run(&self.bpf, name, packet, repeat)
+        trellis_agent::dataplane::test_run(&self.bpf, name, packet, repeat)
     }
 }

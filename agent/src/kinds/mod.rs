@@ -1,13 +1,18 @@
-//! The network types the agent runs itself rather than exec'ing a plugin binary.
+//! The attachment kinds the agent runs itself rather than exec'ing a plugin binary:
+//! SR-IOV VFs (`sriov`) and vhost-user sockets (`vhostuser`). Every other type is a
+//! delegate plugin, exec'd by the `trellis_cni::invoke::Invoker` these plug into.
+
+pub mod sriov;
+pub mod vhostuser;
 
 use std::sync::Arc;
 use trellis_cni::invoke::{InProcessPlugins, InvokeError, Target};
 use trellis_cni::Command;
 
 #[derive(Debug)]
-pub struct Builtins(pub Vec<Arc<dyn InProcessPlugins>>);
+pub struct InProcess(pub Vec<Arc<dyn InProcessPlugins>>);
 
-impl InProcessPlugins for Builtins {
+impl InProcessPlugins for InProcess {
     fn handles(&self, plugin: &str) -> bool {
         self.0.iter().any(|p| p.handles(plugin))
     }

@@ -109,7 +109,7 @@ fn mac_of(v: &Value, field: &str) -> Result<[u8; 6], String> {
 
 /// Parses the plugin's stdin conf.
 pub fn parse(conf: &Map<String, Value>) -> Result<SriovConf, String> {
-    let known = |k: &str| crate::builtins::CNI_CONF_KEYS.contains(&k) || SRIOV_KEYS.contains(&k);
+    let known = |k: &str| crate::kinds::CNI_CONF_KEYS.contains(&k) || SRIOV_KEYS.contains(&k);
     if let Some(k) = conf.keys().find(|k| !known(k)) {
         return Err(err(k, "unknown field for type sriov"));
     }
