@@ -110,6 +110,25 @@ pub struct AgentConfig {
     /// SR-IOV and vhost-user device pools served to kubelet; none without this table.
     #[serde(default)]
     pub devices: Option<DevicesConfig>,
+    /// Networks that change while the pod runs (hot-plug).
+    #[serde(default)]
+    pub dynamic: DynamicConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicConfig {
+    /// Follow edits of a running pod's `k8s.v1.cni.cncf.io/networks` annotation
+    /// (Kubernetes source) and take `trellis attach` / `trellis detach`. A pod opts out
+    /// with the annotation `trellis.dev/dynamic: "false"`. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig { enabled: true }
+    }
 }
 
 /// What a NAD's delegate config may use. The defaults keep a NAD author from naming

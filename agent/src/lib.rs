@@ -14,6 +14,7 @@ pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod dynamic;
 pub mod engine;
 pub mod kinds;
 pub mod link;

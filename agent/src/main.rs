@@ -139,6 +139,26 @@ enum Cmd {
         #[arg(long)]
         acl: bool,
     },
+    /// Add a network to a running pod (hot-plug, through the agent's socket; for nodes
+    /// without the Kubernetes API source, where a pod's annotation is not followed).
+    Attach {
+        /// The pod, NAMESPACE/NAME.
+        #[arg(long, value_name = "NS/NAME")]
+        pod: String,
+        /// `[namespace/]nad[@interface]`, or a JSON object of the networks annotation.
+        network: String,
+        /// The agent's socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Remove a network from a running pod: `[namespace/]nad`, `@interface`, or both.
+    Detach {
+        #[arg(long, value_name = "NS/NAME")]
+        pod: String,
+        network: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// List the pods' attachments from the agent's records.
     Attachments {
         #[arg(long)]
@@ -148,6 +168,34 @@ enum Cmd {
         #[command(flatten)]
         out: OutputArgs,
     },
+}
+
+/// `trellis attach` / `detach`: one control request to the agent; prints its answer.
+fn control(
+    op: &str,
+    config: Option<&std::path::Path>,
+    socket: Option<PathBuf>,
+    pod: String,
+    network: String,
+) -> anyhow::Result<()> {
+    let c = cli::load_config(config)?;
+    let socket = socket
+        .or_else(|| c.map(|c| c.socket))
+        .unwrap_or_else(|| PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET));
+    let req = trellis_agent::verbs::control::ControlRequest { pod, network }.to_wire(op);
+    // As long as the agent may take: a delegate's timeout, for each step.
+    let resp = trellis_cni::wire::call(&socket, &req, std::time::Duration::from_secs(300))
+        .with_context(|| format!("asking the agent at {}", socket.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&resp.stdout).unwrap_or_default();
+    if !resp.ok {
+        let mut msg = v["msg"].as_str().unwrap_or(&resp.stdout).to_string();
+        if let Some(d) = v["details"].as_str().filter(|d| !d.is_empty()) {
+            msg = format!("{msg} ({d})");
+        }
+        anyhow::bail!("{op}: {msg}");
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,6 +260,16 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Attach {
+            pod,
+            network,
+            socket,
+        } => control("attach", cli.config.as_deref(), socket, pod, network),
+        Cmd::Detach {
+            pod,
+            network,
+            socket,
+        } => control("detach", cli.config.as_deref(), socket, pod, network),
         Cmd::Attachments {
             state_dir,
             filter,
@@ -412,6 +470,8 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));
+    // Running pods' annotation edits (Kubernetes source).
+    trellis_agent::dynamic::start(handler.engine().clone());
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;

@@ -52,8 +52,14 @@ fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
     if let Some(info) = info {
         e["device-info"] = info;
     }
+    if let Some(at) = &a.attached_at {
+        e[ATTACHED_AT] = json!(at);
+    }
     e
 }
+
+/// On an entry added to the running pod (hot-plug): when, RFC 3339.
+pub const ATTACHED_AT: &str = "trellis.dev/attached-at";
 
 /// device-info for a pool device recorded on the attachment (results before 1.1.0
 /// cannot carry it): a socket path, or a PCI address.

@@ -98,6 +98,10 @@ pub struct Record {
     /// compares the pod's current one against it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<String>,
+    /// The pod opted out of networks that change while it runs
+    /// (`trellis.dev/dynamic: "false"` at ADD).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub static_networks: bool,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -321,6 +325,7 @@ mod tests {
             network_status: None,
             added_at_ms: None,
             networks: None,
+            static_networks: false,
         };
         assert!(s.load("c1").unwrap().is_none());
         s.save(&r).unwrap();
@@ -388,6 +393,7 @@ mod tests {
             network_status: None,
             added_at_ms: None,
             networks: None,
+            static_networks: false,
         };
         let p = d.path().join("containers/big.json");
         let mut sizes = Vec::new();

@@ -117,7 +117,8 @@ impl Engine {
         }
     }
 
-    /// Attaches the attachments whose network has an ACL or a bandwidth limit, now:
+    /// Attaches the attachments (from index `from` on) whose network has an ACL or a
+    /// bandwidth limit or is a logical network, now:
     /// their rules are in the maps (and current for every live attachment of the
     /// network) and their limits kept before the pod gets its first packet. An
     /// interface without a kernel netdev (vfio, socket) cannot be: refused.
@@ -125,6 +126,7 @@ impl Engine {
         &self,
         record: &mut Record,
         acls: &[Option<PlannedAcl>],
+        from: usize,
     ) -> Result<(), CniError> {
         let Some(dp) = &self.dataplane else {
             return Ok(());
@@ -132,11 +134,11 @@ impl Engine {
         let limited = |i: usize| {
             !record.attachments[i].bandwidth.is_none() || record.attachments[i].logical.is_some()
         };
-        if (0..acls.len()).all(|i| acls[i].is_none() && !limited(i)) {
+        if (from..acls.len()).all(|i| acls[i].is_none() && !limited(i)) {
             return Ok(());
         }
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, planned) in acls.iter().enumerate() {
+        for (i, planned) in acls.iter().enumerate().skip(from) {
             let Some(planned) = planned else {
                 let a = &record.attachments[i];
                 if !a.bandwidth.is_none() || a.logical.is_some() {

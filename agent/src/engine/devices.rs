@@ -21,6 +21,20 @@ impl Engine {
         pod: Option<&PodRef>,
         plan: &mut [Planned],
     ) -> Result<(), CniError> {
+        self.assign_devices_in_use(pod, plan, None)
+    }
+
+    /// `assign_devices` for networks added to a running pod: kubelet cannot allocate
+    /// to it any more, so a network gets one of the devices the pod already holds
+    /// that none of its attachments uses (`in_use`).
+    pub(crate) fn assign_devices_in_use(
+        &self,
+        pod: Option<&PodRef>,
+        plan: &mut [Planned],
+        in_use: Option<&HashSet<String>>,
+    ) -> Result<(), CniError> {
+        let hot = in_use.is_some();
+        let in_use = in_use.cloned().unwrap_or_default();
         let mut by_resource: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut given: Vec<(usize, String, String)> = Vec::new();
         for (i, p) in plan.iter_mut().enumerate() {
@@ -78,10 +92,15 @@ impl Engine {
             allocations.insert(resource.to_string(), ids.clone());
             Ok(ids)
         };
-        let mut taken: HashSet<String> = HashSet::new();
+        let mut taken: HashSet<String> = in_use.clone();
         for (i, field, id) in given {
             let p = &plan[i];
             let ctx = format!("network {} ({}): {field} {id:?}", p.network, p.ifname);
+            if in_use.contains(&id) {
+                return Err(invalid(format!(
+                    "{ctx}: is in use by another attachment of the pod"
+                )));
+            }
             let resource = match (self.pools_configured(), p.resource.as_deref()) {
                 // The node's pools say which resource it is.
                 (true, named) => {
@@ -120,11 +139,21 @@ impl Engine {
                 .collect();
             if ids.len() < idxs.len() {
                 let p = &plan[idxs[ids.len()]];
+                let pod = pod.map(ToString::to_string).unwrap_or_default();
+                let held = allocated(&resource)?;
+                let busy = held.iter().filter(|id| in_use.contains(*id)).count();
+                if hot {
+                    return Err(invalid(format!(
+                        "network {} ({}): pod {pod} holds {} device(s) of {resource}, {busy} of them in use by its attachments, and kubelet cannot allocate another to a running pod (request one more of {resource} in the pod spec to hot-plug it)",
+                        p.network,
+                        p.ifname,
+                        held.len(),
+                    )));
+                }
                 return Err(invalid(format!(
-                    "network {} ({}): pod {} was allocated {} device(s) of {resource} but asks for {} network(s) from it",
+                    "network {} ({}): pod {pod} was allocated {} device(s) of {resource} but asks for {} network(s) from it",
                     p.network,
                     p.ifname,
-                    pod.map(ToString::to_string).unwrap_or_default(),
                     ids.len(),
                     idxs.len()
                 )));

@@ -8,6 +8,7 @@
 mod acl_sync;
 mod dataplane;
 mod devices;
+pub mod hotplug;
 mod locks;
 mod logical_checks;
 mod plan;
@@ -26,6 +27,9 @@ use trellis_cni::{CniError, ErrorCode, NetConfList};
 
 pub(crate) use locks::ContainerLocks;
 pub(crate) use logical_checks::check_logical_addresses;
+
+/// A pod annotation: `"false"` keeps the pod's networks as its ADD made them.
+pub const DYNAMIC_ANNOTATION: &str = "trellis.dev/dynamic";
 
 /// The runtimeConfig key under which containerd passes the pod's annotations.
 pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
@@ -70,6 +74,11 @@ pub struct Engine {
     acl_read_at: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Held from a change's logical-network overlap check to its plan's save.
     pub(crate) logical_gate: Mutex<()>,
+    /// `[dynamic] enabled`: networks may change while a pod runs.
+    dynamic_enabled: bool,
+    /// Pods and NADs come from the Kubernetes API (pods' annotations are the desired
+    /// state of their networks).
+    pods_from_api: bool,
 }
 
 /// One network to attach, fully resolved before anything is changed.
@@ -208,6 +217,11 @@ impl Engine {
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             acl_read_at: Mutex::new(BTreeMap::new()),
             logical_gate: Mutex::new(()),
+            dynamic_enabled: config.dynamic.enabled,
+            pods_from_api: matches!(
+                config.networks,
+                crate::config::NetworksConfig::Kubernetes { .. }
+            ),
         })
     }
 

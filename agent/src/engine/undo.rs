@@ -43,7 +43,8 @@ impl Engine {
             let best_effort = std::mem::take(&mut lenient) && a.result.is_none();
             match self.undo(&record, a, netns, best_effort) {
                 Ok(()) => {}
-                Err((a, f)) => {
+                Err(kept_back) => {
+                    let (a, f) = *kept_back;
                     failures.extend(f);
                     kept.push(a);
                 }
@@ -74,7 +75,7 @@ impl Engine {
         mut a: Attachment,
         netns: &str,
         best_effort: bool,
-    ) -> Result<(), (Attachment, Vec<String>)> {
+    ) -> Result<(), Box<(Attachment, Vec<String>)>> {
         let mut failures = Vec::new();
         if let (Some(dp), Some(slot)) = (&self.dataplane, a.slot) {
             // A qdisc shaping the interface goes before the delegate's DEL, which may
@@ -124,7 +125,7 @@ impl Engine {
         if failures.is_empty() {
             Ok(())
         } else {
-            Err((a, failures))
+            Err(Box::new((a, failures)))
         }
     }
 

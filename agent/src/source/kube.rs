@@ -40,6 +40,27 @@ pub struct KubeSource {
     nad_ar: ApiResource,
     synced: Arc<AtomicBool>,
     node_name: String,
+    /// Where pod changes go (`pod_changes`).
+    pod_subscribers: Subscribers,
+}
+
+type Subscribers = Arc<std::sync::Mutex<Vec<std::sync::mpsc::Sender<super::PodChange>>>>;
+
+/// The change a watch event is, for subscribers.
+fn pod_change(e: &watcher::Event<Pod>) -> Option<super::PodChange> {
+    let (p, gone) = match e {
+        watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
+        watcher::Event::Delete(p) => (p, true),
+        watcher::Event::Init | watcher::Event::InitDone => return None,
+    };
+    Some(super::PodChange {
+        pod: PodRef {
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
+            uid: p.uid().unwrap_or_default(),
+        },
+        gone,
+    })
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> SourceError {
@@ -86,11 +107,20 @@ impl KubeSource {
         .default_backoff()
         // Only metadata and the node matter here; managed fields are most of a pod.
         .modify(|p: &mut Pod| p.managed_fields_mut().clear());
+        let pod_subscribers: Subscribers = Default::default();
+        let subs = pod_subscribers.clone();
         rt.spawn(
-            reflector::reflector(pod_writer, pod_watch).for_each(|e| async move {
-                if let Err(e) = e {
-                    tracing::warn!("pod watch: {e}");
+            reflector::reflector(pod_writer, pod_watch).for_each(move |e| {
+                match &e {
+                    Ok(ev) => {
+                        if let Some(change) = pod_change(ev) {
+                            let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                            subs.retain(|s| s.send(change.clone()).is_ok());
+                        }
+                    }
+                    Err(e) => tracing::warn!("pod watch: {e}"),
                 }
+                std::future::ready(())
             }),
         );
         let nad_writer = reflector::store::Writer::<DynamicObject>::new(nad_ar.clone());
@@ -124,6 +154,7 @@ impl KubeSource {
             nad_ar,
             synced,
             node_name: node_name.to_string(),
+            pod_subscribers,
         })
     }
 
@@ -217,6 +248,15 @@ impl NetworkSource for KubeSource {
             .filter(|o| o.annotations().contains_key(LOGICAL_ANNOTATION))
             .filter_map(|o| to_nad(o).ok())
             .collect())
+    }
+
+    fn pod_changes(&self) -> Option<std::sync::mpsc::Receiver<super::PodChange>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pod_subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        Some(rx)
     }
 
     fn pod_spec(&self, pod: &PodRef) -> Result<Option<PodSpec>, SourceError> {

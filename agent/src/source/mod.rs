@@ -67,6 +67,20 @@ pub trait NetworkSource: Send + Sync {
     /// Posts an event on the pod (AddedInterface, FailedAddingInterface), where there
     /// is a pod object; never blocks the caller, and a failure is only logged.
     fn pod_event(&self, _pod: &PodRef, _event: PodEvent) {}
+
+    /// A stream of this node's pods as they change (each one's every update, and the
+    /// whole list at start and after a re-list), where the source watches pods; None
+    /// where it does not (no pod objects).
+    fn pod_changes(&self) -> Option<std::sync::mpsc::Receiver<PodChange>> {
+        None
+    }
+}
+
+/// A pod of this node changed (or is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodChange {
+    pub pod: PodRef,
+    pub gone: bool,
 }
 
 /// An event about a pod, as `kubectl describe pod` shows it.

@@ -49,6 +49,9 @@ impl Handler {
             network_status: None,
             added_at_ms: None,
             networks: annotations.get(NETWORKS_ANNOTATION).cloned(),
+            static_networks: annotations
+                .get(crate::engine::DYNAMIC_ANNOTATION)
+                .is_some_and(|v| v == "false"),
         };
         engine.check_logical_pods(pod.as_ref(), &plan)?;
         engine.check_wires(&mut plan)?;
@@ -86,7 +89,7 @@ impl Handler {
         if let Err(e) = crate::routes::apply_default_routes(&env.netns, &record.attachments) {
             return Err(engine.roll_back(record, invalid(e.to_string())));
         }
-        if let Err(e) = engine.attach_with_acls(&mut record, &acls) {
+        if let Err(e) = engine.attach_with_acls(&mut record, &acls, 0) {
             return Err(engine.roll_back(record, e));
         }
         // The other interfaces: counted from their first packet too. One that cannot

@@ -4,6 +4,7 @@
 
 mod add;
 mod check;
+pub mod control;
 mod del;
 mod gc;
 mod health;
@@ -178,6 +179,9 @@ impl Handler {
                 ErrorCode::Decode,
                 format!("network configuration is larger than {MAX_STDIN} bytes"),
             ));
+        }
+        if let Some(answer) = self.control(req) {
+            return answer;
         }
         let env = CniEnv::from_vars(&req.env)?;
         if env.command == Command::Version {

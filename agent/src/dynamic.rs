@@ -1,0 +1,173 @@
+//! The hot-plug reconciler: follows this node's pods (the Kubernetes source's pod
+//! watch) and, when a running pod's networks annotation differs from what its
+//! attachments were made from, has the engine bring them in line. A pod annotated
+//! `trellis.dev/dynamic: "false"` is left as its ADD made it. A change that fails is
+//! tried again with a growing wait (a NAD created later, a device freed) until the
+//! annotation changes again.
+
+use crate::engine::hotplug::is_sandbox_of;
+use crate::engine::{Engine, DYNAMIC_ANNOTATION};
+use crate::selection::NETWORKS_ANNOTATION;
+use crate::source::{PodChange, PodRef};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The first wait before a failed change is tried again; doubled up to `MAX_RETRY`.
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// Starts the reconciler on its own thread, if the source watches pods and hot-plug is
+/// on.
+pub fn start(engine: Arc<Engine>) {
+    if !engine.dynamic_enabled() {
+        return;
+    }
+    let Some(changes) = engine.source.pod_changes() else {
+        return;
+    };
+    std::thread::Builder::new()
+        .name("trellis-dynamic".into())
+        .spawn(move || Reconciler::new(engine).run(changes))
+        .expect("dynamic reconciler thread");
+}
+
+struct Reconciler {
+    engine: Arc<Engine>,
+    /// Per pod uid, the annotation value last brought in line (None: none).
+    done: HashMap<String, Option<String>>,
+    /// Pods whose last change failed: when to try again, and the wait after that.
+    retry: BTreeMap<String, (Instant, Duration, PodRef)>,
+}
+
+impl Reconciler {
+    fn new(engine: Arc<Engine>) -> Reconciler {
+        Reconciler {
+            engine,
+            done: HashMap::new(),
+            retry: BTreeMap::new(),
+        }
+    }
+
+    fn run(mut self, changes: Receiver<PodChange>) {
+        loop {
+            let wait = self
+                .retry
+                .values()
+                .map(|(at, _, _)| at.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
+            let mut batch: BTreeMap<String, PodChange> = BTreeMap::new();
+            match changes.recv_timeout(wait) {
+                Ok(c) => {
+                    batch.insert(c.pod.uid.clone(), c);
+                    // Everything queued behind it, each pod once.
+                    while let Ok(c) = changes.try_recv() {
+                        batch.insert(c.pod.uid.clone(), c);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            let due: Vec<String> = self
+                .retry
+                .iter()
+                .filter(|(_, (at, _, _))| *at <= now)
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in due {
+                if let Some((_, _, pod)) = self.retry.get(&uid) {
+                    batch.entry(uid.clone()).or_insert_with(|| PodChange {
+                        pod: pod.clone(),
+                        gone: false,
+                    });
+                }
+            }
+            self.pass(batch);
+        }
+    }
+
+    /// One batch of changed pods.
+    fn pass(&mut self, batch: BTreeMap<String, PodChange>) {
+        let mut todo = Vec::new();
+        for (uid, c) in batch {
+            if c.gone {
+                self.done.remove(&uid);
+                self.retry.remove(&uid);
+                continue;
+            }
+            let annotations = match self.engine.source.pod_annotations(&c.pod, None) {
+                Ok(a) => a,
+                Err(_) => continue,
+            };
+            if annotations
+                .get(DYNAMIC_ANNOTATION)
+                .is_some_and(|v| v == "false")
+            {
+                continue;
+            }
+            let networks = annotations.get(NETWORKS_ANNOTATION).cloned();
+            let retrying = self
+                .retry
+                .get(&uid)
+                .is_some_and(|(at, _, _)| *at <= Instant::now());
+            if !retrying && self.done.get(&uid) == Some(&networks) {
+                continue;
+            }
+            todo.push((c.pod, networks));
+        }
+        if todo.is_empty() {
+            return;
+        }
+        // One read of the records for the whole batch.
+        let records = match self.engine.records.list() {
+            Ok((r, _)) => r,
+            Err(e) => {
+                tracing::warn!("hot-plug: {e}");
+                return;
+            }
+        };
+        for (pod, networks) in todo {
+            let record = records
+                .iter()
+                .filter(|r| is_sandbox_of(r, &pod))
+                .max_by_key(|r| r.added_at_ms);
+            let Some(record) = record else {
+                // Not added yet (its ADD will apply the annotation as it is then), or
+                // not a pod trellis attaches (host network).
+                self.retry.remove(&pod.uid);
+                continue;
+            };
+            if record.static_networks {
+                continue;
+            }
+            let started = Instant::now();
+            match self
+                .engine
+                .reconcile_pod(&record.container_id, networks.as_deref())
+            {
+                Ok(o) => {
+                    if !o.added.is_empty() || !o.removed.is_empty() {
+                        tracing::info!(pod = %pod, added = ?o.added, removed = ?o.removed,
+                            micros = started.elapsed().as_micros() as u64, "hot-plug");
+                    }
+                    self.retry.remove(&pod.uid);
+                    self.done.insert(pod.uid.clone(), networks);
+                }
+                Err(e) => {
+                    let next = match self.retry.get(&pod.uid) {
+                        Some((_, wait, _)) => (*wait * 2).min(MAX_RETRY),
+                        None => FIRST_RETRY,
+                    };
+                    tracing::warn!(pod = %pod, retry_in_secs = next.as_secs(), "hot-plug: {e}");
+                    self.retry
+                        .insert(pod.uid.clone(), (Instant::now() + next, next, pod.clone()));
+                    // Tried for this annotation; a new one is tried at once.
+                    self.done.insert(pod.uid.clone(), networks);
+                }
+            }
+        }
+    }
+}
