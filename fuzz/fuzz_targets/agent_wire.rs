@@ -6,8 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 use trellis_agent::config::AgentConfig;
-use trellis_agent::verbs::Handler;
 use trellis_agent::source::files::FileSource;
+use trellis_agent::verbs::Handler;
 
 fn handler() -> &'static Handler {
     static H: OnceLock<(tempfile::TempDir, Handler)> = OnceLock::new();
