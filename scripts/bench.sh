@@ -6,7 +6,8 @@
 # latency, re-registration after a kubelet restart, health-change latency. (3) VF
 # placement: the in-process sriov type against the same steps by `ip` commands. (4) The
 # eBPF dataplane. (5) Bandwidth limits: accuracy at 10/100/1,000 Mbit/s and CPU per
-# Gbit against the reference bandwidth plugin.
+# Gbit against the reference bandwidth plugin. (6) Hot-plug: annotation edit to
+# interface, trellis attach/detach.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,3 +23,5 @@ echo
 target/release/trellis-bench-dataplane
 echo
 target/release/trellis-bench-bandwidth
+echo
+TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench-dynamic

@@ -25,6 +25,7 @@ TRELLIS_SHIM="$shim" target/debug/trellis-bench --pods 4 --cycles 4 >/dev/null
 target/debug/trellis-bench-devices --quick >/dev/null
 target/debug/trellis-bench-vf --rounds 3 >/dev/null
 target/debug/trellis-bench-dataplane --quick >/dev/null
+target/debug/trellis-bench-dynamic --quick >/dev/null
 target/debug/trellis-demo >/dev/null
 # Every parser of untrusted input, fuzzed briefly (scripts/fuzz.sh SECONDS for longer).
 bash scripts/fuzz.sh 10

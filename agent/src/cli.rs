@@ -386,3 +386,47 @@ pub fn devices(
     }
     Ok(t.render())
 }
+
+/// `trellis networks`: each network's figures on this node, as the agent measures them.
+pub fn networks_table(
+    kpis: &[crate::choice::kpi::NetworkKpi],
+    output: Output,
+) -> Result<String, CliError> {
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(kpis)? + "\n");
+    }
+    let bits = |b: f64| {
+        let (v, unit) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+            .into_iter()
+            .find(|(m, _)| b >= *m)
+            .map(|(m, u)| (b / m, u))
+            .unwrap_or((b, ""));
+        format!("{v:.1}{unit}")
+    };
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mut t = Table::new([
+        ("NETWORK", Align::Left),
+        ("ATTACHMENTS", Align::Right),
+        ("RX-BIT/S", Align::Right),
+        ("TX-BIT/S", Align::Right),
+        ("CAPACITY", Align::Right),
+        ("UTILIZATION", Align::Right),
+        ("FREE-ADDRESSES", Align::Right),
+        ("FREE-DEVICES", Align::Right),
+        ("COST", Align::Right),
+    ]);
+    for k in kpis {
+        t.row(vec![
+            k.network.clone(),
+            k.attachments.to_string(),
+            bits(k.rx_bps),
+            bits(k.tx_bps),
+            opt(k.capacity_bps.map(|c| bits(c as f64))),
+            opt(k.utilization.map(|u| format!("{u:.3}"))),
+            opt(k.free_addresses.map(|f| f.to_string())),
+            opt(k.free_devices.map(|f| f.to_string())),
+            opt(k.cost.map(|c| c.to_string())),
+        ]);
+    }
+    Ok(t.render())
+}

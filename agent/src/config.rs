@@ -123,11 +123,39 @@ pub struct DynamicConfig {
     /// with the annotation `trellis.dev/dynamic: "false"`. Default true.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// How often the dataplane's counters are sampled for the networks' rates
+    /// (`least-utilized`, `trellis networks`), in milliseconds. Default 1000.
+    #[serde(default = "default_kpi_sample_ms")]
+    pub kpi_sample_ms: u64,
+    /// The window the rates are measured over, in seconds. Default 10.
+    #[serde(default = "default_kpi_window_secs")]
+    pub kpi_window_secs: u64,
+    /// How long a moved attachment's old interface stays after the new one is up,
+    /// in seconds. Default 5.
+    #[serde(default = "default_move_grace_secs")]
+    pub move_grace_secs: u64,
+}
+
+fn default_kpi_sample_ms() -> u64 {
+    1000
+}
+
+fn default_kpi_window_secs() -> u64 {
+    10
+}
+
+fn default_move_grace_secs() -> u64 {
+    5
 }
 
 impl Default for DynamicConfig {
     fn default() -> Self {
-        DynamicConfig { enabled: true }
+        DynamicConfig {
+            enabled: true,
+            kpi_sample_ms: default_kpi_sample_ms(),
+            kpi_window_secs: default_kpi_window_secs(),
+            move_grace_secs: default_move_grace_secs(),
+        }
     }
 }
 

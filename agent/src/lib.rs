@@ -11,6 +11,7 @@
 
 pub mod acl;
 pub mod bandwidth;
+pub mod choice;
 pub mod cli;
 pub mod config;
 pub mod dataplane;

@@ -159,6 +159,14 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Each network's figures on this node as the agent measures them (rates over its
+    /// window, utilization, free addresses and devices, cost), through its socket.
+    Networks {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// List the pods' attachments from the agent's records.
     Attachments {
         #[arg(long)]
@@ -178,11 +186,31 @@ fn control(
     pod: String,
     network: String,
 ) -> anyhow::Result<()> {
+    let req = trellis_agent::verbs::control::ControlRequest { pod, network };
+    let v = ask_agent(op, config, socket, serde_json::to_value(req)?)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+/// Sends control request `op` with `body` to the agent's socket; its answer.
+fn ask_agent(
+    op: &str,
+    config: Option<&std::path::Path>,
+    socket: Option<PathBuf>,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
     let c = cli::load_config(config)?;
     let socket = socket
         .or_else(|| c.map(|c| c.socket))
         .unwrap_or_else(|| PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET));
-    let req = trellis_agent::verbs::control::ControlRequest { pod, network }.to_wire(op);
+    let req = trellis_cni::wire::Request {
+        env: [(
+            trellis_agent::verbs::control::OP_VAR.to_string(),
+            op.to_string(),
+        )]
+        .into(),
+        stdin: body.to_string(),
+    };
     // As long as the agent may take: a delegate's timeout, for each step.
     let resp = trellis_cni::wire::call(&socket, &req, std::time::Duration::from_secs(300))
         .with_context(|| format!("asking the agent at {}", socket.display()))?;
@@ -194,8 +222,7 @@ fn control(
         }
         anyhow::bail!("{op}: {msg}");
     }
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
+    Ok(v)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -270,6 +297,18 @@ fn main() -> anyhow::Result<()> {
             network,
             socket,
         } => control("detach", cli.config.as_deref(), socket, pod, network),
+        Cmd::Networks { socket, out } => {
+            let v = ask_agent(
+                "networks",
+                cli.config.as_deref(),
+                socket,
+                serde_json::json!({}),
+            )?;
+            let kpis: Vec<trellis_agent::choice::kpi::NetworkKpi> =
+                serde_json::from_value(v).context("the agent's answer")?;
+            print!("{}", cli::networks_table(&kpis, out.get())?);
+            Ok(())
+        }
         Cmd::Attachments {
             state_dir,
             filter,
@@ -470,15 +509,27 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));
-    // Running pods' annotation edits (Kubernetes source).
-    trellis_agent::dynamic::start(handler.engine().clone());
+    // Running pods' annotation edits (Kubernetes source), and the rates networks are
+    // chosen by.
+    trellis_agent::dynamic::start(
+        handler.engine().clone(),
+        std::time::Duration::from_millis(config.dynamic.kpi_sample_ms.max(200)),
+        std::time::Duration::from_secs(config.dynamic.move_grace_secs),
+    );
+    if config.dataplane.enabled && handler.engine().dataplane_running() {
+        trellis_agent::choice::kpi::start_sampling(
+            handler.engine().kpi.clone(),
+            config.dataplane.bpffs_dir.clone(),
+            std::time::Duration::from_millis(config.dynamic.kpi_sample_ms.max(100)),
+        );
+    }
     if !config.metrics.listen.is_empty() {
         let l = std::net::TcpListener::bind(&config.metrics.listen)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         l.set_nonblocking(true)
             .with_context(|| format!("metrics.listen {}", config.metrics.listen))?;
         let h = handler.clone();
-        let (live, ready) = (handler.clone(), handler.clone());
+        let (live, ready, kpis) = (handler.clone(), handler.clone(), handler.clone());
         let exposition = Arc::new(
             trellis_agent::metrics::Exposition::new(
                 &handler.metrics,
@@ -496,7 +547,13 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
             .with_probes(
                 Arc::new(move || live.liveness()),
                 Arc::new(move || ready.readiness()),
-            ),
+            )
+            .with_networks(Arc::new(move || {
+                let e = kpis.engine();
+                e.known_networks()
+                    .and_then(|n| e.network_kpis(&n))
+                    .unwrap_or_default()
+            })),
         );
         let l = {
             let _g = rt.enter();

@@ -62,6 +62,9 @@ struct Scraped {
     attachments: Arc<dyn Fn() -> usize + Send + Sync>,
 }
 
+/// The networks' figures, read at each scrape.
+pub type NetworkKpis = Arc<dyn Fn() -> Vec<crate::choice::kpi::NetworkKpi> + Send + Sync>;
+
 impl std::fmt::Debug for Scraped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scraped")
@@ -81,6 +84,68 @@ fn counter(
         ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The networks' figures on this node (`trellis networks`).
+fn network_gauges(
+    enc: &mut DescriptorEncoder,
+    kpis: &[crate::choice::kpi::NetworkKpi],
+) -> Result<(), std::fmt::Error> {
+    let net = |k: &crate::choice::kpi::NetworkKpi| vec![("network", k.network.clone())];
+    gauge(
+        enc,
+        "trellis_network_rate_bits_per_second",
+        "A network's measured rate on this node over the agent's window, by direction (rx into pods)",
+        kpis.iter().flat_map(|k| {
+            [("rx", k.rx_bps), ("tx", k.tx_bps)].map(|(d, v)| {
+                let mut l = net(k);
+                l.push(("direction", d.to_string()));
+                (l, v)
+            })
+        }),
+    )?;
+    let opt = |f: fn(&crate::choice::kpi::NetworkKpi) -> Option<f64>| {
+        kpis.iter()
+            .filter_map(move |k| f(k).map(|v| (net(k), v)))
+            .collect::<Vec<_>>()
+    };
+    gauge(
+        enc,
+        "trellis_network_utilization_ratio",
+        "A network's busier direction over its NAD's trellis.dev/capacity",
+        opt(|k| k.utilization),
+    )?;
+    gauge(
+        enc,
+        "trellis_network_free_addresses",
+        "Addresses left in a network's host-local ranges on this node",
+        opt(|k| k.free_addresses.map(|f| f as f64)),
+    )?;
+    gauge(
+        enc,
+        "trellis_network_free_devices",
+        "Devices left in a network's resource pool on this node",
+        opt(|k| k.free_devices.map(|f| f as f64)),
+    )?;
+    gauge(
+        enc,
+        "trellis_network_cost",
+        "A network's trellis.dev/cost",
+        opt(|k| k.cost),
+    )
 }
 
 impl Collector for Scraped {
@@ -214,6 +279,20 @@ impl Collector for Scraped {
     }
 }
 
+struct NetworkCollector(NetworkKpis);
+
+impl std::fmt::Debug for NetworkCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetworkCollector")
+    }
+}
+
+impl Collector for NetworkCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        network_gauges(&mut enc, &(self.0)())
+    }
+}
+
 /// A probe: Ok, or why not.
 pub type Probe = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -245,6 +324,13 @@ impl Exposition {
             live: None,
             ready: None,
         }
+    }
+
+    /// `/metrics` shows the networks' figures `kpis` gives.
+    pub fn with_networks(mut self, kpis: NetworkKpis) -> Exposition {
+        self.registry
+            .register_collector(Box::new(NetworkCollector(kpis)));
+        self
     }
 
     /// `/healthz` runs `live`, `/readyz` runs `ready`.

@@ -55,8 +55,20 @@ fn entry(a: &Attachment, result: &CniResult, route_override: bool) -> Value {
     if let Some(at) = &a.attached_at {
         e[ATTACHED_AT] = json!(at);
     }
+    if let Some(c) = &a.chosen {
+        e[CHOSEN_BY] = json!({
+            "policy": c.choice.by.name(),
+            "from": c.choice.from,
+            "reason": c.reason,
+            "at": c.at,
+        });
+    }
     e
 }
+
+/// On an entry whose network a choice picked (`trellis.dev/network-choice`): the
+/// policy, the candidates, why, when.
+pub const CHOSEN_BY: &str = "trellis.dev/chosen-by";
 
 /// On an entry added to the running pod (hot-plug): when, RFC 3339.
 pub const ATTACHED_AT: &str = "trellis.dev/attached-at";
@@ -116,6 +128,7 @@ mod tests {
             physical: None,
             selection: None,
             attached_at: None,
+            chosen: None,
         }
     }
 

@@ -74,6 +74,9 @@ pub struct Attachment {
     /// after the pod's ADD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_at: Option<String>,
+    /// The pod's choice (`trellis.dev/network-choice`) this network was chosen by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<crate::choice::spec::Chosen>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +101,10 @@ pub struct Record {
     /// compares the pod's current one against it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<String>,
+    /// The pod's `trellis.dev/network-choice` annotation its choices were last made
+    /// from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choices: Option<String>,
     /// The pod opted out of networks that change while it runs
     /// (`trellis.dev/dynamic: "false"` at ADD).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -325,6 +332,7 @@ mod tests {
             network_status: None,
             added_at_ms: None,
             networks: None,
+            choices: None,
             static_networks: false,
         };
         assert!(s.load("c1").unwrap().is_none());
@@ -393,6 +401,7 @@ mod tests {
             network_status: None,
             added_at_ms: None,
             networks: None,
+            choices: None,
             static_networks: false,
         };
         let p = d.path().join("containers/big.json");

@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
             network_status: None,
             added_at_ms: None,
             networks: None,
+            choices: None,
             static_networks: false,
         });
         r.container_id = "c1".into();

@@ -5,6 +5,7 @@
 //! fails at making is undone alone, leaving the pod as it was.
 
 use super::{from_record_err, invalid, Engine, PlannedAcl};
+use crate::choice::spec::Choice;
 use crate::records::Record;
 use crate::selection::{self, NetworkSelection};
 use crate::source::{PodEvent, PodRef};
@@ -17,11 +18,13 @@ use trellis_cni::{CniError, ErrorCode};
 pub struct Diff {
     pub remove: Vec<String>,
     pub add: Vec<(NetworkSelection, String)>,
+    /// Choices to make (with their index in the pod's choice annotation).
+    pub choose: Vec<(usize, Choice)>,
 }
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.add.is_empty()
+        self.remove.is_empty() && self.add.is_empty() && self.choose.is_empty()
     }
 }
 
@@ -33,11 +36,35 @@ impl Diff {
 /// free in the pod. Attachments of agents before hot-plug (no selection recorded)
 /// match an entry of the same NAD whose interface (given, or named by position as at
 /// ADD) is theirs.
-pub fn diff(record: &Record, asked: &[NetworkSelection]) -> Result<Diff, CniError> {
+pub fn diff(
+    record: &Record,
+    asked: &[NetworkSelection],
+    choices: &[Choice],
+) -> Result<Diff, CniError> {
     let mut taken = vec![false; asked.len()];
+    let mut chosen = vec![false; choices.len()];
     let mut kept: Vec<&str> = Vec::new();
     let mut remove = Vec::new();
-    for a in record.attachments.iter().filter(|a| !a.cluster_default) {
+    // A chosen attachment stays while the pod asks for the same choice.
+    for a in record.attachments.iter() {
+        let Some(c) = &a.chosen else { continue };
+        if c.retiring {
+            kept.push(&a.ifname);
+            continue;
+        }
+        match (0..choices.len()).find(|i| !chosen[*i] && choices[*i] == c.choice) {
+            Some(i) => {
+                chosen[i] = true;
+                kept.push(&a.ifname);
+            }
+            None => remove.push(a.ifname.clone()),
+        }
+    }
+    for a in record
+        .attachments
+        .iter()
+        .filter(|a| !a.cluster_default && a.chosen.is_none())
+    {
         let found = asked.iter().enumerate().position(|(i, d)| {
             !taken[i]
                 && match &a.selection {
@@ -63,10 +90,23 @@ pub fn diff(record: &Record, asked: &[NetworkSelection]) -> Result<Diff, CniErro
     let mut used: HashSet<String> = kept.iter().map(|s| s.to_string()).collect();
     used.insert(record.ifname.clone());
     let mut add = Vec::new();
-    for (d, _) in asked.iter().zip(&taken).filter(|(_, t)| !**t) {
-        if d.interface.is_empty() {
-            continue;
-        }
+    let new_choices: Vec<(usize, Choice)> = choices
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !chosen[*i])
+        .map(|(i, c)| (i, c.clone()))
+        .collect();
+    let explicit = asked
+        .iter()
+        .zip(&taken)
+        .filter(|(d, t)| !**t && !d.interface.is_empty())
+        .map(|(d, _)| d.clone())
+        .chain(
+            new_choices
+                .iter()
+                .map(|(_, c)| c.candidates().swap_remove(0)),
+        );
+    for d in explicit {
         if d.interface == record.ifname {
             return Err(invalid(format!(
                 "network {}: interface {} is the pod's cluster network, which cannot be added or removed while the pod runs",
@@ -101,11 +141,19 @@ pub fn diff(record: &Record, asked: &[NetworkSelection]) -> Result<Diff, CniErro
         };
         add.push((d.clone(), ifname));
     }
-    Ok(Diff { remove, add })
+    Ok(Diff {
+        remove,
+        add,
+        choose: new_choices,
+    })
 }
 
 /// The diff between `record` and the networks annotation `annotation` (None: none).
-fn desired_diff(record: &Record, annotation: Option<&str>) -> Result<Diff, CniError> {
+fn desired_diff(
+    record: &Record,
+    annotation: Option<&str>,
+    choices: Option<&str>,
+) -> Result<Diff, CniError> {
     let asked = match annotation {
         Some(a) => selection::parse_networks_asked(a, &record.pod_namespace)
             .map_err(|e| invalid(e.to_string()))?,
@@ -120,7 +168,12 @@ fn desired_diff(record: &Record, annotation: Option<&str>) -> Result<Diff, CniEr
             ))
         })?;
     }
-    diff(record, &asked)
+    let choices = match choices {
+        Some(c) => crate::choice::spec::parse(c, &record.pod_namespace)
+            .map_err(|e| invalid(e.to_string()))?,
+        None => Vec::new(),
+    };
+    diff(record, &asked, &choices)
 }
 
 /// Whether `r` is a sandbox of `pod` whose ADD finished (a uid on either side must
@@ -171,31 +224,35 @@ impl Engine {
     }
 
     /// Brings the pod's attachments to what `annotation` (its networks annotation
-    /// now, None: none) asks for. Nothing changes if the annotation is the one the
-    /// record was last made from; a bad annotation, an unknown NAD, a refused policy
-    /// or a device the pod does not hold fails before anything changes.
+    /// now, None: none) and `choices` (its network-choice annotation) ask for. Nothing
+    /// changes if both are the ones the record was last made from; a bad annotation,
+    /// an unknown NAD, a refused policy or a device the pod does not hold fails before
+    /// anything changes.
     pub fn reconcile_pod(
         &self,
         container_id: &str,
         annotation: Option<&str>,
+        choices: Option<&str>,
     ) -> Result<Outcome, CniError> {
         let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
         let _lock = self.locks.lock(container_id);
         let Some(record) = self.records.load(container_id).map_err(from_record_err)? else {
             return Ok(Outcome::default());
         };
-        if record.added_at_ms.is_none() || record.networks.as_deref() == annotation {
+        if record.added_at_ms.is_none()
+            || (record.networks.as_deref() == annotation && record.choices.as_deref() == choices)
+        {
             return Ok(Outcome::default());
         }
-        let diff = match desired_diff(&record, annotation) {
+        let diff = match desired_diff(&record, annotation, choices) {
             Ok(d) => d,
             Err(e) => {
                 self.failed_event(&pod_of(&record), "FailedAddingInterface", &e);
                 return Err(e);
             }
         };
-        let networks = annotation.map(str::to_string);
-        self.apply(record, diff, Some(networks))
+        let applied = (annotation.map(str::to_string), choices.map(str::to_string));
+        self.apply(record, diff, Some(applied))
     }
 
     /// `trellis attach`: adds `asked` to the pod's sandbox `container_id`.
@@ -206,7 +263,7 @@ impl Engine {
         let mut list: Vec<NetworkSelection> = record
             .attachments
             .iter()
-            .filter(|a| !a.cluster_default)
+            .filter(|a| !a.cluster_default && a.chosen.is_none())
             .map(|a| {
                 a.selection.clone().unwrap_or_else(|| NetworkSelection {
                     interface: a.ifname.clone(),
@@ -215,10 +272,12 @@ impl Engine {
             })
             .collect();
         // Old records' attachments match by their own interface names.
-        for (s, a) in list
-            .iter_mut()
-            .zip(record.attachments.iter().filter(|a| !a.cluster_default))
-        {
+        for (s, a) in list.iter_mut().zip(
+            record
+                .attachments
+                .iter()
+                .filter(|a| !a.cluster_default && a.chosen.is_none()),
+        ) {
             if a.selection.is_none() {
                 if let Some((ns, name)) = a.network.split_once('/') {
                     s.namespace = ns.into();
@@ -226,9 +285,15 @@ impl Engine {
                 }
             }
         }
+        let choices: Vec<Choice> = record
+            .attachments
+            .iter()
+            .filter_map(|a| a.chosen.as_ref().map(|c| c.choice.clone()))
+            .collect();
         list.push(asked);
-        let mut diff = diff(&record, &list)?;
+        let mut diff = diff(&record, &list, &choices)?;
         diff.remove.clear();
+        diff.choose.clear();
         self.apply(record, diff, None)
     }
 
@@ -280,12 +345,12 @@ impl Engine {
         }
         let diff = Diff {
             remove: vec![a.ifname.clone()],
-            add: Vec::new(),
+            ..Default::default()
         };
         self.apply(record, diff, None)
     }
 
-    fn loaded(&self, container_id: &str) -> Result<Record, CniError> {
+    pub(super) fn loaded(&self, container_id: &str) -> Result<Record, CniError> {
         match self.records.load(container_id).map_err(from_record_err)? {
             Some(r) if r.added_at_ms.is_some() => Ok(r),
             _ => Err(CniError::new(
@@ -303,13 +368,14 @@ impl Engine {
         &self,
         mut record: Record,
         diff: Diff,
-        networks: Option<Option<String>>,
+        applied: Option<(Option<String>, Option<String>)>,
     ) -> Result<Outcome, CniError> {
         let pod = pod_of(&record);
         let mut outcome = Outcome::default();
         if diff.is_empty() {
-            if let Some(n) = networks {
+            if let Some((n, c)) = applied {
                 record.networks = n;
+                record.choices = c;
                 self.records.save(&record).map_err(from_record_err)?;
             }
             return Ok(outcome);
@@ -354,8 +420,9 @@ impl Engine {
                 }
             }
         }
-        if let (Some(n), true) = (networks, errors.is_empty()) {
+        if let (Some((n, c)), true) = (applied, errors.is_empty()) {
             record.networks = n;
+            record.choices = c;
         }
         let status = crate::network_status::build(&record.attachments);
         record.network_status = Some(status.clone());
@@ -401,6 +468,9 @@ impl Engine {
             }
             plan.push(self.plan_selection(sel, asked.clone(), &record.pod_namespace)?);
         }
+        for (i, c) in &diff.choose {
+            plan.push(self.plan_choice(c, *i, &record.pod_namespace)?);
+        }
         let pod = (!record.pod_name.is_empty()).then(|| PodRef {
             namespace: record.pod_namespace.clone(),
             name: record.pod_name.clone(),
@@ -420,7 +490,7 @@ impl Engine {
 
     /// Removes the attachment on `ifname` from the running pod; the network it was.
     /// On failure it stays in the record (without its slot) for DEL to retry.
-    fn unplug(&self, record: &mut Record, ifname: &str) -> Result<String, CniError> {
+    pub(super) fn unplug(&self, record: &mut Record, ifname: &str) -> Result<String, CniError> {
         let i = record
             .attachments
             .iter()
@@ -461,7 +531,7 @@ impl Engine {
     /// Adds one planned attachment to the running pod: recorded before its delegate
     /// runs, made, checked, put in the dataplane (with its ACL and limits before its
     /// first packet), or undone alone.
-    fn plug(&self, record: &mut Record, p: super::Planned) -> Result<(), CniError> {
+    pub(super) fn plug(&self, record: &mut Record, p: super::Planned) -> Result<(), CniError> {
         let mut a = p.to_attachment();
         a.attached_at = Some(k8s_openapi::jiff::Timestamp::now().to_string());
         record.attachments.push(a);
@@ -568,6 +638,7 @@ mod tests {
             physical: None,
             selection,
             attached_at: None,
+            chosen: None,
         }
     }
 
@@ -589,6 +660,7 @@ mod tests {
             network_status: None,
             added_at_ms: Some(1),
             networks: None,
+            choices: None,
             static_networks: false,
         }
     }
@@ -600,16 +672,17 @@ mod tests {
             att("ns/b", "net2", Some(sel("ns", "b", ""))),
         ]);
         // "a" removed: "b" keeps net2 (positional naming would have renamed it net1).
-        let d = diff(&r, &[sel("ns", "b", "")]).unwrap();
+        let d = diff(&r, &[sel("ns", "b", "")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert!(d.add.is_empty());
         // A new unnamed entry takes the lowest free name.
-        let d = diff(&r, &[sel("ns", "b", ""), sel("ns", "c", "")]).unwrap();
+        let d = diff(&r, &[sel("ns", "b", ""), sel("ns", "c", "")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert_eq!(d.add, vec![(sel("ns", "c", ""), "net1".to_string())]);
         let d = diff(
             &r,
             &[sel("ns", "a", ""), sel("ns", "b", ""), sel("ns", "c", "")],
+            &[],
         )
         .unwrap();
         assert!(d.remove.is_empty());
@@ -621,11 +694,11 @@ mod tests {
         let r = record(vec![att("ns/a", "net1", Some(sel("ns", "a", "")))]);
         let mut changed = sel("ns", "a", "");
         changed.ips = vec!["10.0.0.5/24".into()];
-        let d = diff(&r, std::slice::from_ref(&changed)).unwrap();
+        let d = diff(&r, std::slice::from_ref(&changed), &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert_eq!(d.add, vec![(changed, "net1".to_string())]);
         // Same NAD, now with an interface name: removed and added under it.
-        let d = diff(&r, &[sel("ns", "a", "data0")]).unwrap();
+        let d = diff(&r, &[sel("ns", "a", "data0")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert_eq!(d.add, vec![(sel("ns", "a", "data0"), "data0".to_string())]);
     }
@@ -633,16 +706,16 @@ mod tests {
     #[test]
     fn names_in_use_and_the_cluster_interface_are_refused() {
         let r = record(vec![att("ns/a", "net1", Some(sel("ns", "a", "")))]);
-        let e = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "net1")]).unwrap_err();
+        let e = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "net1")], &[]).unwrap_err();
         assert!(
             e.msg.contains("net1 is in use in the pod by network ns/a"),
             "{}",
             e.msg
         );
-        let e = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "eth0")]).unwrap_err();
+        let e = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "eth0")], &[]).unwrap_err();
         assert!(e.msg.contains("cluster network"), "{}", e.msg);
         // The name of an attachment being removed is free for its replacement.
-        let d = diff(&r, &[sel("ns", "b", "net1")]).unwrap();
+        let d = diff(&r, &[sel("ns", "b", "net1")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert_eq!(d.add, vec![(sel("ns", "b", "net1"), "net1".to_string())]);
     }
@@ -650,11 +723,57 @@ mod tests {
     #[test]
     fn records_before_hot_plug_match_by_network_and_interface() {
         let r = record(vec![att("ns/a", "net1", None), att("ns/b", "fast", None)]);
-        let d = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "fast")]).unwrap();
+        let d = diff(&r, &[sel("ns", "a", ""), sel("ns", "b", "fast")], &[]).unwrap();
         assert!(d.is_empty(), "{d:?}");
-        let d = diff(&r, &[sel("ns", "b", "fast")]).unwrap();
+        let d = diff(&r, &[sel("ns", "b", "fast")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net1"]);
         assert!(d.add.is_empty());
+    }
+
+    fn choice(interface: &str, from: &[&str]) -> Choice {
+        crate::choice::spec::parse(
+            &json!([{"interface": interface, "from": from, "by": "least-utilized"}]).to_string(),
+            "ns",
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn chosen_attachments_follow_their_choice() {
+        let c = choice("data0", &["a", "b"]);
+        let mut chosen = att("ns/b", "data0", None);
+        chosen.chosen = Some(crate::choice::spec::Chosen {
+            choice: c.clone(),
+            reason: String::new(),
+            at: String::new(),
+            retiring: false,
+        });
+        let r = record(vec![att("ns/a", "net1", Some(sel("ns", "a", ""))), chosen]);
+        // The same choice: kept (not chosen again).
+        let d = diff(&r, &[sel("ns", "a", "")], std::slice::from_ref(&c)).unwrap();
+        assert!(d.is_empty(), "{d:?}");
+        // A changed choice: removed, and the new one made.
+        let c2 = choice("data0", &["a", "b", "c"]);
+        let d = diff(&r, &[sel("ns", "a", "")], std::slice::from_ref(&c2)).unwrap();
+        assert_eq!(d.remove, vec!["data0"]);
+        assert_eq!(d.choose, vec![(0, c2)]);
+        // A new choice on a name in use is refused.
+        let e = diff(
+            &r,
+            &[sel("ns", "a", "")],
+            &[c.clone(), choice("net1", &["b"])],
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("net1 is in use"), "{}", e.msg);
+        // An unnamed new entry does not take a chosen interface's name.
+        let d = diff(
+            &r,
+            &[sel("ns", "a", ""), sel("ns", "x", "")],
+            &[c, choice("net2", &["b"])],
+        )
+        .unwrap();
+        assert_eq!(d.add, vec![(sel("ns", "x", ""), "net3".to_string())]);
     }
 
     #[test]
@@ -663,9 +782,9 @@ mod tests {
             att("ns/a", "net1", Some(sel("ns", "a", ""))),
             att("ns/a", "net2", Some(sel("ns", "a", ""))),
         ]);
-        let d = diff(&r, &[sel("ns", "a", ""), sel("ns", "a", "")]).unwrap();
+        let d = diff(&r, &[sel("ns", "a", ""), sel("ns", "a", "")], &[]).unwrap();
         assert!(d.is_empty());
-        let d = diff(&r, &[sel("ns", "a", "")]).unwrap();
+        let d = diff(&r, &[sel("ns", "a", "")], &[]).unwrap();
         assert_eq!(d.remove, vec!["net2"]);
     }
 }

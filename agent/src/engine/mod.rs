@@ -6,11 +6,13 @@
 //! to one container (and GC) apart.
 
 mod acl_sync;
+mod choose;
 mod dataplane;
 mod devices;
 pub mod hotplug;
 mod locks;
 mod logical_checks;
+pub mod moves;
 mod plan;
 mod status;
 mod undo;
@@ -76,6 +78,8 @@ pub struct Engine {
     pub(crate) logical_gate: Mutex<()>,
     /// `[dynamic] enabled`: networks may change while a pod runs.
     dynamic_enabled: bool,
+    /// The networks' measured rates (sampled by `choice::kpi::start_sampling`).
+    pub kpi: Arc<crate::choice::kpi::Sampler>,
     /// Pods and NADs come from the Kubernetes API (pods' annotations are the desired
     /// state of their networks).
     pods_from_api: bool,
@@ -105,6 +109,8 @@ pub(crate) struct Planned {
     pub created: Option<String>,
     /// The pod's selection it was planned from (None: the cluster network).
     pub selection: Option<crate::selection::NetworkSelection>,
+    /// The choice it was chosen by, if the pod asked for a choice.
+    pub chosen: Option<crate::choice::spec::Chosen>,
 }
 
 impl Planned {
@@ -125,6 +131,7 @@ impl Planned {
             physical: self.physical.clone(),
             selection: self.selection.clone(),
             attached_at: None,
+            chosen: self.chosen.clone(),
         }
     }
 }
@@ -218,6 +225,9 @@ impl Engine {
             acl_read_at: Mutex::new(BTreeMap::new()),
             logical_gate: Mutex::new(()),
             dynamic_enabled: config.dynamic.enabled,
+            kpi: Arc::new(crate::choice::kpi::Sampler::new(
+                std::time::Duration::from_secs(config.dynamic.kpi_window_secs.clamp(1, 3600)),
+            )),
             pods_from_api: matches!(
                 config.networks,
                 crate::config::NetworksConfig::Kubernetes { .. }
@@ -244,6 +254,11 @@ impl Engine {
 
     pub fn records(&self) -> &RecordStore {
         &self.records
+    }
+
+    /// Whether the eBPF dataplane runs (configured and started).
+    pub fn dataplane_running(&self) -> bool {
+        self.dataplane.is_some()
     }
 
     /// Runs `f` while no GC runs.

@@ -89,6 +89,7 @@ impl Engine {
             bandwidth: Default::default(),
             logical,
             selection: None,
+            chosen: None,
         })
     }
 
@@ -164,6 +165,7 @@ impl Engine {
                     bandwidth: Default::default(),
                     logical: None,
                     selection: None,
+                    chosen: None,
                 }
             }
         };
@@ -181,9 +183,19 @@ impl Engine {
                 sel.interface = selection::default_ifname(i);
             }
         }
-        selection::check_ifnames(&named, &env.ifname).map_err(|e| invalid(e.to_string()))?;
+        let choices = match annotations.get(crate::choice::spec::CHOICE_ANNOTATION) {
+            Some(a) => crate::choice::spec::parse(a, pod_ns).map_err(|e| invalid(e.to_string()))?,
+            None => Vec::new(),
+        };
+        // Chosen interfaces are named like any other: once in the pod.
+        let mut all = named.clone();
+        all.extend(choices.iter().map(|c| c.candidates().swap_remove(0)));
+        selection::check_ifnames(&all, &env.ifname).map_err(|e| invalid(e.to_string()))?;
         for (sel, asked) in named.into_iter().zip(asked) {
             plan.push(self.plan_selection(sel, asked, pod_ns)?);
+        }
+        for (i, c) in choices.iter().enumerate() {
+            plan.push(self.plan_choice(c, i, pod_ns)?);
         }
         self.assign_devices(pod, &mut plan)?;
         Ok(plan)
@@ -260,6 +272,7 @@ impl Engine {
                 .cloned(),
             device: None,
             selection: Some(asked),
+            chosen: None,
         })
     }
 

@@ -49,6 +49,9 @@ impl Handler {
             network_status: None,
             added_at_ms: None,
             networks: annotations.get(NETWORKS_ANNOTATION).cloned(),
+            choices: annotations
+                .get(crate::choice::spec::CHOICE_ANNOTATION)
+                .cloned(),
             static_networks: annotations
                 .get(crate::engine::DYNAMIC_ANNOTATION)
                 .is_some_and(|v| v == "false"),

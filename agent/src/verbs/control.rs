@@ -1,4 +1,5 @@
-//! Requests from `trellis attach` and `trellis detach` (root on the node, through the
+//! Requests from `trellis attach`, `trellis detach` and `trellis networks` (root on the
+//! node, through the
 //! agent socket, which only root can open): hot-plug where no pod annotation says what
 //! a pod's networks are (the files source). With the Kubernetes source the pod's
 //! networks annotation is the desired state, and an edit of it is how networks change.
@@ -26,16 +27,6 @@ pub struct ControlRequest {
     pub network: String,
 }
 
-impl ControlRequest {
-    /// The request as the agent socket carries it.
-    pub fn to_wire(&self, op: &str) -> Request {
-        Request {
-            env: [(OP_VAR.to_string(), op.to_string())].into(),
-            stdin: serde_json::to_string(self).expect("serialises"),
-        }
-    }
-}
-
 impl Handler {
     /// Answers a control request; None if `req` is not one.
     pub(super) fn control(&self, req: &Request) -> Option<Result<Option<Value>, CniError>> {
@@ -45,6 +36,10 @@ impl Handler {
 
     fn control_op(&self, op: &str, stdin: &str) -> Result<Value, CniError> {
         let engine = &self.engine;
+        if op == "networks" {
+            let kpis = engine.network_kpis(&engine.known_networks()?)?;
+            return Ok(serde_json::to_value(kpis).expect("serialises"));
+        }
         let r: ControlRequest = serde_json::from_str(stdin)
             .map_err(|e| CniError::new(ErrorCode::Decode, format!("{op} request: {e}")))?;
         if !engine.dynamic_enabled() {

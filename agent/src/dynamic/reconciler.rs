@@ -1,10 +1,11 @@
-//! The hot-plug reconciler: follows this node's pods (the Kubernetes source's pod
+//! The annotation reconciler: follows this node's pods (the Kubernetes source's pod
 //! watch) and, when a running pod's networks annotation differs from what its
 //! attachments were made from, has the engine bring them in line. A pod annotated
 //! `trellis.dev/dynamic: "false"` is left as its ADD made it. A change that fails is
 //! tried again with a growing wait (a NAD created later, a device freed) until the
 //! annotation changes again.
 
+use crate::choice::spec::CHOICE_ANNOTATION;
 use crate::engine::hotplug::is_sandbox_of;
 use crate::engine::{Engine, DYNAMIC_ANNOTATION};
 use crate::selection::NETWORKS_ANNOTATION;
@@ -18,12 +19,8 @@ use std::time::{Duration, Instant};
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
-/// Starts the reconciler on its own thread, if the source watches pods and hot-plug is
-/// on.
+/// Starts the reconciler on its own thread, if the source watches pods.
 pub fn start(engine: Arc<Engine>) {
-    if !engine.dynamic_enabled() {
-        return;
-    }
     let Some(changes) = engine.source.pod_changes() else {
         return;
     };
@@ -33,10 +30,12 @@ pub fn start(engine: Arc<Engine>) {
         .expect("dynamic reconciler thread");
 }
 
+type Annotations = (Option<String>, Option<String>);
+
 struct Reconciler {
     engine: Arc<Engine>,
-    /// Per pod uid, the annotation value last brought in line (None: none).
-    done: HashMap<String, Option<String>>,
+    /// Per pod uid, the annotations (networks, network-choice) last brought in line.
+    done: HashMap<String, Annotations>,
     /// Pods whose last change failed: when to try again, and the wait after that.
     retry: BTreeMap<String, (Instant, Duration, PodRef)>,
 }
@@ -108,7 +107,10 @@ impl Reconciler {
             {
                 continue;
             }
-            let networks = annotations.get(NETWORKS_ANNOTATION).cloned();
+            let networks = (
+                annotations.get(NETWORKS_ANNOTATION).cloned(),
+                annotations.get(CHOICE_ANNOTATION).cloned(),
+            );
             let retrying = self
                 .retry
                 .get(&uid)
@@ -144,10 +146,11 @@ impl Reconciler {
                 continue;
             }
             let started = Instant::now();
-            match self
-                .engine
-                .reconcile_pod(&record.container_id, networks.as_deref())
-            {
+            match self.engine.reconcile_pod(
+                &record.container_id,
+                networks.0.as_deref(),
+                networks.1.as_deref(),
+            ) {
                 Ok(o) => {
                     if !o.added.is_empty() || !o.removed.is_empty() {
                         tracing::info!(pod = %pod, added = ?o.added, removed = ?o.removed,
