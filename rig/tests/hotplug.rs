@@ -199,6 +199,26 @@ fn annotation_edits_add_and_remove_interfaces_of_a_running_pod() {
         .iter()
         .any(|s| s["owner"]["ifname"] == "net1"));
 
+    // A choice added to the running pod: chosen (mv-a has more free addresses than
+    // br-acl, which a and b both use), made, shown; taken away again.
+    let mut with_choice = networks_annotation("br-acl@acl0");
+    with_choice.insert(
+        "trellis.dev/network-choice".into(),
+        json!([{"interface": "pick0", "from": ["br-acl", "mv-a"], "by": "most-free-addresses"}])
+            .to_string(),
+    );
+    api.put_pod("pods", "a", "uid-ca", NODE, &with_choice);
+    wait_for("pick0 chosen", &node, || has_link(&a, "pick0"));
+    wait_for("pick0 in network-status", &node, || {
+        network_status(&api, "a").iter().any(|e| {
+            e["interface"] == "pick0"
+                && e["name"] == "pods/mv-a"
+                && e["trellis.dev/chosen-by"]["policy"] == "most-free-addresses"
+        })
+    });
+    annotate(&api, "a", "uid-ca", "br-acl@acl0");
+    wait_for("pick0 removed", &node, || !has_link(&a, "pick0"));
+
     // A pod that opted out is left alone.
     let mut opted = networks_annotation("");
     opted.insert("trellis.dev/dynamic".into(), "false".into());

@@ -80,6 +80,22 @@ sleep 1
 echo "=== after"
 echo "PF $PFNET VF0 $VF0 $(ls $PFDIR/virtfn0/net) $(cat $PFDIR/virtfn0/net/*/address) VF1 $VF1 $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
 $IP link show "$PFNET"
+echo "=== hotplug"
+$IP netns add pod3
+call ADD c10 pod3 '[{\"name\":\"vf0\",\"interface\":\"fast0\",\"ips\":[\"192.168.50.10/24\"]}]'
+call ADD c11 pod0 ''
+trellis attach --pod pods/pod0 '{"name":"vf1","interface":"fast1","mac":"02:aa:bb:cc:00:03","ips":["192.168.50.12/24"]}' > /tmp/attach.json 2>&1
+echo "attach rc=$?"
+cat /tmp/attach.json | tr -d ' \n' | head -c 300; echo
+$IP netns exec pod0 $IP -o link show fast1
+$IP netns exec pod0 ping -c 3 -W 3 192.168.50.10
+echo "hotplug ping rc=$?"
+trellis stats --json --pod pod0 | tr -d ' \n' | grep -o '"ifname":"fast1"'
+trellis detach --pod pods/pod0 @fast1
+echo "detach rc=$?"
+echo "vf1 back: $(ls $PFDIR/virtfn1/net) $(cat $PFDIR/virtfn1/net/*/address)"
+call DEL c10 pod3 '[{\"name\":\"vf0\",\"interface\":\"fast0\",\"ips\":[\"192.168.50.10/24\"]}]'
+call DEL c11 pod0 ''
 echo "=== pf-refused"
 cat > /etc/trellis/networks/pf.json <<EOF
 {"apiVersion":"k8s.cni.cncf.io/v1","kind":"NetworkAttachmentDefinition",
@@ -250,6 +266,19 @@ fn real_vfs_are_placed_with_mac_vlan_and_ip_and_restored() {
     let (vf0_name, vf0_mac) = (words[4], words[5]);
     let (vf1_name, vf1_mac) = (words[8], words[9]);
     let pf_before = vf_line(&before, 0);
+
+    // Hot-plug of a real VF into a running pod (trellis attach), traffic across the
+    // NIC over it, counted; detach puts it back in the host as it was.
+    let hp = section("hotplug");
+    assert!(hp.contains("attach rc=0"), "{hp}\n{agent_log}");
+    assert!(hp.contains(": fast1: "), "{hp}");
+    assert!(hp.contains("hotplug ping rc=0"), "{hp}\n{agent_log}");
+    assert!(hp.contains(r#""ifname":"fast1""#), "{hp}");
+    assert!(hp.contains("detach rc=0"), "{hp}");
+    assert!(
+        hp.contains(&format!("vf1 back: {vf1_name} {vf1_mac}")),
+        "{hp}"
+    );
 
     let add = section("add");
     assert_eq!(add.matches(" rc=0").count(), 2, "{add}\n{agent_log}");

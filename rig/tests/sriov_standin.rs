@@ -578,3 +578,83 @@ case "$CNI_COMMAND" in ADD) touch {0}; sleep 30;; DEL) rm -f {0};; esac"#,
     rig.assert_host_as_before();
     assert!(pod.links().is_empty(), "{:?}", pod.links());
 }
+
+/// Hot-plug of an SR-IOV network (`trellis attach`): only with a device kubelet already
+/// allocated to the pod that none of its attachments uses; otherwise a clear error,
+/// nothing changed. Detach puts the VF back in the host as it was.
+#[test]
+fn a_vf_is_hot_plugged_only_from_the_pods_spare_allocation() {
+    require_root!();
+    let mut rig = Rig::new(2);
+    let conf = rig.sriov_conf(json!({}));
+    rig.add_nad_with_resource("sriov-a", "intel.com/vf", &conf);
+    rig.node.start_agent();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _pr = {
+        let _g = rt.enter();
+        serve_pod_resources(
+            &rig.node.path("pod-resources.sock"),
+            vec![pod_with_devices(
+                "pods",
+                "a",
+                "intel.com/vf",
+                &[&rig.vfs[0].0, &rig.vfs[1].0],
+            )],
+            true,
+        )
+    };
+    let trellis = |args: &[&str]| {
+        let out = std::process::Command::new(trellis_rig::bins::trellis())
+            .args(args)
+            .arg("--socket")
+            .arg(rig.node.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let pod = Netns::new("trp");
+    rig.shim("ADD", "c1", &pod, "a", "sriov-a@d0")
+        .expect_ok("ADD");
+    assert!(pod.links().contains(&"d0".to_string()));
+
+    // The spare allocated VF: hot-plugged.
+    let (ok, out) = trellis(&["attach", "--pod", "pods/a", "sriov-a@d1"]);
+    assert!(ok, "{out}\n{}", rig.node.agent_log());
+    assert!(pod.links().contains(&"d1".to_string()), "{:?}", pod.links());
+    let rec = rig.node.record("c1");
+    let devices: Vec<&str> = rec["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["device"].as_str())
+        .collect();
+    assert_eq!(devices, [rig.vfs[0].0.as_str(), rig.vfs[1].0.as_str()]);
+
+    // None left: refused, naming the pool and why, and nothing changed.
+    let before = rig.node.record("c1");
+    let (ok, out) = trellis(&["attach", "--pod", "pods/a", "sriov-a@d2"]);
+    assert!(!ok);
+    assert!(
+        out.contains("holds 2 device(s) of intel.com/vf, 2 of them in use")
+            && out.contains("cannot allocate another to a running pod"),
+        "{out}"
+    );
+    assert_eq!(rig.node.record("c1"), before);
+    assert!(!pod.links().contains(&"d2".to_string()));
+
+    // Detached: the VF is back in the host, its MAC as it was; attached again.
+    let (ok, out) = trellis(&["detach", "--pod", "pods/a", "@d1"]);
+    assert!(ok, "{out}");
+    let (_, name, mac) = &rig.vfs[1];
+    assert!(rig.node.host.links().contains(name));
+    assert_eq!(&mac_of(&rig.node.host, name), mac);
+    assert!(trellis(&["attach", "--pod", "pods/a", "sriov-a@d1"]).0);
+
+    rig.shim("DEL", "c1", &pod, "a", "sriov-a@d0")
+        .expect_ok("DEL");
+    rig.assert_host_as_before();
+}

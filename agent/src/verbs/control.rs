@@ -77,7 +77,14 @@ impl Handler {
         }
         let outcome = match op {
             "attach" => {
-                let mut list = selection::parse_networks_asked(&r.network, ns)
+                // One entry of the annotation: its comma form, or one JSON object.
+                let text = r.network.trim();
+                let text = if text.starts_with('{') {
+                    format!("[{text}]")
+                } else {
+                    text.to_string()
+                };
+                let mut list = selection::parse_networks_asked(&text, ns)
                     .map_err(|e| invalid(e.to_string()))?;
                 if list.len() != 1 {
                     return Err(invalid(format!(

@@ -127,6 +127,7 @@ impl Handler {
                 let cmd = req
                     .env
                     .get("CNI_COMMAND")
+                    .or_else(|| req.env.get(control::OP_VAR))
                     .map(String::as_str)
                     .unwrap_or("?");
                 let id = req
