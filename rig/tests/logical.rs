@@ -194,6 +194,20 @@ fn tenants_on_one_master_and_one_bridge_are_isolated() {
     let a2 = pods.add("tenant-a", "a2", "lan").unwrap();
     let b1 = pods.add("tenant-b", "b1", "lan").unwrap();
 
+    // Not hot-plugged into a running pod (its delegate brings the link up before the
+    // programs could isolate it): refused, nothing changed.
+    let out = std::process::Command::new(trellis_rig::bins::trellis())
+        .args(["attach", "--pod", "tenant-a/a1", "lan@late0", "--socket"])
+        .arg(node.socket())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot be added to a running pod"),
+        "{err}"
+    );
+    assert!(!pods.ns(a1).links().contains(&"late0".to_string()));
+
     // Within a tenant: free. (What a1 dropped so far is b1's gratuitous ARP from the
     // macvlan plugin: about an address of tenant b.)
     let before = drops(&node, "a1");

@@ -50,9 +50,14 @@ impl Mover {
     fn run(mut self, every: Duration) {
         loop {
             std::thread::sleep(every);
-            self.end_due();
-            if let Err(e) = self.pass() {
-                tracing::warn!("mover: {e}");
+            let went = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.end_due();
+                self.pass()
+            }));
+            match went {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("mover: {}", e.msg),
+                Err(_) => tracing::error!("mover: internal error (a bug; please report it)"),
             }
         }
     }
@@ -93,7 +98,12 @@ impl Mover {
             .list()
             .map_err(crate::engine::from_record_err)?;
         let mut watched = Vec::new();
-        for r in records.iter().filter(|r| r.added_at_ms.is_some()) {
+        // One set of figures per network per pass.
+        let mut figures: HashMap<String, NetworkKpi> = HashMap::new();
+        for r in records
+            .iter()
+            .filter(|r| r.added_at_ms.is_some() && !r.static_networks)
+        {
             for a in &r.attachments {
                 let Some(c) = a.chosen.as_ref().filter(|c| !c.retiring) else {
                     continue;
@@ -101,7 +111,22 @@ impl Mover {
                 let Some(m) = &c.choice.r#move else { continue };
                 let key = (r.container_id.clone(), a.ifname.clone());
                 watched.push(key.clone());
-                let kpis = self.engine.network_kpis_in(&records, &c.choice.from);
+                let missing: Vec<String> = c
+                    .choice
+                    .from
+                    .iter()
+                    .filter(|n| !figures.contains_key(*n))
+                    .cloned()
+                    .collect();
+                for k in self.engine.network_kpis_in(&records, &missing) {
+                    figures.insert(k.network.clone(), k);
+                }
+                let kpis: Vec<NetworkKpi> = c
+                    .choice
+                    .from
+                    .iter()
+                    .filter_map(|n| figures.get(n).cloned())
+                    .collect();
                 let Some(cur) = kpis.iter().find(|k| k.network == a.network) else {
                     continue;
                 };

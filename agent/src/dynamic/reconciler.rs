@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 /// The first wait before a failed change is tried again; doubled up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(300);
+/// The least time between two passes.
+const MIN_WAIT: Duration = Duration::from_millis(50);
 
 /// Starts the reconciler on its own thread, if the source watches pods.
 pub fn start(engine: Arc<Engine>) {
@@ -56,7 +58,9 @@ impl Reconciler {
                 .values()
                 .map(|(at, _, _)| at.saturating_duration_since(Instant::now()))
                 .min()
-                .unwrap_or(Duration::from_secs(3600));
+                .unwrap_or(Duration::from_secs(3600))
+                // Never a busy loop, whatever is due.
+                .max(MIN_WAIT);
             let mut batch: BTreeMap<String, PodChange> = BTreeMap::new();
             match changes.recv_timeout(wait) {
                 Ok(c) => {
@@ -88,7 +92,8 @@ impl Reconciler {
         }
     }
 
-    /// One batch of changed pods.
+    /// One batch of changed pods. A pod not changed here for any reason leaves the
+    /// retries (the next change of it comes with its next event).
     fn pass(&mut self, batch: BTreeMap<String, PodChange>) {
         let mut todo = Vec::new();
         for (uid, c) in batch {
@@ -99,12 +104,16 @@ impl Reconciler {
             }
             let annotations = match self.engine.source.pod_annotations(&c.pod, None) {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(_) => {
+                    self.retry.remove(&uid);
+                    continue;
+                }
             };
             if annotations
                 .get(DYNAMIC_ANNOTATION)
                 .is_some_and(|v| v == "false")
             {
+                self.retry.remove(&uid);
                 continue;
             }
             let networks = (
@@ -128,6 +137,9 @@ impl Reconciler {
             Ok((r, _)) => r,
             Err(e) => {
                 tracing::warn!("hot-plug: {e}");
+                for (pod, _) in &todo {
+                    self.retry.remove(&pod.uid);
+                }
                 return;
             }
         };
@@ -142,15 +154,20 @@ impl Reconciler {
                 self.retry.remove(&pod.uid);
                 continue;
             };
-            if record.static_networks {
-                continue;
-            }
+            // (The opt-out is the pod's annotation now, read above.)
             let started = Instant::now();
-            match self.engine.reconcile_pod(
-                &record.container_id,
-                networks.0.as_deref(),
-                networks.1.as_deref(),
-            ) {
+            let container = record.container_id.clone();
+            let engine = self.engine.clone();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.reconcile_pod(&container, networks.0.as_deref(), networks.1.as_deref())
+            }))
+            .unwrap_or_else(|_| {
+                Err(trellis_cni::CniError::new(
+                    trellis_cni::ErrorCode::Io,
+                    "internal error in the hot-plug reconciler (a bug; please report it)",
+                ))
+            });
+            match result {
                 Ok(o) => {
                     if !o.added.is_empty() || !o.removed.is_empty() {
                         tracing::info!(pod = %pod, added = ?o.added, removed = ?o.removed,

@@ -52,6 +52,12 @@ pub fn diff(
             kept.push(&a.ifname);
             continue;
         }
+        // Never finished (a failed addition whose undo is owed, or an agent that died
+        // making it): made again if still asked for.
+        if a.result.is_none() {
+            remove.push(a.ifname.clone());
+            continue;
+        }
         match (0..choices.len()).find(|i| !chosen[*i] && choices[*i] == c.choice) {
             Some(i) => {
                 chosen[i] = true;
@@ -66,7 +72,8 @@ pub fn diff(
         .filter(|a| !a.cluster_default && a.chosen.is_none())
     {
         let found = asked.iter().enumerate().position(|(i, d)| {
-            !taken[i]
+            a.result.is_some()
+                && !taken[i]
                 && match &a.selection {
                     Some(s) => s == d,
                     None => {
@@ -81,6 +88,12 @@ pub fn diff(
             Some(i) => {
                 taken[i] = true;
                 kept.push(&a.ifname);
+            }
+            None if !a.default_route.is_empty() && a.result.is_some() => {
+                return Err(invalid(format!(
+                    "network {} ({}) carries the pod's default route (default-route), which cannot change while the pod runs: it cannot be removed or changed",
+                    a.network, a.ifname
+                )))
             }
             None => remove.push(a.ifname.clone()),
         }
@@ -288,7 +301,8 @@ impl Engine {
         let choices: Vec<Choice> = record
             .attachments
             .iter()
-            .filter_map(|a| a.chosen.as_ref().map(|c| c.choice.clone()))
+            .filter_map(|a| a.chosen.as_ref().filter(|c| !c.retiring))
+            .map(|c| c.choice.clone())
             .collect();
         list.push(asked);
         let mut diff = diff(&record, &list, &choices)?;
@@ -409,6 +423,24 @@ impl Engine {
                 }
             }
         }
+        // What stays of a failed removal may hold the names, addresses or devices the
+        // additions were planned with: none is made until it is gone.
+        let planned = if errors.is_empty() || planned.is_empty() {
+            planned
+        } else {
+            errors.push(invalid(format!(
+                "not adding {}: a removal failed first",
+                planned
+                    .iter()
+                    .map(|p| p.ifname.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+            outcome
+                .failed
+                .extend(planned.iter().map(|p| p.ifname.clone()));
+            Vec::new()
+        };
         for p in planned {
             let ifname = p.ifname.clone();
             match self.plug(&mut record, p) {
@@ -471,6 +503,12 @@ impl Engine {
         for (i, c) in &diff.choose {
             plan.push(self.plan_choice(c, *i, &record.pod_namespace)?);
         }
+        if let Some(p) = plan.iter().find(|p| p.logical.is_some()) {
+            return Err(invalid(format!(
+                "network {} ({}) is a logical network, which cannot be added to a running pod: its delegate brings the interface up before the dataplane can isolate it (recreate the pod with it)",
+                p.network, p.ifname
+            )));
+        }
         let pod = (!record.pod_name.is_empty()).then(|| PodRef {
             namespace: record.pod_namespace.clone(),
             name: record.pod_name.clone(),
@@ -499,7 +537,7 @@ impl Engine {
         let a = record.attachments.remove(i);
         let network = a.network.clone();
         let netns = record.netns.clone();
-        let undone = self.undo(record, a, &netns, false);
+        let undone = self.undo_live(record, a, &netns);
         self.forget_pod_socket();
         match undone {
             Ok(()) => {
@@ -774,6 +812,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.add, vec![(sel("ns", "x", ""), "net3".to_string())]);
+    }
+
+    #[test]
+    fn an_unfinished_attachment_is_made_again_and_the_default_route_stays() {
+        let mut unfinished = att("ns/a", "net1", Some(sel("ns", "a", "")));
+        unfinished.result = None;
+        let r = record(vec![unfinished]);
+        let d = diff(&r, &[sel("ns", "a", "")], &[]).unwrap();
+        assert_eq!(d.remove, vec!["net1"]);
+        assert_eq!(d.add, vec![(sel("ns", "a", ""), "net1".to_string())]);
+        let mut routed = att("ns/a", "net1", Some(sel("ns", "a", "")));
+        routed.default_route = vec!["10.0.0.1".parse().unwrap()];
+        let r = record(vec![routed]);
+        let e = diff(&r, &[], &[]).unwrap_err();
+        assert!(
+            e.msg.contains("carries the pod's default route"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

@@ -81,17 +81,16 @@ impl Engine {
             at: k8s_openapi::jiff::Timestamp::now().to_string(),
             retiring: false,
         });
-        // Retiring before the new one runs: a reconcile in between leaves both alone.
-        set_retiring(&mut record, ifname, true);
-        self.records.save(&record).map_err(from_record_err)?;
+        // The old one is marked retiring only once the new one is made: an agent that
+        // dies before keeps the old one (the half-made new one is removed by the next
+        // reconcile or the pod's DEL).
         if let Err(e) = self.plug(&mut record, p) {
-            set_retiring(&mut record, ifname, false);
-            let _ = self.records.save(&record);
             if let Some(pod) = &pod {
                 self.failed_event(pod, "FailedMovingInterface", &e);
             }
             return Err(e);
         }
+        set_retiring(&mut record, ifname, true);
         let status = crate::network_status::build(&record.attachments);
         record.network_status = Some(status.clone());
         self.records.save(&record).map_err(from_record_err)?;

@@ -209,6 +209,14 @@ impl Engine {
         asked: NetworkSelection,
         pod_ns: &str,
     ) -> Result<Planned, CniError> {
+        // Every path (ADD, hot-plug, attach, moves) names interfaces through here.
+        trellis_cni::env::validate_ifname(&sel.interface).map_err(|m| {
+            invalid(format!(
+                "network {}: interface name {:?} {m}",
+                sel.qualified_name(),
+                sel.interface
+            ))
+        })?;
         let read_at = std::time::Instant::now();
         let nad = self
             .source

@@ -72,9 +72,32 @@ impl Engine {
     pub(crate) fn undo(
         &self,
         record: &Record,
+        a: Attachment,
+        netns: &str,
+        best_effort: bool,
+    ) -> Result<(), Box<(Attachment, Vec<String>)>> {
+        self.undo_with(record, a, netns, best_effort, false)
+    }
+
+    /// `undo` in a pod that keeps running (hot-unplug): if the delegate's DEL fails, the
+    /// interface may still be there, so it keeps its dataplane slot (its ACL, logical
+    /// network and accounting) for the pod's DEL to undo.
+    pub(crate) fn undo_live(
+        &self,
+        record: &Record,
+        a: Attachment,
+        netns: &str,
+    ) -> Result<(), Box<(Attachment, Vec<String>)>> {
+        self.undo_with(record, a, netns, false, true)
+    }
+
+    fn undo_with(
+        &self,
+        record: &Record,
         mut a: Attachment,
         netns: &str,
         best_effort: bool,
+        live: bool,
     ) -> Result<(), Box<(Attachment, Vec<String>)>> {
         let mut failures = Vec::new();
         if let (Some(dp), Some(slot)) = (&self.dataplane, a.slot) {
@@ -107,7 +130,8 @@ impl Engine {
         // The dataplane goes last: a delegate's DEL usually deletes the interface (or
         // moves a VF out of the pod), its filters with it, so what is left to undo is
         // the slot itself.
-        if let (Some(dp), Some(slot)) = (&self.dataplane, a.slot) {
+        let keep_slot = live && !failures.is_empty();
+        if let (Some(dp), Some(slot), false) = (&self.dataplane, a.slot, keep_slot) {
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
             // Only a slot this attachment still owns: after a reboot the number may be
             // another pod's.
