@@ -1,0 +1,232 @@
+//! Loading the programs once per agent start, and the pins: opened and re-adopted
+//! under one bpffs dir, refused when of another layout, orphans removed.
+
+use super::*;
+
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis-tc"));
+
+/// The object's program for each hook, in HOOK_* order.
+pub(super) const PROGRAMS: [&str; HOOKS as usize] =
+    ["trellis_ingress", "trellis_egress", "trellis_peer"];
+
+/// Checks that `dir` is, or would be created, on a bpffs.
+pub fn check_bpffs(dir: &Path) -> Result<(), DataplaneError> {
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.exists() {
+            let on_bpffs = nix::sys::statfs::statfs(d)
+                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+            if on_bpffs {
+                return Ok(());
+            }
+            return Err(DataplaneError::NoBpffs {
+                dir: dir.display().to_string(),
+            });
+        }
+        p = d.parent();
+    }
+    Err(DataplaneError::NoBpffs {
+        dir: dir.display().to_string(),
+    })
+}
+
+/// Loads (verifies) the TC classifier `name` of an object.
+pub fn load_classifier(bpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+    classifier(bpf, name)?
+        .load()
+        .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))
+}
+
+pub(super) fn classifier<'a>(
+    bpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    bpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Load(format!("no program {name}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))
+}
+
+/// The maps the programs pin (a dir with any of them holds pins to re-adopt).
+pub(super) const PINNED_MAPS: [&str; 13] = [
+    maps::POLICE,
+    maps::LOGICAL,
+    maps::STATS,
+    maps::META,
+    maps::LAYOUT,
+    maps::SLOT,
+    maps::ACL_HDR,
+    maps::ACL_IV4,
+    maps::ACL_IV6,
+    maps::ACL_IDX,
+    maps::ACL_RULES,
+    maps::ACL_INFO,
+    maps::RULE_HITS,
+];
+
+/// Whether the pinned owner map in `dir` is empty (or absent).
+pub(super) fn no_owners(dir: &Path) -> bool {
+    let Ok(m) = MapData::from_pin(dir.join("META")) else {
+        return true;
+    };
+    BpfHashMap::<MapData, u32, SlotMeta>::try_from(aya::maps::Map::HashMap(m))
+        .map(|m| m.keys().next().is_none())
+        .unwrap_or(false)
+}
+
+/// Refuses pins of another layout in `dir` (their sizes and shapes differ from what
+/// the programs expect); a dir without pins is fine.
+pub(super) fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
+    if !PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+        return Ok(());
+    }
+    let found = match MapData::from_pin(dir.join("LAYOUT")) {
+        Err(_) => "1 (no LAYOUT pin)".to_string(),
+        Ok(m) => {
+            let layout: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(m))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+            match layout.get(&0, 0) {
+                Ok(v) if v == LAYOUT_VERSION => return Ok(()),
+                // Pinned by a start that died before writing its version (older
+                // agents wrote it last): ours if nothing was ever attached.
+                Ok(0) if no_owners(dir) => return Ok(()),
+                Ok(v) => v.to_string(),
+                Err(e) => format!("unreadable ({e})"),
+            }
+        }
+    };
+    Err(DataplaneError::Layout {
+        dir: dir.display().to_string(),
+        found,
+    })
+}
+
+impl Dataplane {
+    /// Loads the programs, re-adopting maps already pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Dataplane, DataplaneError> {
+        check_bpffs(dir)?;
+        check_layout(dir)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| op(format!("creating {}", dir.display()))(e.to_string()))?;
+        // The programs use no CO-RE relocations: no need for the kernel's BTF, which
+        // aya would parse into ~20 MB of the agent's heap.
+        let mut bpf = EbpfLoader::new()
+            .btf(None)
+            .default_map_pin_directory(dir)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load(e.to_string()))?;
+        for name in PINNED_MAPS {
+            if bpf.map(name).is_none() {
+                return Err(DataplaneError::Load(format!(
+                    "the object has no map {name}"
+                )));
+            }
+        }
+        // The maps are pinned now: say which layout they are before anything can fail.
+        let mut layout: Array<&mut MapData, u32> =
+            Array::try_from(bpf.map_mut(maps::LAYOUT).expect("checked"))
+                .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(|e| op("LAYOUT map")(e.to_string()))?;
+        let mut progs = Vec::new();
+        for name in PROGRAMS {
+            load_classifier(&mut bpf, name)?;
+            let fd = classifier(&mut bpf, name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .map_err(|e| DataplaneError::Load(format!("{name}: {e}")))?;
+            progs.push(fd);
+        }
+        let own_netns = std::fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| op("opening the agent's netns")(e.to_string()))?;
+        let mut dp = Dataplane {
+            iv4: Mapped::new(&bpf, maps::ACL_IV4, ACL_SPACE)?,
+            iv6: Mapped::new(&bpf, maps::ACL_IV6, ACL_SPACE)?,
+            idx: Mapped::new(&bpf, maps::ACL_IDX, IDX_SPACE)?,
+            rules: Mapped::new(&bpf, maps::ACL_RULES, RULE_SPACE)?,
+            hits: Mapped::new(&bpf, maps::RULE_HITS, HIT_SPACE)?,
+            freed_at: None,
+            shaper: None,
+            no_ifb: false,
+            ingress_limit: Default::default(),
+            acl_share: 1.0,
+            progs,
+            probe_ready: false,
+            slots: BTreeMap::new(),
+            next_slot: 0,
+            host: None,
+            pod_ns: None,
+            own_netns,
+            bpf,
+            dir: dir.to_path_buf(),
+        };
+        let mut slots = BTreeMap::new();
+        for e in dp.meta()?.iter() {
+            let (slot, m) = e.map_err(|e| op("META map")(e.to_string()))?;
+            slots.insert(slot, m);
+        }
+        dp.next_slot = slots.keys().next_back().map_or(0, |s| (s + 1) % MAX_SLOTS);
+        dp.slots = slots;
+        Ok(dp)
+    }
+
+    /// Removes what older layouts pinned per link (`links/`; tc filters need none).
+    pub fn remove_orphan_pins(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let dir = self.dir.join("links");
+        let mut removed = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if std::fs::remove_file(e.path()).is_ok() {
+                    removed.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(removed)
+    }
+
+    /// The kernel memory (memlock) each shared program holds, in HOOK_* order.
+    pub fn program_memlock(&self) -> Result<Vec<u64>, DataplaneError> {
+        self.progs
+            .iter()
+            .map(|p| {
+                let fd = p.as_fd().as_raw_fd();
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("memlock:"))
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                    .ok_or_else(|| op("reading a program's fdinfo")("no memlock".into()))
+            })
+            .collect()
+    }
+
+    /// The kernel memory (memlock) the pinned maps hold, in all.
+    pub fn map_memlock(&self) -> Result<u64, DataplaneError> {
+        let mut total = 0;
+        for name in PINNED_MAPS {
+            let Some(m) = self.bpf.map(name) else {
+                continue;
+            };
+            let fd = match m {
+                aya::maps::Map::Array(d)
+                | aya::maps::Map::HashMap(d)
+                | aya::maps::Map::PerCpuArray(d) => d.fd().as_fd().as_raw_fd(),
+                _ => continue,
+            };
+            total += std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("memlock:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+}
