@@ -159,6 +159,51 @@ async fn demo() {
         }
     }
 
+    println!(
+        "\n-- hot-plug: demo/storage added to the running pod-c (trellis attach), then removed"
+    );
+    if let (Some((_, a_id, _)), Some((_, _, c_ns))) = (ids.first(), ids.get(2)) {
+        let trellis = |args: &[&str]| {
+            std::process::Command::new(trellis_rig::bins::trellis())
+                .args(args)
+                .arg("--socket")
+                .arg(node.socket())
+                .output()
+                .expect("trellis")
+        };
+        let out = trellis(&["attach", "--pod", "demo/pod-c", "storage@st9"]);
+        if out.status.success() {
+            println!("  trellis attach --pod demo/pod-c storage@st9: ok");
+            for l in c_ns.sh("ip -br addr show st9").lines() {
+                println!("  {l}");
+            }
+            if let Some((_, dst)) = networks_of(&record(&node, a_id)).get("demo/storage") {
+                let ok = c_ns.ping(dst);
+                failures += usize::from(!ok);
+                println!(
+                    "  pod-c -> pod-a  demo/storage st9 {dst:<12} {}",
+                    if ok { "ok" } else { "FAILED" }
+                );
+            }
+            let out = trellis(&["networks"]);
+            println!("trellis networks:");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            let out = trellis(&["detach", "--pod", "demo/pod-c", "@st9"]);
+            let gone = out.status.success() && !c_ns.sh("ip -br link").contains("st9");
+            failures += usize::from(!gone);
+            println!(
+                "  trellis detach --pod demo/pod-c @st9: {}",
+                if gone { "ok, st9 gone" } else { "FAILED" }
+            );
+        } else {
+            failures += 1;
+            println!(
+                "  trellis attach FAILED: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     println!("\n-- the demo/storage ACL: TCP to port 22 on pod-b's st0 from pod-a");
     if let (Some((_, _, a_ns)), Some((_, b_id, _))) = (ids.first(), ids.get(1)) {
         if let Some((_, dst)) = networks_of(&record(&node, b_id)).get("demo/storage") {
