@@ -551,6 +551,17 @@ fn patch(shared: &Shared, ns: &str, name: &str, req: &RecordedRequest) -> Respon
     let Some(mut pod) = st.objects.get(&key).cloned() else {
         return status_error(404, "NotFound", format!("pods \"{name}\" not found"));
     };
+    // As the API server: a patch naming another uid (a pod of the same name made
+    // again) is refused, metadata.uid being immutable.
+    if let Some(uid) = p["metadata"]["uid"].as_str() {
+        if pod["metadata"]["uid"].as_str() != Some(uid) {
+            return status_error(
+                422,
+                "Invalid",
+                format!("Pod \"{name}\" is invalid: metadata.uid: Invalid value: \"{uid}\": field is immutable"),
+            );
+        }
+    }
     merge_patch(&mut pod, &p);
     st.rv += 1;
     let rv = st.rv;

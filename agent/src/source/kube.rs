@@ -273,8 +273,13 @@ impl NetworkSource for KubeSource {
 
     fn publish_network_status(&self, pod: &PodRef, status: &str) -> Result<(), SourceError> {
         let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
-        let patch =
+        let mut patch =
             serde_json::json!({"metadata": {"annotations": {NETWORK_STATUS_ANNOTATION: status}}});
+        // Only onto this pod, not one made again under its name (the API server refuses
+        // a patch whose uid differs: it is immutable).
+        if !pod.uid.is_empty() {
+            patch["metadata"]["uid"] = serde_json::json!(pod.uid);
+        }
         self.with_timeout(
             "network-status patch",
             api.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(&patch)),
