@@ -34,12 +34,18 @@ pub fn start(engine: Arc<Engine>) {
 
 type Annotations = (Option<String>, Option<String>);
 
+/// How often every pod seen is compared again with its record, whatever its events.
+const RESYNC: Duration = Duration::from_secs(60);
+
 struct Reconciler {
     engine: Arc<Engine>,
     /// Per pod uid, the annotations (networks, network-choice) last brought in line.
     done: HashMap<String, Annotations>,
     /// Pods whose last change failed: when to try again, and the wait after that.
     retry: BTreeMap<String, (Instant, Duration, PodRef)>,
+    /// Every pod of the node seen (for the resync), and when the last resync was.
+    known: HashMap<String, PodRef>,
+    resynced: Instant,
 }
 
 impl Reconciler {
@@ -48,6 +54,8 @@ impl Reconciler {
             engine,
             done: HashMap::new(),
             retry: BTreeMap::new(),
+            known: HashMap::new(),
+            resynced: Instant::now(),
         }
     }
 
@@ -58,7 +66,8 @@ impl Reconciler {
                 .values()
                 .map(|(at, _, _)| at.saturating_duration_since(Instant::now()))
                 .min()
-                .unwrap_or(Duration::from_secs(3600))
+                .unwrap_or(RESYNC)
+                .min(RESYNC.saturating_sub(self.resynced.elapsed()))
                 // Never a busy loop, whatever is due.
                 .max(MIN_WAIT);
             let mut batch: BTreeMap<String, PodChange> = BTreeMap::new();
@@ -88,6 +97,16 @@ impl Reconciler {
                     });
                 }
             }
+            if self.resynced.elapsed() >= RESYNC {
+                self.resynced = Instant::now();
+                self.done.clear();
+                for (uid, pod) in &self.known {
+                    batch.entry(uid.clone()).or_insert_with(|| PodChange {
+                        pod: pod.clone(),
+                        gone: false,
+                    });
+                }
+            }
             self.pass(batch);
         }
     }
@@ -100,8 +119,10 @@ impl Reconciler {
             if c.gone {
                 self.done.remove(&uid);
                 self.retry.remove(&uid);
+                self.known.remove(&uid);
                 continue;
             }
+            self.known.insert(uid.clone(), c.pod.clone());
             let annotations = match self.engine.source.pod_annotations(&c.pod, None) {
                 Ok(a) => a,
                 Err(_) => {
@@ -150,8 +171,11 @@ impl Reconciler {
                 .max_by_key(|r| r.added_at_ms);
             let Some(record) = record else {
                 // Not added yet (its ADD will apply the annotation as it is then), or
-                // not a pod trellis attaches (host network).
+                // not a pod trellis attaches (host network): not looked at again until
+                // its annotations change or the next resync (which catches an ADD that
+                // read them just before this edit).
                 self.retry.remove(&pod.uid);
+                self.done.insert(pod.uid.clone(), networks);
                 continue;
             };
             // (The opt-out is the pod's annotation now, read above.)
