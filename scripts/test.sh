@@ -26,6 +26,7 @@ target/debug/trellis-bench-devices --quick >/dev/null
 target/debug/trellis-bench-vf --rounds 3 >/dev/null
 target/debug/trellis-bench-dataplane --quick >/dev/null
 target/debug/trellis-bench-dynamic --quick >/dev/null
+target/debug/trellis-bench-api --quick >/dev/null
 target/debug/trellis-demo >/dev/null
 # Every parser of untrusted input, fuzzed briefly (scripts/fuzz.sh SECONDS for longer).
 bash scripts/fuzz.sh 10
