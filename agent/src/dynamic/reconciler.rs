@@ -170,10 +170,25 @@ impl Reconciler {
                 .filter(|r| is_sandbox_of(r, &pod))
                 .max_by_key(|r| r.added_at_ms);
             let Some(record) = record else {
-                // Not added yet (its ADD will apply the annotation as it is then), or
-                // not a pod trellis attaches (host network): not looked at again until
-                // its annotations change or the next resync (which catches an ADD that
-                // read them just before this edit).
+                let adding = records.iter().any(|r| {
+                    r.pod_namespace == pod.namespace
+                        && r.pod_name == pod.name
+                        && r.added_at_ms.is_none()
+                });
+                if adding {
+                    // Its ADD is under way and may have read the annotations before
+                    // this edit: looked at again once it is done.
+                    let next = match self.retry.get(&pod.uid) {
+                        Some((_, wait, _)) => (*wait * 2).min(MAX_RETRY),
+                        None => FIRST_RETRY,
+                    };
+                    self.retry
+                        .insert(pod.uid.clone(), (Instant::now() + next, next, pod.clone()));
+                    continue;
+                }
+                // Not added yet (its ADD will apply the annotations as they are then),
+                // or not a pod trellis attaches (host network): not looked at again
+                // until its annotations change or the next resync.
                 self.retry.remove(&pod.uid);
                 self.done.insert(pod.uid.clone(), networks);
                 continue;
