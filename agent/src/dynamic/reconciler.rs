@@ -99,7 +99,9 @@ impl Reconciler {
             }
             if self.resynced.elapsed() >= RESYNC {
                 self.resynced = Instant::now();
-                self.done.clear();
+                // Pods whose change keeps failing stay on their backoff.
+                let retry = &self.retry;
+                self.done.retain(|uid, _| retry.contains_key(uid));
                 for (uid, pod) in &self.known {
                     batch.entry(uid.clone()).or_insert_with(|| PodChange {
                         pod: pod.clone(),
@@ -126,7 +128,10 @@ impl Reconciler {
             let annotations = match self.engine.source.pod_annotations(&c.pod, None) {
                 Ok(a) => a,
                 Err(_) => {
+                    // Gone (a delete the watch missed while re-listing) or unreadable:
+                    // its next event brings it back.
                     self.retry.remove(&uid);
+                    self.known.remove(&uid);
                     continue;
                 }
             };
@@ -173,6 +178,7 @@ impl Reconciler {
                 let adding = records.iter().any(|r| {
                     r.pod_namespace == pod.namespace
                         && r.pod_name == pod.name
+                        && (r.pod_uid.is_empty() || r.pod_uid == pod.uid)
                         && r.added_at_ms.is_none()
                 });
                 if adding {

@@ -79,6 +79,9 @@ pub fn diff(
                     None => {
                         d.qualified_name() == a.network
                             && (d.interface == a.ifname
+                                // The pod's default route is on it: never moved by an
+                                // edit of other entries' positions.
+                                || d.interface.is_empty() && !a.default_route.is_empty()
                                 || d.interface.is_empty()
                                     && selection::default_ifname(i) == a.ifname)
                     }
@@ -252,8 +255,11 @@ impl Engine {
         let Some(record) = self.records.load(container_id).map_err(from_record_err)? else {
             return Ok(Outcome::default());
         };
+        let unfinished = record.attachments.iter().any(|a| a.result.is_none());
         if record.added_at_ms.is_none()
-            || (record.networks.as_deref() == annotation && record.choices.as_deref() == choices)
+            || (!unfinished
+                && record.networks.as_deref() == annotation
+                && record.choices.as_deref() == choices)
         {
             return Ok(Outcome::default());
         }
@@ -276,7 +282,7 @@ impl Engine {
         let mut list: Vec<NetworkSelection> = record
             .attachments
             .iter()
-            .filter(|a| !a.cluster_default && a.chosen.is_none())
+            .filter(|a| !a.cluster_default && a.chosen.is_none() && a.result.is_some())
             .map(|a| {
                 a.selection.clone().unwrap_or_else(|| NetworkSelection {
                     interface: a.ifname.clone(),
@@ -289,7 +295,7 @@ impl Engine {
             record
                 .attachments
                 .iter()
-                .filter(|a| !a.cluster_default && a.chosen.is_none()),
+                .filter(|a| !a.cluster_default && a.chosen.is_none() && a.result.is_some()),
         ) {
             if a.selection.is_none() {
                 if let Some((ns, name)) = a.network.split_once('/') {
@@ -527,7 +533,7 @@ impl Engine {
     }
 
     /// Removes the attachment on `ifname` from the running pod; the network it was.
-    /// On failure it stays in the record (without its slot) for DEL to retry.
+    /// On failure it stays in the record (with its slot) for DEL to retry.
     pub(super) fn unplug(&self, record: &mut Record, ifname: &str) -> Result<String, CniError> {
         let i = record
             .attachments
@@ -620,7 +626,7 @@ impl Engine {
         let network = a.network.clone();
         let netns = record.netns.clone();
         let best_effort = lenient && a.result.is_none();
-        let undone = self.undo(record, a, &netns, best_effort);
+        let undone = self.undo_with(record, a, &netns, best_effort, true);
         self.forget_pod_socket();
         if let Some(dp) = &self.dataplane {
             let _ = dp
@@ -831,6 +837,20 @@ mod tests {
             "{}",
             e.msg
         );
+    }
+
+    #[test]
+    fn an_old_records_default_route_entry_is_kept_when_others_move() {
+        // Made by an agent before hot-plug from "a, b" with b's default-route.
+        let mut b = att("ns/b", "net2", None);
+        b.default_route = vec!["10.0.0.1".parse().unwrap()];
+        let r = record(vec![att("ns/a", "net1", None), b]);
+        let mut asked_b = sel("ns", "b", "");
+        asked_b.default_route = vec!["10.0.0.1".parse().unwrap()];
+        // "a" removed: b is now first (positionally net1) but keeps net2.
+        let d = diff(&r, std::slice::from_ref(&asked_b), &[]).unwrap();
+        assert_eq!(d.remove, vec!["net1"]);
+        assert!(d.add.is_empty(), "{d:?}");
     }
 
     #[test]

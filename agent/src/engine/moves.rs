@@ -82,8 +82,9 @@ impl Engine {
             retiring: false,
         });
         // The old one is marked retiring only once the new one is made: an agent that
-        // dies before keeps the old one (the half-made new one is removed by the next
-        // reconcile or the pod's DEL).
+        // dies before keeps the old one (a half-made new one, without a result, is
+        // removed by the next reconcile of the pod, at the latest its resync, or by its
+        // DEL).
         if let Err(e) = self.plug(&mut record, p) {
             if let Some(pod) = &pod {
                 self.failed_event(pod, "FailedMovingInterface", &e);
@@ -93,7 +94,12 @@ impl Engine {
         set_retiring(&mut record, ifname, true);
         let status = crate::network_status::build(&record.attachments);
         record.network_status = Some(status.clone());
-        self.records.save(&record).map_err(from_record_err)?;
+        if let Err(e) = self.records.save(&record) {
+            // Not on disk as moving: the new one goes again, the old one stays.
+            set_retiring(&mut record, ifname, false);
+            let _ = self.unplug(&mut record, &new_name);
+            return Err(from_record_err(e));
+        }
         if let Some(pod) = &pod {
             self.publish_status(pod, &status);
             if let Some(a) = record.attachments.last() {

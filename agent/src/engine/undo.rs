@@ -66,8 +66,9 @@ impl Engine {
 
     /// Undoes one attachment of `record` (which no longer lists it): its limits, its
     /// delegate chain's DEL in `netns` (empty: the netns is gone), its dataplane slot.
-    /// On failure the attachment comes back, without its slot, with what failed, for
-    /// the record to keep so a later DEL retries it. With `best_effort` (its ADD just
+    /// On failure the attachment comes back with what failed, for the record to keep
+    /// so a later DEL retries it (without its slot, except in a running pod, see
+    /// `undo_live`). With `best_effort` (its ADD just
     /// failed in its first plugin with an answer), a failing DEL is only logged.
     pub(crate) fn undo(
         &self,
@@ -91,7 +92,7 @@ impl Engine {
         self.undo_with(record, a, netns, false, true)
     }
 
-    fn undo_with(
+    pub(crate) fn undo_with(
         &self,
         record: &Record,
         mut a: Attachment,
@@ -109,6 +110,14 @@ impl Engine {
             }
         }
         match self.delegate_del(record, &a, netns) {
+            Err(e) if live => {
+                // The pod keeps running: its interface stays, kept (with its slot) for
+                // the pod's DEL, which drops it.
+                failures.push(format!(
+                    "network {} ({}): recorded config cannot be run: {e}",
+                    a.network, a.ifname
+                ));
+            }
             Err(e) => {
                 // Nothing of it can be run (an older agent recorded a config this one
                 // refuses, such as a plugin named by a path): a DEL that kept it would
