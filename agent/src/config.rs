@@ -518,6 +518,12 @@ pub enum NetworksConfig {
         /// `NODE_NAME` environment variable.
         #[serde(default)]
         node_name: Option<String>,
+        /// An `AddedInterface` event per interface at each pod ADD, as Multus posts
+        /// them. Off by default: an ADD then costs the API one write (the
+        /// network-status patch) instead of one more per interface. Failures, hot-plug
+        /// and move events are posted either way.
+        #[serde(default)]
+        added_interface_events: bool,
     },
 }
 

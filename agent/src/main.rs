@@ -433,6 +433,7 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
         NetworksConfig::Kubernetes {
             kubeconfig,
             node_name,
+            ..
         } => {
             let node = match node_name {
                 Some(n) => n.clone(),

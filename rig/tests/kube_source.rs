@@ -63,6 +63,8 @@ fn assert_clean(node: &TestNode, pod: &Netns) {
 fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
     require_root!();
     let (mut node, api) = kube_node(NODE);
+    // As Multus posts them (off by default: one API write per ADD).
+    *node.networks_toml.as_mut().unwrap() += "added_interface_events = true\n";
 
     api.put_nad("pods", "mv-a", &node.macvlan_conf("10.78.1.0/24"));
     api.put_pod(
@@ -147,6 +149,27 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
     assert_eq!(
         stored["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"],
         "mv-a, late@data0"
+    );
+    // One AddedInterface event per interface (posted in the background).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let added = loop {
+        let added: Vec<String> = api
+            .requests()
+            .iter()
+            .filter(|q| q.method == "POST" && q.path.ends_with("/events"))
+            .map(|q| serde_json::from_str::<Value>(&q.body).unwrap())
+            .filter(|e| e["reason"] == "AddedInterface")
+            .map(|e| e["message"].as_str().unwrap().to_string())
+            .collect();
+        if added.len() >= 3 || std::time::Instant::now() > deadline {
+            break added;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(added.len(), 3, "{added:?}");
+    assert!(
+        added.iter().any(|m| m.starts_with("Add data0 [10.78.2.") && m.ends_with("from pods/late")),
+        "{added:?}"
     );
 
     del(&node, "c1", &pod, "a");

@@ -80,6 +80,8 @@ pub struct Engine {
     dynamic_enabled: bool,
     /// The networks' measured rates (sampled by `choice::kpi::start_sampling`).
     pub kpi: Arc<crate::choice::kpi::Sampler>,
+    /// `networks.added_interface_events`: AddedInterface events at pod ADD.
+    pub(crate) added_events_at_add: bool,
     /// Pods and NADs come from the Kubernetes API (pods' annotations are the desired
     /// state of their networks).
     pods_from_api: bool,
@@ -231,6 +233,13 @@ impl Engine {
             pods_from_api: matches!(
                 config.networks,
                 crate::config::NetworksConfig::Kubernetes { .. }
+            ),
+            added_events_at_add: matches!(
+                config.networks,
+                crate::config::NetworksConfig::Kubernetes {
+                    added_interface_events: true,
+                    ..
+                }
             ),
         })
     }

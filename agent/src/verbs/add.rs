@@ -112,8 +112,10 @@ impl Handler {
         }
         if let Some(p) = &pod {
             engine.publish_status(p, &status);
-            for a in &record.attachments {
-                engine.added_event(p, &status, a);
+            if engine.added_events_at_add {
+                for a in &record.attachments {
+                    engine.added_event(p, &status, a);
+                }
             }
         }
         Ok(merged)
