@@ -202,22 +202,39 @@ impl Invoker {
             .stderr(Stdio::piped())
             // Own process group, so a timeout kills whatever the plugin started too.
             .process_group(0);
-        if let Some(h) = &self.host_process {
-            let ns_path = h.join("ns/mnt");
-            let ns = std::fs::File::open(&ns_path).map_err(|source| InvokeError::Spawn {
-                path: ns_path.display().to_string(),
-                source,
-            })?;
-            // SAFETY: between fork and exec only async-signal-safe calls: setns(2) on
-            // an fd opened before the fork, and chdir(2) (the container's cwd is not
-            // in the host's tree).
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
-                    nix::unistd::chdir("/")?;
-                    Ok(())
-                });
+        let host_ns = match &self.host_process {
+            Some(h) => {
+                let ns_path = h.join("ns/mnt");
+                Some(
+                    std::fs::File::open(&ns_path).map_err(|source| InvokeError::Spawn {
+                        path: ns_path.display().to_string(),
+                        source,
+                    })?,
+                )
             }
+            None => None,
+        };
+        let agent = nix::unistd::getpid();
+        // SAFETY: between fork and exec only async-signal-safe calls: prctl(2),
+        // getppid(2), setns(2) on an fd opened before the fork, chdir(2).
+        unsafe {
+            cmd.pre_exec(move || {
+                // A plugin dies with the agent (killed, crashed, upgraded) instead of
+                // finishing an ADD no one will read, after the DEL that would have
+                // undone it. The thread that forks waits for the plugin, so only the
+                // agent's death (not a thread's) sends it. If the agent died before
+                // this, the plugin's parent is already someone else: stop here.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid() != agent {
+                    return Err(std::io::Error::other("the agent exited"));
+                }
+                if let Some(ns) = &host_ns {
+                    // The host's mount namespace: the container's cwd is not in its tree.
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+                    nix::unistd::chdir("/")?;
+                }
+                Ok(())
+            });
         }
         // ETXTBSY: the binary is still open for writing somewhere (being installed, or a
         // fork of this process that has not exec'd yet held the writer's fd); it passes.
@@ -586,6 +603,57 @@ mod tests {
             stat.is_empty() || stat.contains(") Z"),
             "sleep still running: {stat}"
         );
+    }
+
+    /// The plugin of an agent that dies mid-call dies too (PR_SET_PDEATHSIG): this
+    /// test runs itself as the "agent", in a process of its own, and SIGKILLs it.
+    #[test]
+    fn a_plugin_dies_with_the_agent() {
+        if let Ok(dir) = std::env::var("TRELLIS_TEST_AGENT_DIR") {
+            // The "agent": blocks in a plugin that sleeps, until it is killed.
+            let d = std::path::PathBuf::from(dir);
+            let _ = invoker(&d, 60_000).exec("slow", CniCommand::Add, &Target::default(), b"{}");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("plugin.pid");
+        script(
+            d.path(),
+            "slow",
+            &format!("echo $$ > {}; exec sleep 30", marker.display()),
+        );
+        let mut agent = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "invoke::tests::a_plugin_dies_with_the_agent"])
+            .env("TRELLIS_TEST_AGENT_DIR", d.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let pid: i32 = loop {
+            if let Some(p) = std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "the plugin never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the plugin outlived its agent: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
