@@ -17,108 +17,148 @@ use trellis_ebpf_common::{
 /// microseconds): after this, nothing reads a region the slots moved off.
 const REGION_QUIET: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// A BPF_F_MMAPABLE array map, mapped into the agent: table regions are written as
-/// memory (the programs read the same pages), not one syscall per entry.
+/// A BPF_F_MMAPABLE array map whose regions are written and read as memory (the
+/// programs read the same pages), not one syscall per entry. Only the pages of the
+/// region at hand are mapped, for the one operation: mapped whole for the agent's life
+/// the tables (~27 MiB) would count in its RSS.
 pub(super) struct Mapped<T> {
-    ptr: *mut T,
+    fd: std::os::fd::OwnedFd,
     len: usize,
-    bytes: usize,
+    prot: nix::sys::mman::ProtFlags,
+    name: &'static str,
+    _entries: std::marker::PhantomData<T>,
 }
 
-// SAFETY: the mapping is owned by the Dataplane, which is used behind a Mutex.
-unsafe impl<T> Send for Mapped<T> {}
-
 impl<T: Copy> Mapped<T> {
-    pub(super) fn new(bpf: &Ebpf, name: &str, len: u32) -> Result<Mapped<T>, DataplaneError> {
+    pub(super) fn new(
+        bpf: &Ebpf,
+        name: &'static str,
+        len: u32,
+    ) -> Result<Mapped<T>, DataplaneError> {
         let map = match bpf.map(name) {
             Some(aya::maps::Map::Array(d)) => d,
             _ => return Err(DataplaneError::Load(format!("no array map {name}"))),
         };
         use nix::sys::mman::ProtFlags;
-        Self::map(map, name, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)
+        Self::of(map, name, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)
     }
 
-    /// A pinned map opened by `trellis stats`, mapped read-only.
+    /// A pinned map opened by `trellis stats`, read only.
     pub(super) fn read_only(
         map: &MapData,
-        name: &str,
+        name: &'static str,
         len: u32,
     ) -> Result<Mapped<T>, DataplaneError> {
-        Self::map(map, name, len, nix::sys::mman::ProtFlags::PROT_READ)
+        Self::of(map, name, len, nix::sys::mman::ProtFlags::PROT_READ)
     }
 
-    fn map(
+    fn of(
         map: &MapData,
-        name: &str,
+        name: &'static str,
         len: u32,
         prot: nix::sys::mman::ProtFlags,
     ) -> Result<Mapped<T>, DataplaneError> {
         // Array entries are 8-byte aligned; ours are multiples of 8.
         assert_eq!(std::mem::size_of::<T>() % 8, 0);
-        let bytes = (len as usize * std::mem::size_of::<T>()).next_multiple_of(4096);
-        let size = std::num::NonZeroUsize::new(bytes).expect("a map has entries");
-        // SAFETY: a shared mapping of the map's own pages (BPF_F_MMAPABLE), of the
-        // map's size, unmapped on drop; nothing else in this process maps them.
-        let ptr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                size,
-                prot,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                map.fd().as_fd(),
-                0,
-            )
-        }
-        .map_err(|e| op(format!("mapping {name}"))(e.to_string()))?;
+        let fd = map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| op(format!("mapping {name}"))(e.to_string()))?;
         Ok(Mapped {
-            ptr: ptr.as_ptr() as *mut T,
+            fd,
             len: len as usize,
-            bytes,
+            prot,
+            name,
+            _entries: std::marker::PhantomData,
         })
     }
 
-    pub(super) fn read(&self, at: u32, n: u32) -> &[T] {
-        let end = (at as usize + n as usize).min(self.len);
-        let at = (at as usize).min(end);
-        // SAFETY: in bounds; plain data written only by the agent (torn reads of a
-        // region being rewritten only misname a rule once).
-        unsafe { std::slice::from_raw_parts(self.ptr.add(at), end - at) }
+    /// Runs `f` on entries `at..at + n` (clamped to the map), mapped for the call.
+    fn window<R>(
+        &self,
+        at: usize,
+        n: usize,
+        prot: nix::sys::mman::ProtFlags,
+        f: impl FnOnce(*mut T, usize) -> R,
+    ) -> Result<R, DataplaneError> {
+        let end = (at + n).min(self.len);
+        let at = at.min(end);
+        if at == end {
+            return Ok(f(std::ptr::NonNull::dangling().as_ptr(), 0));
+        }
+        const PAGE: usize = 4096;
+        let size = std::mem::size_of::<T>();
+        let first = at * size / PAGE * PAGE;
+        let bytes = (end * size).next_multiple_of(PAGE) - first;
+        let length = std::num::NonZeroUsize::new(bytes).expect("a region has entries");
+        // SAFETY: a shared mapping of the map's own pages (BPF_F_MMAPABLE) at a page
+        // offset inside the map, unmapped below; nothing else in this process maps
+        // them for writing.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                prot,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                self.fd.as_fd(),
+                first as i64,
+            )
+        }
+        .map_err(|e| op(format!("mapping {}", self.name))(e.to_string()))?;
+        // SAFETY: `at * size - first` is inside the mapping (both page-rounded).
+        let entries = unsafe { (ptr.as_ptr() as *mut u8).add(at * size - first) } as *mut T;
+        let r = f(entries, end - at);
+        // SAFETY: our own mapping of `bytes`, not used after this.
+        let _ = unsafe { nix::sys::mman::munmap(ptr, bytes) };
+        Ok(r)
     }
 
-    fn write(&mut self, at: u32, items: &[T]) {
+    /// Entries `at..at + n` (clamped to the map), copied out.
+    pub(super) fn read(&self, at: u32, n: u32) -> Result<Vec<T>, DataplaneError> {
+        self.window(
+            at as usize,
+            n as usize,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            |p, n| {
+                // SAFETY: `n` entries mapped at `p`; plain data written only by the agent
+                // (torn reads of a region being rewritten only misname a rule once).
+                unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+            },
+        )
+    }
+
+    fn write(&mut self, at: u32, items: &[T]) -> Result<(), DataplaneError> {
         assert!(
             at as usize + items.len() <= self.len,
             "region within the map"
         );
-        // SAFETY: in bounds (checked); T is plain data.
-        unsafe {
-            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(at as usize), items.len())
-        };
+        self.window(at as usize, items.len(), self.prot, |p, n| {
+            debug_assert_eq!(n, items.len());
+            // SAFETY: `n` entries mapped writable at `p`; T is plain data.
+            unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), p, n) }
+        })
     }
 }
 
 impl Mapped<u64> {
     /// Counters the programs are still adding to, each read atomically.
-    pub(super) fn load(&self, at: u32, n: u32) -> Vec<u64> {
+    pub(super) fn load(&self, at: u32, n: u32) -> Result<Vec<u64>, DataplaneError> {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let end = (at as usize + n as usize).min(self.len);
-        let at = (at as usize).min(end);
-        (at..end)
-            .map(|i| {
-                // SAFETY: in bounds, 8-byte aligned, and the kernel only ever changes
-                // these with atomic adds.
-                unsafe { AtomicU64::from_ptr(self.ptr.add(i)) }.load(Ordering::Relaxed)
-            })
-            .collect()
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        if let Some(p) = std::ptr::NonNull::new(self.ptr as *mut std::ffi::c_void) {
-            // SAFETY: our own mapping of `bytes`, not used after this.
-            let _ = unsafe { nix::sys::mman::munmap(p, self.bytes) };
-        }
+        self.window(
+            at as usize,
+            n as usize,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            |p, n| {
+                (0..n)
+                    .map(|i| {
+                        // SAFETY: in the mapping, 8-byte aligned, and the kernel only ever
+                        // changes these with atomic adds.
+                        unsafe { AtomicU64::from_ptr(p.add(i)) }.load(Ordering::Relaxed)
+                    })
+                    .collect()
+            },
+        )
     }
 }
 
@@ -389,7 +429,7 @@ impl Dataplane {
                         span,
                     })
                     .collect();
-                self.iv4.write(r.base, &iv);
+                self.iv4.write(r.base, &iv)?;
             } else {
                 let iv: Vec<IntervalV6> = t
                     .intervals
@@ -400,23 +440,23 @@ impl Dataplane {
                         _pad: 0,
                     })
                     .collect();
-                self.iv6.write(r.base, &iv);
+                self.iv6.write(r.base, &iv)?;
             }
-            self.rules.write(r.rules, &t.rules);
-            self.idx.write(r.idx, &indexes[k].buckets);
+            self.rules.write(r.rules, &t.rules)?;
+            self.idx.write(r.idx, &indexes[k].buckets)?;
         }
         if old_header.is_none_or(|h| h.hits != hits) {
             // A new region: the old one's counts by rule number, the default's last.
             let mut counts = vec![0u64; nhits as usize];
             if let Some(h) = old_header {
-                let old = self.hits.load(h.hits, h.nhits);
+                let old = self.hits.load(h.hits, h.nhits)?;
                 if let Some((default, rules)) = old.split_last() {
                     let n = rules.len().min(nhits as usize - 1);
                     counts[..n].copy_from_slice(&rules[..n]);
                     counts[nhits as usize - 1] = *default;
                 }
             }
-            self.hits.write(hits, &counts);
+            self.hits.write(hits, &counts)?;
         }
         // The header not in use (the bpf() call below orders the writes above).
         let index = match current {

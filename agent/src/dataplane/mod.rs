@@ -20,7 +20,7 @@ pub use attach::root_device;
 pub use limits::ifb_name;
 pub use loader::{check_bpffs, load_classifier};
 pub use probe::{test_run, Probe};
-pub use read::{live_hooks, read_acl_hits, read_stats, AclHits};
+pub use read::{live_hooks, occupancy, read_acl_hits, read_stats, AclHits, Occupancy};
 
 use crate::bandwidth::{Limits, Rate};
 use acl_space::Mapped;

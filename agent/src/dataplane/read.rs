@@ -53,13 +53,13 @@ pub fn read_acl_hits(dir: &Path) -> Result<Vec<AclHits>, DataplaneError> {
         let h = hdrs
             .get(&i.header, 0)
             .map_err(|e| op("ACL_HDR map")(e.to_string()))?;
-        let counters = hits.load(h.hits, h.nhits);
+        let counters = hits.load(h.hits, h.nhits)?;
         let Some((&default, rule_hits)) = counters.split_last() else {
             continue;
         };
         let mut actions = vec!["allow"; i.rules as usize];
         for t in &h.tables {
-            for r in rules.read(t.rules, t.nrules) {
+            for r in rules.read(t.rules, t.nrules)? {
                 if let Some(a) = actions.get_mut(r.id as usize) {
                     *a = action_name(r.action as u32);
                 }
@@ -139,4 +139,47 @@ pub fn live_hooks(dir: &Path) -> Result<usize, DataplaneError> {
         n += if m.peer_ifindex != 0 { 3 } else { 2 };
     }
     Ok(n)
+}
+
+/// What the pins in `dir` hold for attachments: slots named in META, ACL ids in
+/// ACL_INFO, and SLOT entries that still point at an ACL or use a policer or a
+/// logical network while META names no owner for them. All 0 on a node with no
+/// attachment; the leak checks of the endurance suite read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Occupancy {
+    pub slots: usize,
+    pub acl_ids: usize,
+    pub orphan_slot_states: usize,
+}
+
+pub fn occupancy(dir: &Path) -> Result<Occupancy, DataplaneError> {
+    let meta: BpfHashMap<MapData, u32, SlotMeta> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(open_pin(dir, maps::META)?))
+            .map_err(|e| op("META map")(e.to_string()))?;
+    let mut owned = std::collections::HashSet::new();
+    for e in meta.iter() {
+        let (slot, _) = e.map_err(|e| op("META map")(e.to_string()))?;
+        owned.insert(slot);
+    }
+    let info: BpfHashMap<MapData, u32, AclInfo> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(open_pin(dir, maps::ACL_INFO)?))
+            .map_err(|e| op("ACL_INFO map")(e.to_string()))?;
+    let acl_ids = info.keys().filter(Result::is_ok).count();
+    let states: Array<MapData, trellis_ebpf_common::SlotState> =
+        Array::try_from(aya::maps::Map::Array(open_pin(dir, maps::SLOT)?))
+            .map_err(|e| op("SLOT map")(e.to_string()))?;
+    let mut orphan_slot_states = 0;
+    for slot in 0..states.len() {
+        let s = states
+            .get(&slot, 0)
+            .map_err(|e| op("SLOT map")(e.to_string()))?;
+        if (s.acl != 0 || s.uses != 0) && !owned.contains(&slot) {
+            orphan_slot_states += 1;
+        }
+    }
+    Ok(Occupancy {
+        slots: owned.len(),
+        acl_ids,
+        orphan_slot_states,
+    })
 }
