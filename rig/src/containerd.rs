@@ -14,6 +14,10 @@ pub struct Containerd {
     /// The name of the node's conflist (libcni caches results under it).
     pub cni_name: String,
     child: Child,
+    /// How it was launched, to launch it again (`restart`).
+    bin: PathBuf,
+    conf: PathBuf,
+    setup: Option<String>,
 }
 
 impl Containerd {
@@ -51,6 +55,9 @@ impl Containerd {
         );
         let socket = dir.join("containerd.sock");
         let mut c = Containerd {
+            bin: dir.join("cni-bin"),
+            conf: dir.join("cni-conf"),
+            setup: None,
             dir,
             socket,
             cni_name,
@@ -61,19 +68,8 @@ impl Containerd {
     }
 
     fn wait_and_import(&mut self) {
+        self.wait_socket();
         let c = self;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
-            if let Ok(Some(s)) = c.child.try_wait() {
-                panic!("containerd exited with {s}: {}", c.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd socket never appeared: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let tar = crate::pause::build_image_tar(&c.dir.join("image"));
         let out = Command::new("ctr")
             .arg("-a")
@@ -121,6 +117,9 @@ impl Containerd {
         );
         let socket = dir.join("containerd.sock");
         let mut c = Containerd {
+            bin: "/opt/cni/bin".into(),
+            conf: "/etc/cni/net.d".into(),
+            setup: Some(setup),
             dir,
             socket,
             cni_name,
@@ -128,6 +127,105 @@ impl Containerd {
         };
         c.wait_and_import();
         c
+    }
+
+    /// containerd killed (SIGKILL, as a crash would) and started again on the same
+    /// root and state: its pods' shims and containers keep running.
+    pub fn restart(&mut self, netns: &Netns) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = launch(
+            netns,
+            &self.dir,
+            &self.bin,
+            &self.conf,
+            self.setup.as_deref(),
+        );
+        self.wait_socket();
+    }
+
+    /// What a node's power cut does to containerd: it, its shims and every container
+    /// die, and its state dir (`/run` on a node) is gone with the pods' netns mounts.
+    /// Its root (sandbox metadata) is kept. `restart` brings it back.
+    pub fn power_off(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.kill_shims_and_containers();
+        for d in ["state", "runc"] {
+            let dir = self.dir.join(d);
+            unmount_under(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+    }
+
+    /// The network namespaces containerd holds mounted now (one per live sandbox).
+    pub fn netns_mounts(&self) -> Vec<String> {
+        let prefix = self.dir.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" - nsfs "))
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// containerd's shims serving this containerd (one per live sandbox).
+    pub fn shims(&self) -> Vec<u32> {
+        let needle = self.socket.display().to_string();
+        let mut out = Vec::new();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() {
+                    if pid != self.child.id() {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn kill_shims_and_containers(&self) {
+        let runc_root = self.dir.join("runc/k8s.io");
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
+        for pid in self.shims() {
+            // SAFETY: kill(2) on a pid that is one of our containerd shims.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    fn wait_socket(&mut self) {
+        let c = self;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&c.socket).is_err() {
+            if let Ok(Some(s)) = c.child.try_wait() {
+                panic!("containerd exited with {s}: {}", c.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd socket never appeared: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// containerd's pid (its mount namespace is the node's, with `start_node`).
@@ -232,7 +330,12 @@ state = "{state}"
     );
     let cfg = dir.join("config.toml");
     std::fs::write(&cfg, config).unwrap();
-    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    // Appended to: a restarted containerd's log follows the one before.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
     let mut cmd = match setup {
         None => {
             let mut c = netns.command("containerd");
@@ -261,31 +364,7 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Whatever survived: runc containers under our root, shims serving our socket.
-        let runc_root = self.dir.join("runc/k8s.io");
-        if let Ok(out) = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-        {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", id])
-                    .output();
-            }
-        }
-        let needle = self.socket.display().to_string();
-        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
-                    // SAFETY: kill(2) on a pid that is one of our containerd shims.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        self.kill_shims_and_containers();
         unmount_under(&self.dir);
         for f in std::fs::read_dir("/var/lib/cni/results")
             .into_iter()

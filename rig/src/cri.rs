@@ -190,4 +190,44 @@ impl Cri {
             .await?;
         Ok(r.into_inner().items.into_iter().map(|p| p.id).collect())
     }
+
+    /// Every sandbox: (id, pod name, ready).
+    pub async fn list_pod_states(&mut self) -> Result<Vec<(String, String, bool)>, tonic::Status> {
+        let r = self
+            .client
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await?;
+        Ok(r.into_inner()
+            .items
+            .into_iter()
+            .map(|p| {
+                let ready = p.state == PodSandboxState::SandboxReady as i32;
+                (p.id, p.metadata.map(|m| m.name).unwrap_or_default(), ready)
+            })
+            .collect())
+    }
+
+    /// The network namespace path containerd gave sandbox `id` (from its verbose
+    /// status: the runtime spec's network namespace), if it has one.
+    pub async fn netns_path(&mut self, id: &str) -> Result<Option<String>, tonic::Status> {
+        let r = self
+            .client
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            })
+            .await?
+            .into_inner();
+        let Some(info) = r.info.get("info") else {
+            return Ok(None);
+        };
+        let info: serde_json::Value = serde_json::from_str(info).unwrap_or_default();
+        Ok(info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(str::to_string))
+    }
 }
