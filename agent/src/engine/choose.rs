@@ -10,6 +10,25 @@ use crate::records::Record;
 use crate::selection::NetworkSelection;
 use trellis_cni::CniError;
 
+/// Each network's measured (rx, tx) bits per second.
+type Rates = std::collections::BTreeMap<String, (f64, f64)>;
+
+/// What this node alone knows of `network`: its attachments and measured rates.
+fn kpi_base(network: &str, records: &[Record], rates: &Rates) -> NetworkKpi {
+    let (rx_bps, tx_bps) = rates.get(network).copied().unwrap_or_default();
+    NetworkKpi {
+        network: network.to_string(),
+        attachments: records
+            .iter()
+            .flat_map(|r| r.attachments.iter())
+            .filter(|a| a.network == network)
+            .count(),
+        rx_bps,
+        tx_bps,
+        ..Default::default()
+    }
+}
+
 impl Engine {
     /// The figures of each of `networks` (`namespace/name`) on this node; a NAD that
     /// cannot be read gets what the node alone knows (its attachments and rates).
@@ -20,6 +39,8 @@ impl Engine {
 
     /// `network_kpis` with this node's records read already.
     pub fn network_kpis_in(&self, records: &[Record], networks: &[String]) -> Vec<NetworkKpi> {
+        // One walk over the samples for every network asked about.
+        let rates = self.kpi.rates();
         networks
             .iter()
             .map(|n| {
@@ -28,9 +49,9 @@ impl Engine {
                     .and_then(|(ns, name)| self.source.get_nad(ns, name).ok());
                 match nad {
                     Some(nad) => self
-                        .kpi_of(&nad, records)
-                        .unwrap_or_else(|_| self.kpi_base(n, records)),
-                    None => self.kpi_base(n, records),
+                        .kpi_of(&nad, records, &rates)
+                        .unwrap_or_else(|_| kpi_base(n, records, &rates)),
+                    None => kpi_base(n, records, &rates),
                 }
             })
             .collect()
@@ -53,31 +74,16 @@ impl Engine {
         Ok(out)
     }
 
-    /// What this node alone knows of `network`: its attachments and measured rates.
-    fn kpi_base(&self, network: &str, records: &[Record]) -> NetworkKpi {
-        let (rx_bps, tx_bps) = self.kpi.rates().get(network).copied().unwrap_or_default();
-        NetworkKpi {
-            network: network.to_string(),
-            attachments: records
-                .iter()
-                .flat_map(|r| r.attachments.iter())
-                .filter(|a| a.network == network)
-                .count(),
-            rx_bps,
-            tx_bps,
-            ..Default::default()
-        }
-    }
-
     /// A NAD's figures on this node; a capacity or cost annotation that is not valid
     /// is an error naming it.
     fn kpi_of(
         &self,
         nad: &crate::nad::NetworkAttachmentDefinition,
         records: &[Record],
+        rates: &Rates,
     ) -> Result<NetworkKpi, String> {
         let network = nad.qualified_name();
-        let mut k = self.kpi_base(&network, records);
+        let mut k = kpi_base(&network, records, rates);
         let ann = |key: &str| nad.metadata.annotations.get(key);
         if let Some(c) = ann(spec::CAPACITY_ANNOTATION) {
             let cap = spec::parse_capacity(c).ok_or_else(|| {
@@ -138,6 +144,7 @@ impl Engine {
             )));
         }
         let (records, _) = self.records.list().map_err(from_record_err)?;
+        let rates = self.kpi.rates();
         let mut kpis = Vec::new();
         for (j, sel) in choice.candidates().iter().enumerate() {
             let nad = self
@@ -155,7 +162,7 @@ impl Engine {
                 ))
             })?;
             kpis.push(
-                self.kpi_of(&nad, &records)
+                self.kpi_of(&nad, &records, &rates)
                     .map_err(|e| invalid(format!("{at}.from[{j}]: {e}")))?,
             );
         }
