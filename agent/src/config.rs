@@ -63,6 +63,13 @@ pub struct AgentConfig {
     /// Default 60.
     #[serde(default = "default_gc_grace")]
     pub gc_grace_secs: u64,
+    /// Every this many seconds, pods that vanished without a DEL are looked for: a
+    /// record whose pod netns has been gone at two sweeps in a row is torn down as its
+    /// DEL would (VFs back to the host and their pool, IPs released), and VF state no
+    /// record holds is released. 0 turns the sweep off (VF state is then swept only at
+    /// start-up). Default 30.
+    #[serde(default = "default_stale_sweep")]
+    pub stale_sweep_secs: u64,
     /// Where NetworkAttachmentDefinitions and pod annotations come from.
     pub networks: NetworksConfig,
     /// Where sysfs is (devices and VFs are found there). Default `/sys`.
@@ -587,6 +594,9 @@ fn default_timeout() -> u64 {
 fn default_gc_grace() -> u64 {
     60
 }
+fn default_stale_sweep() -> u64 {
+    30
+}
 
 fn default_global_namespaces() -> Vec<String> {
     vec!["default".into()]
@@ -684,6 +694,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.socket, PathBuf::from("/run/trellis/cni.sock"));
         assert_eq!(c.delegate_timeout_secs, 60);
+        assert_eq!(c.stale_sweep_secs, 30);
+        let off = AgentConfig::parse(
+            "stale_sweep_secs = 0\ndefault_network = \"/d.conflist\"\n[networks]\nsource = \"files\"\ndir = \"/n\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(off.stale_sweep_secs, 0);
         assert_eq!(
             c.networks,
             NetworksConfig::Files {

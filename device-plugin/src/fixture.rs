@@ -215,18 +215,43 @@ impl FixtureSysfs {
             std::fs::create_dir_all(self.root().join("bus/pci/drivers/standin-pf")).unwrap();
             symlink("../../../bus/pci/drivers/standin-pf", d.join("driver")).unwrap();
         }
-        let n = std::fs::read_dir(&pd)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("virtfn"))
-            .count();
-        write(&pd.join("sriov_numvfs"), &(n + 1).to_string());
+        // The first free VF index (one removed by `remove_standin_vf` leaves a gap).
+        let n = (0..)
+            .find(|i| std::fs::symlink_metadata(pd.join(format!("virtfn{i}"))).is_err())
+            .expect("a free VF index");
         let vd = self.add_device(vf_addr, 0x8086, 0x10ca, 0x020000, 0);
         symlink(format!("../{pf}"), vd.join("physfn")).unwrap();
         symlink(format!("../{vf_addr}"), pd.join(format!("virtfn{n}"))).unwrap();
         std::fs::create_dir_all(self.root().join("bus/pci/drivers/veth")).unwrap();
         symlink("../../../bus/pci/drivers/veth", vd.join("driver")).unwrap();
         self.add_netdev(vf_addr, netdev, 1);
+        write(&pd.join("sriov_numvfs"), &self.standin_vfs(&pd).to_string());
+    }
+
+    /// A stand-in VF (of `add_standin_vf`) gone from the tree, as a VF hot-unplugged
+    /// or lost to a lowered `sriov_numvfs`: its device, bus link and `virtfnN` go.
+    pub fn remove_standin_vf(&self, vf_addr: &str) {
+        let (bus, _) = vf_addr.rsplit_once(':').expect("PCI address");
+        let pd = self.dev_dir(&format!("{bus}:00.0"));
+        for e in std::fs::read_dir(&pd).into_iter().flatten().flatten() {
+            let is_it = e.file_name().to_string_lossy().starts_with("virtfn")
+                && std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.file_name().is_some_and(|n| n == vf_addr));
+            if is_it {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_file(self.root().join("bus/pci/devices").join(vf_addr));
+        let _ = std::fs::remove_dir_all(self.dev_dir(vf_addr));
+        write(&pd.join("sriov_numvfs"), &self.standin_vfs(&pd).to_string());
+    }
+
+    fn standin_vfs(&self, pf_dir: &Path) -> usize {
+        std::fs::read_dir(pf_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("virtfn"))
+            .count()
     }
 
     /// A device of another class (storage, display, ...), which discovery skips.

@@ -167,9 +167,39 @@ pub async fn watch_until(
     }
 }
 
+/// The pods a fake PodResources server answers with; tests change it as pods come
+/// and go (kubelet's allocations are whatever the test says, also a device handed to
+/// two pods).
+#[derive(Clone, Default)]
+pub struct PodResourcesTable(Arc<Mutex<Vec<pr::PodResources>>>);
+
+impl PodResourcesTable {
+    pub fn new(pods: Vec<pr::PodResources>) -> PodResourcesTable {
+        PodResourcesTable(Arc::new(Mutex::new(pods)))
+    }
+
+    /// Adds `pod`, replacing one of the same namespace and name.
+    pub fn put(&self, pod: pr::PodResources) {
+        let mut pods = self.0.lock().unwrap();
+        pods.retain(|p| !(p.namespace == pod.namespace && p.name == pod.name));
+        pods.push(pod);
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .retain(|p| !(p.namespace == namespace && p.name == name));
+    }
+
+    fn snapshot(&self) -> Vec<pr::PodResources> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 #[derive(Clone)]
 struct PodTable {
-    pods: Arc<Vec<pr::PodResources>>,
+    pods: PodResourcesTable,
     get_implemented: bool,
 }
 
@@ -180,7 +210,7 @@ impl pr::pod_resources_lister_server::PodResourcesLister for PodTable {
         _: Request<pr::ListPodResourcesRequest>,
     ) -> Result<Response<pr::ListPodResourcesResponse>, Status> {
         Ok(Response::new(pr::ListPodResourcesResponse {
-            pod_resources: self.pods.to_vec(),
+            pod_resources: self.pods.snapshot(),
         }))
     }
 
@@ -200,11 +230,12 @@ impl pr::pod_resources_lister_server::PodResourcesLister for PodTable {
         }
         let r = req.into_inner();
         self.pods
-            .iter()
+            .snapshot()
+            .into_iter()
             .find(|p| p.name == r.pod_name && p.namespace == r.pod_namespace)
             .map(|p| {
                 Response::new(pr::GetPodResourcesResponse {
-                    pod_resources: Some(p.clone()),
+                    pod_resources: Some(p),
                 })
             })
             .ok_or_else(|| {
@@ -219,9 +250,18 @@ pub fn serve_pod_resources(
     pods: Vec<pr::PodResources>,
     get_implemented: bool,
 ) -> tokio::task::JoinHandle<()> {
+    serve_pod_resources_table(socket, PodResourcesTable::new(pods), get_implemented)
+}
+
+/// Serves PodResources from `table`, which the test may change while it serves.
+pub fn serve_pod_resources_table(
+    socket: &Path,
+    table: PodResourcesTable,
+    get_implemented: bool,
+) -> tokio::task::JoinHandle<()> {
     let incoming = trellis_device_plugin::uds::bind(socket).expect("bind pod-resources socket");
     let svc = pr::pod_resources_lister_server::PodResourcesListerServer::new(PodTable {
-        pods: Arc::new(pods),
+        pods: table,
         get_implemented,
     });
     tokio::spawn(async move {

@@ -15,6 +15,7 @@ mod logical_checks;
 pub mod moves;
 mod plan;
 mod status;
+pub mod sweep;
 mod undo;
 
 use crate::config::AgentConfig;
@@ -64,6 +65,8 @@ pub struct Engine {
     /// `logical_physical_networks`: the wires logical networks may share out.
     logical_wires: Vec<String>,
     pub(crate) locks: ContainerLocks,
+    /// The in-process `sriov` type, for the periodic sweep of VF state (`sweep.rs`).
+    pub(crate) sriov: Arc<crate::kinds::sriov::SriovPlugin>,
     /// ADD, DEL, CHECK and hot-plug hold it shared, GC exclusively: GC never sees a
     /// container whose change is under way, nor an ADD's delegates between its GC's
     /// list and calls.
@@ -194,9 +197,10 @@ impl Engine {
             source,
         })?;
         sriov.sweep(&records);
+        let sriov = Arc::new(sriov);
         let vhost = crate::kinds::vhostuser::VhostUserPlugin::new(invoker.clone());
         invoker.in_process = Some(Arc::new(crate::kinds::InProcess(vec![
-            Arc::new(sriov),
+            sriov.clone(),
             Arc::new(vhost),
         ])));
         Ok(Engine {
@@ -222,6 +226,7 @@ impl Engine {
                 crate::config::NetworksConfig::Kubernetes { .. }
             ),
             locks: ContainerLocks::default(),
+            sriov,
             gc_gate: std::sync::RwLock::new(()),
             gc_grace: std::time::Duration::from_secs(config.gc_grace_secs),
             acl_read_at: Mutex::new(BTreeMap::new()),

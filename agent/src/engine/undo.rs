@@ -39,6 +39,9 @@ impl Engine {
         let mut failures = Vec::new();
         let mut kept = Vec::new();
         let mut lenient = add_failed;
+        // A socket the dataplane keeps in the last pod netns it worked in would keep
+        // a deleted netns (and a VF in it) alive past the restore below.
+        self.forget_pod_socket();
         while let Some(a) = record.attachments.pop() {
             let best_effort = std::mem::take(&mut lenient) && a.result.is_none();
             match self.undo(&record, a, netns, best_effort) {

@@ -134,6 +134,18 @@ impl SriovPlugin {
     /// as it can be and its file removed, so the VF is not held for ever. For agent
     /// start-up, before any request.
     pub fn sweep(&self, records: &crate::records::RecordStore) -> Vec<String> {
+        self.sweep_locked(records, |_| Some(()))
+    }
+
+    /// `sweep` while requests run: `lock` takes the owning container's lock if no
+    /// request holds it (None: the VF is left for the next sweep), and each VF's file
+    /// is read again under the VF's own lock, so a VF an ADD or DEL is working on, or
+    /// that changed hands since the dir was read, is never touched.
+    pub fn sweep_locked<G>(
+        &self,
+        records: &crate::records::RecordStore,
+        lock: impl Fn(&str) -> Option<G>,
+    ) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -146,7 +158,21 @@ impl SriovPlugin {
             else {
                 continue;
             };
+            // Who held it when the dir was read: that container's requests stay out
+            // while it is looked at (then the VF's own lock, as ADD and DEL take them).
+            let holder = match self.record(device) {
+                Ok(Some(r)) => Some(r.container_id),
+                _ => None,
+            };
+            let _container = match holder.as_deref().map(&lock) {
+                Some(None) => continue,
+                Some(Some(g)) => Some(g),
+                None => None,
+            };
+            let _vf = self.lock(device);
             let r = match self.record(device) {
+                // Changed hands since: the next sweep looks again.
+                Ok(Some(r)) if Some(&r.container_id) != holder.as_ref() => continue,
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(err) => {
