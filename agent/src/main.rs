@@ -239,6 +239,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Agent { sysfs_root } => {
             let (_, c) = agent_config()?;
+            // glibc makes a heap per thread that allocates, up to 8 per CPU, and keeps
+            // what is freed in each: after a burst of 250 pods the agent held 42 MiB of
+            // its own, 20 with one heap. Two serve its few busy threads.
+            // SAFETY: mallopt(3) before any thread is started.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
             run_agent(c, sysfs_root)
         }
         Cmd::CheckConfig => {
@@ -510,6 +515,10 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
     handler.start_acl_sync(std::time::Duration::from_millis(
         config.dataplane.acl_resync_ms.max(100),
     ));
+    // Pods that vanished without DEL, and VF state no record holds.
+    handler
+        .engine()
+        .start_stale_sweep(std::time::Duration::from_secs(config.stale_sweep_secs));
     // Running pods' annotation edits (Kubernetes source), and the rates networks are
     // chosen by.
     trellis_agent::dynamic::start(

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,23 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     dir: PathBuf,
+    /// What `list` parsed, by container, with the file's (inode, length, mtime) then:
+    /// the mover, the choice figures and the sweep list every record each second or
+    /// so, and most files have not changed since.
+    parsed: std::sync::Arc<std::sync::Mutex<HashMap<String, (FileStamp, Record)>>>,
+}
+
+/// A record file's (inode, length, mtime in ns): every save appends to the file or
+/// renames a new one over it, so any save changes it.
+type FileStamp = (u64, u64, i128);
+
+fn stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.ino(),
+        m.len(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+    )
 }
 
 const COMPACT_AT: u64 = 256 << 10;
@@ -205,7 +223,10 @@ impl RecordStore {
             private_dir(state_dir).map_err(io(state_dir))?;
         }
         private_dir(&dir).map_err(io(&dir))?;
-        Ok(RecordStore { dir })
+        Ok(RecordStore {
+            dir,
+            parsed: Default::default(),
+        })
     }
 
     fn path(&self, container_id: &str) -> PathBuf {
@@ -291,6 +312,8 @@ impl RecordStore {
             path: self.dir.clone(),
             source,
         })?;
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashSet::new();
         let mut records = Vec::new();
         let mut errors = Vec::new();
         for e in entries.flatten() {
@@ -301,12 +324,33 @@ impl RecordStore {
             else {
                 continue;
             };
+            seen.insert(id.to_string());
+            // Stamped before the read: a save in between changes the stamp again,
+            // so what was read is looked at once more next time.
+            let now = std::fs::symlink_metadata(e.path()).ok().map(|m| stamp(&m));
+            if let (Some(now), Some((then, r))) = (now, parsed.get(id)) {
+                if now == *then {
+                    records.push(r.clone());
+                    continue;
+                }
+            }
             match self.load(id) {
-                Ok(Some(r)) => records.push(r),
-                Ok(None) => {}
-                Err(err) => errors.push(err),
+                Ok(Some(r)) => {
+                    if let Some(now) = now {
+                        parsed.insert(id.to_string(), (now, r.clone()));
+                    }
+                    records.push(r);
+                }
+                Ok(None) => {
+                    parsed.remove(id);
+                }
+                Err(err) => {
+                    parsed.remove(id);
+                    errors.push(err);
+                }
             }
         }
+        parsed.retain(|id, _| seen.contains(id));
         records.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         Ok((records, errors))
     }
@@ -380,9 +424,16 @@ mod tests {
         let (good, bad) = s.list().unwrap();
         assert_eq!(good, [r3.clone()]);
         assert_eq!(bad.len(), 1);
+        // What `list` keeps parsed follows every save, through this store or a clone.
+        let mut r4 = r3.clone();
+        r4.pod_name = "n4".into();
+        s.clone().save(&r4).unwrap();
+        assert_eq!(s.list().unwrap().0, [r4.clone()]);
+        assert_eq!(s.list().unwrap().0, [r4.clone()]);
         s.remove("c1").unwrap();
         s.remove("c1").unwrap();
         assert!(s.load("c1").unwrap().is_none());
+        assert!(s.list().unwrap().0.is_empty());
     }
 
     #[test]
