@@ -9,6 +9,8 @@
 # Gbit against the reference bandwidth plugin. (6) Hot-plug: annotation edit to
 # interface, trellis attach/detach. (7) A cluster-sized API: 60,000 pods and 5,000 NADs
 # in the fake API server; start to ready, RSS, API requests per ADD, CPU per update.
+# (8) Node scale: 250 pods x 4 networks on one node; ADD/DEL latency of the last pods
+# against the first, agent RSS and fds, `trellis stats` and /metrics with every pod up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -28,3 +30,5 @@ echo
 TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench-dynamic
 echo
 TRELLIS_BIN_DIR="$PWD/target/release" target/release/trellis-bench-api
+echo
+TRELLIS_BIN_DIR="$PWD/target/release" TRELLIS_SHIM="$shim" target/release/trellis-bench-scale

@@ -27,6 +27,10 @@ target/debug/trellis-bench-vf --rounds 3 >/dev/null
 target/debug/trellis-bench-dataplane --quick >/dev/null
 target/debug/trellis-bench-dynamic --quick >/dev/null
 target/debug/trellis-bench-api --quick >/dev/null
+target/debug/trellis-bench-scale --quick >/dev/null
 target/debug/trellis-demo >/dev/null
+# The endurance suite, short form (scripts/churn.sh runs the long one): 100 pods
+# through containerd under faults; fails on any leak or a pod missing a network.
+target/debug/trellis-churn --lifecycles 100
 # Every parser of untrusted input, fuzzed briefly (scripts/fuzz.sh SECONDS for longer).
 bash scripts/fuzz.sh 10

@@ -378,7 +378,11 @@ async fn the_daemonset_runs_as_a_container_and_serves_pods() {
         })
         .map(|r| format!("{} {}", r.method, r.path))
         .collect();
-    assert_eq!(writes, ["PATCH /api/v1/namespaces/pods/pods/pod-a/status"], "{writes:?}");
+    assert_eq!(
+        writes,
+        ["PATCH /api/v1/namespaces/pods/pods/pod-a/status"],
+        "{writes:?}"
+    );
 
     // A pod whose network does not exist: it does not start, and says why.
     let e = cri

@@ -168,7 +168,9 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
     };
     assert_eq!(added.len(), 3, "{added:?}");
     assert!(
-        added.iter().any(|m| m.starts_with("Add data0 [10.78.2.") && m.ends_with("from pods/late")),
+        added
+            .iter()
+            .any(|m| m.starts_with("Add data0 [10.78.2.") && m.ends_with("from pods/late")),
         "{added:?}"
     );
 
