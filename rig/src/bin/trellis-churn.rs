@@ -523,10 +523,16 @@ fn leftover_processes(node: &TestNode) -> Vec<String> {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A figure of /proc/PID/status in KiB (RssAnon: the agent's own memory, without
+/// its binary's pages).
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -735,7 +741,20 @@ async fn main() {
         (sh.done.load(SeqCst), pid, rss_kib(pid), fds(pid))
     };
     let calm_start = quiet(&rig, &sh);
-    for w in spawn_workers(&sh, &mut rng) {
+    let anon = |rig: &Rig| status_kib(rig.agent_pid(), "RssAnon:");
+    let mut calm_anon = vec![anon(&rig)];
+    let calm_workers = spawn_workers(&sh, &mut rng);
+    // The agent's own memory at each tenth of the calm run: growth that levels off
+    // is warm-up, growth that does not is a leak.
+    let mut next_look = calm_start.0 + calm.div_ceil(10).max(1);
+    while sh.done.load(SeqCst) < total {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sh.done.load(SeqCst) >= next_look {
+            calm_anon.push(anon(&rig));
+            next_look += calm.div_ceil(10).max(1);
+        }
+    }
+    for w in calm_workers {
         let _ = w.await;
     }
     let elapsed = started.elapsed();
@@ -745,6 +764,7 @@ async fn main() {
     leaks.extend(left.into_iter().map(|l| format!("at the end: {l}")));
     let runtime_left = rig.runtime_leftovers();
     let calm_end = quiet(&rig, &sh);
+    calm_anon.push(anon(&rig));
     samples.push(calm_end);
 
     let done = sh.done.load(SeqCst);
@@ -796,6 +816,14 @@ async fn main() {
         calm_end.2 as f64 / 1024.0,
         calm_start.3,
         calm_end.3
+    );
+    let anon_mib: Vec<String> = calm_anon
+        .iter()
+        .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+        .collect();
+    println!(
+        "    its own memory (RssAnon) at each tenth of it, MiB: {}",
+        anon_mib.join(" ")
     );
     let violations = sh.violations.lock().unwrap().clone();
     println!("  pods Ready without every network: {}", violations.len());
