@@ -25,6 +25,59 @@ pub fn open(path: &Path) -> io::Result<File> {
     }
 }
 
+/// A pod's netns path opened `O_PATH` (through the host's root if set), to look at
+/// what is there without reading it: a FIFO put there does not block.
+pub fn open_path(path: &Path) -> io::Result<File> {
+    match HOST_ROOT.get() {
+        Some(root) => trellis_cni::host::open_path_in_root(root, path),
+        None => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(path)
+        }
+    }
+}
+
+/// The inode of the network namespace at `path`, if a network namespace is there.
+pub fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let f = open_path(path).ok()?;
+    let fs = nix::sys::statfs::fstatfs(&f).ok()?;
+    (fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        .then(|| f.metadata().ok().map(|m| m.ino()))
+        .flatten()
+}
+
+/// What still holds the network namespace of inode `ino` alive, if anything: a
+/// process in it (the host's processes, as `/proc` shows them with hostPID) or a
+/// mount of it in the host's mount namespace. Open fds of other processes are not
+/// looked at.
+pub fn holder(ino: u64) -> Option<String> {
+    let want = format!("net:[{ino}]");
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = p.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if std::fs::read_link(p.path().join("ns/net")).is_ok_and(|l| l.as_os_str() == want.as_str())
+        {
+            return Some(format!("process {pid} is in it"));
+        }
+    }
+    // The host's mounts: PID 1's mount namespace (the agent's own without hostPID).
+    let mounts = std::fs::read_to_string("/proc/1/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .find(|l| l.split(' ').nth(3) == Some(want.as_str()))
+        .and_then(|l| l.split(' ').nth(4))
+        .map(|at| format!("it is still mounted at {at}"))
+}
+
 /// While alive, this thread is in another netns. `!Send`: it must be dropped on the
 /// thread that made it.
 pub struct NetnsGuard {

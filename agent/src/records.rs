@@ -110,6 +110,10 @@ pub struct Record {
     /// (`trellis.dev/dynamic: "false"` at ADD).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub static_networks: bool,
+    /// The inode of the pod's netns at ADD: the stale sweep tears a record down only
+    /// when its netns path is gone and no process or mount still holds that netns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -378,6 +382,7 @@ mod tests {
             networks: None,
             choices: None,
             static_networks: false,
+            netns_inode: None,
         };
         assert!(s.load("c1").unwrap().is_none());
         s.save(&r).unwrap();
@@ -454,6 +459,7 @@ mod tests {
             networks: None,
             choices: None,
             static_networks: false,
+            netns_inode: None,
         };
         let p = d.path().join("containers/big.json");
         let mut sizes = Vec::new();

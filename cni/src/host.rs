@@ -13,6 +13,12 @@ pub fn open_in_root(root: &Path, path: &Path) -> io::Result<File> {
     open(root, path, OFlag::O_RDONLY)
 }
 
+/// The host's `path` opened `O_PATH`: for fstat/fstatfs, whatever it is (a FIFO
+/// there does not block).
+pub fn open_path_in_root(root: &Path, path: &Path) -> io::Result<File> {
+    open(root, path, OFlag::O_PATH)
+}
+
 /// Whether the host's `path` is a regular file (or a link to one).
 pub fn is_file_in_root(root: &Path, path: &Path) -> bool {
     open(root, path, OFlag::O_PATH)

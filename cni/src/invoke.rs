@@ -226,7 +226,8 @@ impl Invoker {
                 // this, the plugin's parent is already someone else: stop here.
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 if nix::unistd::getppid() != agent {
-                    return Err(std::io::Error::other("the agent exited"));
+                    // No allocation between fork and exec: a plain errno.
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 if let Some(ns) = &host_ns {
                     // The host's mount namespace: the container's cwd is not in its tree.
@@ -622,13 +623,23 @@ mod tests {
             "slow",
             &format!("echo $$ > {}; exec sleep 30", marker.display()),
         );
-        let mut agent = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "invoke::tests::a_plugin_dies_with_the_agent"])
-            .env("TRELLIS_TEST_AGENT_DIR", d.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        /// The "agent" killed even when an assert below fails.
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut agent = Killed(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "invoke::tests::a_plugin_dies_with_the_agent"])
+                .env("TRELLIS_TEST_AGENT_DIR", d.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let pid: i32 = loop {
             if let Some(p) = std::fs::read_to_string(&marker)
@@ -640,8 +651,8 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the plugin never ran");
             std::thread::sleep(Duration::from_millis(20));
         };
-        agent.kill().unwrap();
-        agent.wait().unwrap();
+        agent.0.kill().unwrap();
+        agent.0.wait().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -472,14 +472,22 @@ impl Churn {
     fn orphan_state(&mut self, vf: &str) {
         let v = &self.vfs[vf];
         let state = self.node.state_dir().join(format!("vfs/{vf}.json"));
+        // Left as a pod had it (MTU 9000): only a real restore brings back the
+        // recorded 1500 that check_state asks of every free VF.
+        self.node
+            .host
+            .sh(&format!("ip link set {} mtu 9000", v.name));
+        // Whole, as the agent writes it (a sweep may read it at any moment).
+        let tmp = state.with_file_name(format!(".{vf}.json.tmp"));
         std::fs::write(
-            &state,
+            &tmp,
             json!({"device": vf, "container_id": "ghost", "netns": "", "ifname": "net1",
                    "host": {"index": 1, "name": v.name, "mac": null, "mtu": 1500, "up": false},
                    "pf": null, "ipam": false})
             .to_string(),
         )
         .unwrap();
+        std::fs::rename(&tmp, &state).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while state.exists() {
             assert!(

@@ -377,6 +377,15 @@ fn bad_input_leaves_the_host_as_it_was() {
         rig.node
             .add_nad("pods", name, &rig.sriov_conf(extra.clone()));
     }
+    // A chain naming two devices: one network attaches one.
+    let mut second = rig.sriov_conf(json!({"deviceID": addr}));
+    second["deviceID"] = json!("0000:3b:10.7");
+    rig.node.add_nad(
+        "pods",
+        "two-devices",
+        &json!({"cniVersion": "1.0.0", "name": "two", "plugins": [
+            rig.sriov_conf(json!({"deviceID": addr})), second]}),
+    );
     rig.node.start_agent();
     let pod = Netns::new("trp");
     let cases = [
@@ -390,6 +399,7 @@ fn bad_input_leaves_the_host_as_it_was() {
             "no-such",
             "deviceID \"0000:99:00.0\": is not a device of any pool",
         ),
+        ("two-devices", "a network attaches one device"),
     ];
     for (i, (nad, want)) in cases.iter().enumerate() {
         let (_, msg) = rig

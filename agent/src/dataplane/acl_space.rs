@@ -87,10 +87,10 @@ impl<T: Copy> Mapped<T> {
         if at == end {
             return Ok(f(std::ptr::NonNull::dangling().as_ptr(), 0));
         }
-        const PAGE: usize = 4096;
+        let page = page_size();
         let size = std::mem::size_of::<T>();
-        let first = at * size / PAGE * PAGE;
-        let bytes = (end * size).next_multiple_of(PAGE) - first;
+        let first = at * size / page * page;
+        let bytes = (end * size).next_multiple_of(page) - first;
         let length = std::num::NonZeroUsize::new(bytes).expect("a region has entries");
         // SAFETY: a shared mapping of the map's own pages (BPF_F_MMAPABLE) at a page
         // offset inside the map, unmapped below; nothing else in this process maps
@@ -129,6 +129,7 @@ impl<T: Copy> Mapped<T> {
     }
 
     fn write(&mut self, at: u32, items: &[T]) -> Result<(), DataplaneError> {
+        debug_assert!(self.prot.contains(nix::sys::mman::ProtFlags::PROT_WRITE));
         assert!(
             at as usize + items.len() <= self.len,
             "region within the map"
@@ -160,6 +161,17 @@ impl Mapped<u64> {
             },
         )
     }
+}
+
+/// The kernel's page size (4 KiB here; 16 or 64 KiB on some arm64 kernels): map
+/// offsets must be multiples of it.
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf(3) reads a constant.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as usize,
+        _ => 4096,
+    })
 }
 
 /// First fit for `need` entries in a space of `cap` entries, avoiding `used`

@@ -53,6 +53,17 @@ impl Engine {
                     }
                 }
             }
+            // One device per network: the same deviceID may be given to each plugin of
+            // a chain (as Multus injects it), never two different ones (only one would
+            // be recorded, the other taken for a free VF by the sweep).
+            if let Some((f0, d0)) = ids.first() {
+                if let Some((f, d)) = ids.iter().find(|(_, d)| d != d0) {
+                    return Err(invalid(format!(
+                        "network {} ({}): {f0} is {d0:?} but {f} is {d:?}: a network attaches one device",
+                        p.network, p.ifname
+                    )));
+                }
+            }
             if let Some((_, d)) = ids.first() {
                 p.device = Some(d.clone());
             } else if let Some(r) = &p.resource {

@@ -706,6 +706,7 @@ mod tests {
             networks: None,
             choices: None,
             static_networks: false,
+            netns_inode: None,
         }
     }
 

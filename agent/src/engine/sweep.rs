@@ -32,7 +32,7 @@ pub fn netns_seen(path: &str) -> NetnsSeen {
     if path.is_empty() {
         return NetnsSeen::Unknown("no netns recorded".into());
     }
-    match crate::netns::open(Path::new(path)) {
+    match crate::netns::open_path(Path::new(path)) {
         Ok(f) => match nix::sys::statfs::fstatfs(&f) {
             Ok(s) if s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC => NetnsSeen::There,
             // A file left where the runtime unmounted the netns (its removal failed).
@@ -86,8 +86,13 @@ impl Engine {
                 let mut state = StaleSweep::default();
                 loop {
                     std::thread::sleep(period);
-                    e.sweep_stale(&mut state);
-                    e.sweep_vf_state();
+                    let went = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        e.sweep_stale(&mut state);
+                        e.sweep_vf_state();
+                    }));
+                    if went.is_err() {
+                        tracing::error!("sweep: internal error (a bug; please report it); sweeping again in {period:?}");
+                    }
                     // What a burst of pods freed goes back to the system.
                     // SAFETY: malloc_trim(3) only releases free heap memory.
                     unsafe { libc::malloc_trim(0) };
@@ -98,8 +103,6 @@ impl Engine {
 
     /// One sweep for pods that vanished without DEL; returns the containers torn down.
     pub fn sweep_stale(&self, state: &mut StaleSweep) -> Vec<String> {
-        // No GC while it runs: the two never tear down the same container at once.
-        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
         let records = match self.records.list() {
             Ok((records, _corrupt)) => records,
             Err(e) => {
@@ -144,6 +147,9 @@ impl Engine {
     /// Tears down a container whose netns (`netns`) was seen gone twice, unless a
     /// request for it is under way or its record changed; true once it is gone.
     fn tear_down_vanished(&self, id: &str, netns: &str, why: &str) -> bool {
+        // No GC while it runs (the two never tear down the same container at once),
+        // held for this container only: a GC waiting for it holds up every request.
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
         let Some(_lock) = self.locks.try_lock(id) else {
             tracing::info!(container = %id, "sweep: a request for it is under way; looked at again at the next sweep");
             return false;
@@ -159,6 +165,22 @@ impl Engine {
         };
         if r.netns != netns || !matches!(netns_seen(&r.netns), NetnsSeen::Gone(_)) {
             return false;
+        }
+        // The path gone is not the netns gone (`ip netns delete` under a running pod,
+        // a runtime that unmounted it early): torn down only once nothing is in it,
+        // else its addresses, slots and VF would be taken from a live pod.
+        match r.netns_inode.map(|ino| (ino, crate::netns::holder(ino))) {
+            None => {
+                tracing::warn!(container = %id, netns = %netns,
+                    "sweep: netns path gone, but the record (from an older agent) has no netns inode to tell whether the netns lives on: kept; its DEL or GC releases it");
+                return false;
+            }
+            Some((_, Some(holder))) => {
+                tracing::warn!(container = %id, netns = %netns,
+                    "sweep: netns path gone, but the netns lives on ({holder}): kept");
+                return false;
+            }
+            Some((_, None)) => {}
         }
         let devices: Vec<&str> = r
             .attachments
@@ -268,6 +290,8 @@ mod tests {
             networks: None,
             choices: None,
             static_networks: false,
+            // An inode no process or mount holds.
+            netns_inode: Some(u64::MAX - 1),
         }
     }
 

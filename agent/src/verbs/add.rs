@@ -55,6 +55,7 @@ impl Handler {
             static_networks: annotations
                 .get(crate::engine::DYNAMIC_ANNOTATION)
                 .is_some_and(|v| v == "false"),
+            netns_inode: crate::netns::inode(std::path::Path::new(&env.netns)),
         };
         engine.check_logical_pods(pod.as_ref(), &plan)?;
         engine.check_wires(&mut plan)?;

@@ -765,6 +765,14 @@ async fn main() {
     let runtime_left = rig.runtime_leftovers();
     let calm_end = quiet(&rig, &sh);
     calm_anon.push(anon(&rig));
+    // An fd per request, kept: the one growth judged here (memory settles slowly and
+    // is printed for the reader).
+    if calm_start.1 == calm_end.1 && calm_end.3 > calm_start.3 + 2 {
+        leaks.push(format!(
+            "agent fds {} -> {} over the calm run, from a quiet node to a quiet node",
+            calm_start.3, calm_end.3
+        ));
+    }
     samples.push(calm_end);
 
     let done = sh.done.load(SeqCst);

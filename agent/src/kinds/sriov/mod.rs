@@ -43,10 +43,16 @@ pub struct VfRecord {
 }
 
 /// This boot's id; empty if it cannot be read.
+/// This boot's id, read once: "" if it cannot be read (then no VF state is taken for
+/// an earlier boot's).
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,10 +181,17 @@ impl SriovPlugin {
                 Ok(Some(r)) if Some(&r.container_id) != holder.as_ref() => continue,
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
-                Err(err) => {
-                    tracing::warn!(%device, "{}; removing it", err.msg);
-                    let _ = std::fs::remove_file(e.path());
+                // Set aside only when it was read and is not a VF record; an error
+                // reading it (out of fds, I/O) may hide a live pod's state.
+                Err(err) if std::fs::read(e.path()).is_ok() => {
+                    let aside = self.dir.join(format!(".{name}.corrupt"));
+                    tracing::warn!(%device, "{}; set aside as {}", err.msg, aside.display());
+                    let _ = std::fs::rename(e.path(), &aside);
                     swept.push(device.to_string());
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(%device, "{}; kept", err.msg);
                     continue;
                 }
             };
@@ -201,7 +214,8 @@ impl SriovPlugin {
             });
             // From an earlier boot, the VF is back in the host and its PF settings are
             // reset: nothing holds it any more (the attachment's DEL still runs IPAM's).
-            let earlier_boot = !r.boot_id.is_empty() && r.boot_id != boot_id();
+            let now = boot_id();
+            let earlier_boot = !r.boot_id.is_empty() && !now.is_empty() && r.boot_id != now;
             if owned && !earlier_boot {
                 continue;
             }
