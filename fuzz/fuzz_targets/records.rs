@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             networks: None,
             choices: None,
             static_networks: false,
+            netns_inode: None,
         });
         r.container_id = "c1".into();
         r.pod_name = "after".into();
