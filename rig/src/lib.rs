@@ -17,7 +17,9 @@ pub mod netns;
 pub mod node;
 pub mod packets;
 pub mod pause;
+pub mod procfs;
 pub mod qemu;
+pub mod rng;
 pub mod traffic;
 
 /// Whether the rig can run here (root is needed for namespaces).

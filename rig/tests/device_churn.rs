@@ -30,32 +30,13 @@ use trellis_rig::fake_kubelet::{
 use trellis_rig::netns::Netns;
 use trellis_rig::node::TestNode;
 use trellis_rig::require_root;
+use trellis_rig::rng::Rng;
 
 /// The stand-in VFs' PF, made by the fixture.
 const PF: &str = "0000:3b:00.0";
 const RESOURCE: &str = "intel.com/vf";
 /// How soon the capacity kubelet sees must follow the fixture.
 const CAPACITY_LAG: Duration = Duration::from_secs(1);
-
-/// A small xorshift: the rounds are random but replayable by seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-        (!v.is_empty()).then(|| &v[self.below(v.len())])
-    }
-}
 
 /// A stand-in VF: its PCI address, host netdev and that netdev's MAC.
 #[derive(Clone, Debug)]
@@ -581,7 +562,7 @@ fn the_device_side_under_churn() {
                 | 1
         });
     eprintln!("device churn: {rounds} rounds, seed {seed} (TRELLIS_CHURN_SEED to replay)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut c = Churn::new();
     let started = Instant::now();
     let mut round = 0;
@@ -621,11 +602,11 @@ fn the_device_side_under_churn() {
                 "pod ADD"
             }
             5 if pods > 0 => {
-                c.del_pod(rng.below(pods));
+                c.del_pod(rng.below(pods as u64) as usize);
                 "pod DEL"
             }
             6 if pods > 0 => {
-                c.double_handout(rng.below(pods));
+                c.double_handout(rng.below(pods as u64) as usize);
                 "VF handed to a second pod"
             }
             7 if pods > 0 => {
@@ -634,7 +615,7 @@ fn the_device_side_under_churn() {
                 let i = if rng.below(2) == 0 {
                     pods - 1
                 } else {
-                    rng.below(pods)
+                    rng.below(pods as u64) as usize
                 };
                 c.vanish(i);
                 "pod vanished without DEL"

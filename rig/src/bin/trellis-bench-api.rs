@@ -12,27 +12,14 @@ use trellis_rig::fake_apiserver::Kind;
 use trellis_rig::figures::{arg, ms};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{kube_node, networks_annotation};
+use trellis_rig::procfs;
 
 const NODE: &str = "node-0";
 
 /// (VmRSS in MiB, utime + stime in seconds) of `pid`.
 fn usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // rest[0] is field 3 (state): utime is rest[11], stime rest[12].
-    let ticks = field(11) + field(12);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (rss_kb / 1024.0, ticks / hz)
+    let rss_kb = procfs::status(pid, "VmRSS:").unwrap_or(0) as f64;
+    (rss_kb / 1024.0, procfs::cpu_ms(pid) / 1000.0)
 }
 
 fn main() {

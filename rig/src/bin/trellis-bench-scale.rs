@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use trellis_rig::figures::{arg, median, ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode};
+use trellis_rig::procfs;
 
 /// The pods' Kubernetes namespace, where their NADs are.
 const NS: &str = "scale";
@@ -42,36 +43,13 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    // Fields after the command's closing parenthesis: utime and stime are the 12th and
-    // 13th of them, in clock ticks.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as f64,
-        _ => 100.0,
-    };
+    let field = |k: &str| procfs::status(pid, k).map_or(f64::NAN, |v| v as f64);
     Usage {
         vm_rss_mib: field("VmRSS:") / 1024.0,
         rss_anon_mib: field("RssAnon:") / 1024.0,
-        fds,
-        threads: field("Threads:") as u64,
-        cpu_ms: (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) * 1000.0 / hz,
+        fds: procfs::fds(pid),
+        threads: procfs::status(pid, "Threads:").unwrap_or(0),
+        cpu_ms: procfs::cpu_ms(pid),
     }
 }
 

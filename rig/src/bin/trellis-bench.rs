@@ -15,6 +15,7 @@ use trellis_cni::invoke::{Invoker, Target};
 use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode, REFERENCE_PLUGINS};
+use trellis_rig::procfs::{self, cpu_ms};
 
 struct Args {
     pods: usize,
@@ -93,34 +94,11 @@ fn summary(v: Vec<f64>) -> (f64, f64) {
     (p50, p99)
 }
 
-/// CPU time (user + system) a process has used, in ms.
-fn cpu_ms(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which is in parentheses): utime and stime are the
-    // 12th and 13th of them, in clock ticks.
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf reads a constant.
-    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as f64,
-        _ => 100.0,
-    };
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 * 1000.0 / ticks
-}
-
 /// A process's resident memory of its own (RssAnon: heap and stacks), in MB. VmRSS
 /// also counts the pages of the BPF maps the agent maps to write ACL tables (kernel
 /// memory, counted once per node, ~16 MB), which are not the agent's.
 fn rss_mb(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    procfs::status(pid, "RssAnon:").map_or(f64::NAN, |kb| kb as f64 / 1024.0)
 }
 
 fn main() {

@@ -27,6 +27,8 @@ use trellis_rig::cri::Cri;
 use trellis_rig::figures::{arg, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::TestNode;
+use trellis_rig::procfs::{self, fds};
+use trellis_rig::rng::Rng;
 
 const NAMESPACE: &str = "churn";
 /// The interfaces every pod must have: the cluster network's and one per NAD.
@@ -35,24 +37,6 @@ const WANT_LINKS: [&str; 4] = ["eth0", "net1", "net2", "net3"];
 const HANG: &str = "3599.5";
 /// How long any CRI call may take before the driver calls it hung.
 const CRI_LIMIT: Duration = Duration::from_secs(90);
-
-/// A small xorshift PRNG: reproducible runs from `--seed`, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
 
 /// What the workers (the kubelet's pod workers) share with the driver.
 struct Shared {
@@ -298,7 +282,7 @@ async fn lifecycle(sh: &Shared, cri: &mut Option<Cri>, i: usize, hold: Duration)
 }
 
 async fn worker(sh: Arc<Shared>, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut cri = None;
     while sh.done.load(SeqCst) < sh.total {
         let i = sh.next.fetch_add(1, SeqCst);
@@ -523,22 +507,7 @@ fn leftover_processes(node: &TestNode) -> Vec<String> {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A figure of /proc/PID/status in KiB (RssAnon: the agent's own memory, without
-/// its binary's pages).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+    procfs::status(pid, "VmRSS:").unwrap_or(0)
 }
 
 /// Waits (up to 10 s) for the node to settle with no pod: shims exiting, the agent
@@ -556,7 +525,7 @@ fn settled_leftovers(rig: &Rig) -> Vec<String> {
 
 fn spawn_workers(sh: &Arc<Shared>, rng: &mut Rng) -> Vec<tokio::task::JoinHandle<()>> {
     (0..4)
-        .map(|_| tokio::spawn(worker(sh.clone(), rng.next())))
+        .map(|_| tokio::spawn(worker(sh.clone(), rng.next_u64())))
         .collect()
 }
 
@@ -583,7 +552,7 @@ async fn main() {
     });
     // A reboot every 250 lifecycles, and at least one (half way) in a short run.
     let reboot_every = (total / 2).clamp(1, 250);
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
 
     let mut node = TestNode::new();
     node.dataplane = true;
@@ -741,7 +710,7 @@ async fn main() {
         (sh.done.load(SeqCst), pid, rss_kib(pid), fds(pid))
     };
     let calm_start = quiet(&rig, &sh);
-    let anon = |rig: &Rig| status_kib(rig.agent_pid(), "RssAnon:");
+    let anon = |rig: &Rig| procfs::status(rig.agent_pid(), "RssAnon:").unwrap_or(0);
     let mut calm_anon = vec![anon(&rig)];
     let calm_workers = spawn_workers(&sh, &mut rng);
     // The agent's own memory at each tenth of the calm run: growth that levels off
