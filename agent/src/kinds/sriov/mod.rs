@@ -42,7 +42,6 @@ pub struct VfRecord {
     pub boot_id: String,
 }
 
-/// This boot's id; empty if it cannot be read.
 /// This boot's id, read once: "" if it cannot be read (then no VF state is taken for
 /// an earlier boot's).
 fn boot_id() -> String {
