@@ -39,6 +39,18 @@ fn del(node: &TestNode, container: &str, pod: &Netns, name: &str) {
     .expect_ok("DEL");
 }
 
+fn wait_log(node: &TestNode, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node.agent_log().contains(line) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {line:?} in the agent's log:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn assert_clean(node: &TestNode, pod: &Netns) {
     assert!(pod.links().is_empty(), "pod links left: {:?}", pod.links());
     // Bridges the bridge plugin made stay, as they do on a real node; veths must not.
@@ -86,7 +98,8 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
         &node.bridge_conf("late", &br, "10.78.2.0/24"),
     );
     assert!(api.wait_delivered(Kind::Nad, rv, Duration::from_secs(10)));
-    std::thread::sleep(Duration::from_millis(200));
+    // Sent is not cached: the agent logs the change once its cache holds it.
+    wait_log(&node, "NetworkAttachmentDefinition changed nad=pods/late");
 
     let pod = Netns::new("trp");
     let r = add(&node, "c1", &pod, "a").expect_ok("ADD");

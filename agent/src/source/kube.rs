@@ -63,6 +63,11 @@ fn pod_change(e: &watcher::Event<Pod>) -> Option<super::PodChange> {
     })
 }
 
+/// `namespace/name` of a NAD, for the log.
+fn nad_key(n: &DynamicObject) -> String {
+    format!("{}/{}", n.namespace().unwrap_or_default(), n.name_any())
+}
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> SourceError {
     SourceError::Unavailable {
         what: what.to_string(),
@@ -133,8 +138,17 @@ impl KubeSource {
         .modify(|n: &mut DynamicObject| n.managed_fields_mut().clear());
         rt.spawn(
             reflector::reflector(nad_writer, nad_watch).for_each(|e| async move {
-                if let Err(e) = e {
-                    tracing::warn!("NetworkAttachmentDefinition watch: {e}");
+                // Logged once the cache holds the change (the reflector stores it
+                // before passing the event on): an operator sees when an edit arrived.
+                match e {
+                    Ok(watcher::Event::Apply(n)) => {
+                        tracing::info!(nad = %nad_key(&n), "NetworkAttachmentDefinition changed")
+                    }
+                    Ok(watcher::Event::Delete(n)) => {
+                        tracing::info!(nad = %nad_key(&n), "NetworkAttachmentDefinition deleted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("NetworkAttachmentDefinition watch: {e}"),
                 }
             }),
         );
