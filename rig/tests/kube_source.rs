@@ -133,7 +133,8 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
         !reqs
             .iter()
             .any(|q| q.method == "GET" && q.path.contains("/namespaces/")),
-        "cache miss where the watch had the object: {reqs:?}"
+        "cache miss where the watch had the object: {reqs:?}\n{}",
+        node.agent_log()
     );
 
     // network-status, patched onto the pod's status subresource as a merge patch.

@@ -114,16 +114,32 @@ impl KubeSource {
         .modify(|p: &mut Pod| p.managed_fields_mut().clear());
         let pod_subscribers: Subscribers = Default::default();
         let subs = pod_subscribers.clone();
+        // A (re)list's pods reach the cache only at its end (InitDone swaps them in):
+        // subscribers hear of them then, or each would miss the cache and GET its pod.
+        let mut listed: Vec<super::PodChange> = Vec::new();
         rt.spawn(
             reflector::reflector(pod_writer, pod_watch).for_each(move |e| {
-                match &e {
-                    Ok(ev) => {
-                        if let Some(change) = pod_change(ev) {
-                            let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
-                            subs.retain(|s| s.send(change.clone()).is_ok());
-                        }
+                let changes = match &e {
+                    Ok(watcher::Event::Init) => {
+                        listed.clear();
+                        Vec::new()
                     }
-                    Err(e) => tracing::warn!("pod watch: {e}"),
+                    Ok(ev @ watcher::Event::InitApply(_)) => {
+                        listed.extend(pod_change(ev));
+                        Vec::new()
+                    }
+                    Ok(watcher::Event::InitDone) => std::mem::take(&mut listed),
+                    Ok(ev) => pod_change(ev).into_iter().collect(),
+                    Err(e) => {
+                        tracing::warn!("pod watch: {e}");
+                        Vec::new()
+                    }
+                };
+                if !changes.is_empty() {
+                    let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                    for change in changes {
+                        subs.retain(|s| s.send(change.clone()).is_ok());
+                    }
                 }
                 std::future::ready(())
             }),
