@@ -1,5 +1,6 @@
 // The benchmark baseline's eBPF object (ebpf/programs, bin trellis-bench-lpm), built for
-// the BPF target as the agent's programs are; the agent embeds only its own.
+// the BPF target as the agent's programs are (by agent/build.rs, which builds only
+// trellis-tc: the baseline never reaches the agent).
 fn main() -> aya_build::Result<()> {
     println!("cargo:rerun-if-changed=../ebpf/common");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
@@ -12,7 +13,9 @@ fn main() -> aya_build::Result<()> {
         [aya_build::Package {
             name: "trellis-ebpf-programs",
             root_dir: "../ebpf/programs",
-            ..Default::default()
+            // Only the baseline: the agent's build script builds trellis-tc.
+            no_default_features: true,
+            features: &["bench"],
         }],
         aya_build::Toolchain::Nightly,
     )

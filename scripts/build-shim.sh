@@ -11,7 +11,7 @@ triple=$(rustc -vV | sed -n 's/^host: //p')
 # An explicit --target keeps these flags off build scripts and the workspace's own
 # target dir: only the shim's crates are built this way, under target/$triple.
 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-  cargo build --release --locked -p trellis-cni --bin trellis-cni --target "$triple" >&2
+  cargo build --release --locked -p trellis-shim --bin trellis-cni --target "$triple" >&2
 bin="${CARGO_TARGET_DIR:-$PWD/target}/$triple/release/trellis-cni"
 # Static: no program interpreter (the dynamic loader) in its program headers.
 if readelf -lW "$bin" | grep -q 'INTERP'; then

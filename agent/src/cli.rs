@@ -356,7 +356,8 @@ pub fn devices(
     prefix: &str,
     output: Output,
 ) -> Result<String, CliError> {
-    use trellis_device_plugin::{config::DeviceConfig, pool::Inventory, report, sysfs::Sysfs};
+    use trellis_device_plugin::{config::DeviceConfig, pool::Inventory, report};
+    use trellis_devices::sysfs::Sysfs;
     let config = config
         .map(|p| DeviceConfig::load(p, prefix))
         .transpose()

@@ -580,7 +580,7 @@ fn default_conf_file() -> String {
 }
 
 fn default_socket() -> PathBuf {
-    PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET)
+    PathBuf::from(trellis_shim::wire::DEFAULT_SOCKET)
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/trellis")

@@ -4,7 +4,7 @@
 //! Laid out by concern: `verbs` (the CNI verbs) and `dynamic` (hot-plug) change pods'
 //! networks through `engine` (one attachment at a time: plan, make, undo, record);
 //! `kinds` are the attachment kinds run in-process (SR-IOV, vhost-user; delegates are
-//! exec'd by `trellis_cni::invoke`); `dataplane` loads the eBPF programs and keeps
+//! exec'd by `trellis_delegate`); `dataplane` loads the eBPF programs and keeps
 //! their maps; `source` is where NADs and pods come from; the rest reads one piece of
 //! untrusted input each (`nad`, `selection`, `acl`, `bandwidth`, `logical`,
 //! `tenancy`) or is the agent's own plumbing.

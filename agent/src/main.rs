@@ -202,8 +202,8 @@ fn ask_agent(
     let c = cli::load_config(config)?;
     let socket = socket
         .or_else(|| c.map(|c| c.socket))
-        .unwrap_or_else(|| PathBuf::from(trellis_cni::wire::DEFAULT_SOCKET));
-    let req = trellis_cni::wire::Request {
+        .unwrap_or_else(|| PathBuf::from(trellis_shim::wire::DEFAULT_SOCKET));
+    let req = trellis_shim::wire::Request {
         env: [(
             trellis_agent::verbs::control::OP_VAR.to_string(),
             op.to_string(),
@@ -212,7 +212,7 @@ fn ask_agent(
         stdin: body.to_string(),
     };
     // As long as the agent may take: a delegate's timeout, for each step.
-    let resp = trellis_cni::wire::call(&socket, &req, std::time::Duration::from_secs(300))
+    let resp = trellis_shim::wire::call(&socket, &req, std::time::Duration::from_secs(300))
         .with_context(|| format!("asking the agent at {}", socket.display()))?;
     let v: serde_json::Value = serde_json::from_str(&resp.stdout).unwrap_or_default();
     if !resp.ok {
@@ -475,7 +475,7 @@ fn run_agent(mut config: AgentConfig, sysfs_root: Option<PathBuf>) -> anyhow::Re
         .as_ref()
         .map(|d| {
             let mut s = d.settings(&config.sysfs_root);
-            s.in_use_dir = Some(config.state_dir.join("vfs"));
+            s.vf_claims = Some(trellis_devices::VfClaims::under(&config.state_dir));
             trellis_device_plugin::manager::start(s)
         })
         .transpose()

@@ -20,7 +20,7 @@ pub fn set_host_root(root: PathBuf) {
 /// (`/var/run -> /run`) resolved there.
 pub fn open(path: &Path) -> io::Result<File> {
     match HOST_ROOT.get() {
-        Some(root) => trellis_cni::host::open_in_root(root, path),
+        Some(root) => trellis_delegate::host::open_in_root(root, path),
         None => File::open(path),
     }
 }
@@ -29,7 +29,7 @@ pub fn open(path: &Path) -> io::Result<File> {
 /// what is there without reading it: a FIFO put there does not block.
 pub fn open_path(path: &Path) -> io::Result<File> {
     match HOST_ROOT.get() {
-        Some(root) => trellis_cni::host::open_path_in_root(root, path),
+        Some(root) => trellis_delegate::host::open_path_in_root(root, path),
         None => {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()

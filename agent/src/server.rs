@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use trellis_cni::wire::{Request, Response, MAX_REQUEST};
 use trellis_cni::{CniError, ErrorCode};
+use trellis_shim::wire::{Request, Response, MAX_REQUEST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

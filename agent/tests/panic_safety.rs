@@ -10,7 +10,7 @@ use trellis_agent::config::AgentConfig;
 use trellis_agent::nad::NetworkAttachmentDefinition;
 use trellis_agent::source::{NetworkSource, PodRef, SourceError};
 use trellis_agent::verbs::Handler;
-use trellis_cni::wire::Request;
+use trellis_shim::wire::Request;
 
 /// A source with no NADs whose network-status write panics (a bug stand-in).
 struct PanickingSource;

@@ -4,9 +4,9 @@
 use crate::api::deviceplugin as dp;
 use crate::config::{ResourceConfig, ResourceKind};
 use crate::pool::{DeviceKind, PoolDevice};
-use crate::sysfs::VFIO_DRIVER;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use trellis_devices::sysfs::VFIO_DRIVER;
 
 pub const HEALTHY: &str = "Healthy";
 pub const UNHEALTHY: &str = "Unhealthy";
@@ -215,9 +215,9 @@ pub fn container_response(
 mod tests {
     use super::*;
     use crate::config::{DeviceConfig, DEFAULT_PREFIX};
-    use crate::fixture::{FixtureSysfs, Pf};
     use crate::pool::{build, Inventory};
-    use crate::sysfs::Sysfs;
+    use trellis_devices::fixture::{FixtureSysfs, Pf};
+    use trellis_devices::sysfs::Sysfs;
 
     fn pool(fx: &FixtureSysfs) -> (ResourceConfig, Vec<PoolDevice>) {
         let c = DeviceConfig::parse(

@@ -2,10 +2,10 @@
 //! `config.json` for `netDevice` resources, plus a `vhostUser` kind. Every error names
 //! the entry and the field.
 
-use crate::pci::PciAddress;
 use serde_json::{Map, Value};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use trellis_devices::pci::PciAddress;
 
 /// sriov-network-device-plugin's default `--resource-prefix`.
 pub const DEFAULT_PREFIX: &str = "intel.com";
@@ -161,7 +161,7 @@ fn pci_addresses(v: &Value, at: &str) -> Res<Vec<PciAddress>> {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            s.parse().map_err(|e: crate::pci::BadPciAddress| {
+            s.parse().map_err(|e: trellis_devices::pci::BadPciAddress| {
                 field_err(&format!("{at}[{i}]"), e.to_string())
             })
         })

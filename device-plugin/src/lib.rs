@@ -4,16 +4,13 @@
 
 pub mod allocate;
 pub mod config;
-pub mod fixture;
 pub mod glob;
 pub mod manager;
 pub mod names;
-pub mod pci;
 pub mod podresources;
 pub mod pool;
 pub mod report;
 pub mod server;
-pub mod sysfs;
 pub mod uds;
 pub mod vhost;
 

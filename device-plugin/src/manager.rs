@@ -8,7 +8,6 @@ use crate::api::deviceplugin as dp;
 use crate::config::{ConfigError, DeviceConfig, ResourceConfig, ResourceKind};
 use crate::pool::{self, Inventory, PoolDevice};
 use crate::server::{self, PoolService, PoolState};
-use crate::sysfs::{DiscoveryError, Sysfs};
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
 use std::collections::BTreeMap;
@@ -16,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
+use trellis_devices::sysfs::{DiscoveryError, Sysfs};
 
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -31,9 +31,9 @@ pub struct Settings {
     /// kubelet's device-plugins dir: its `kubelet.sock` and our sockets.
     pub plugin_dir: PathBuf,
     pub poll_interval: Duration,
-    /// Where the CNI side records VFs it has moved into pods (`<pci>.json`): their
-    /// netdevs are not in the host's view, which is no reason to call them unhealthy.
-    pub in_use_dir: Option<PathBuf>,
+    /// The VFs the agent has moved into pods: their netdevs are not in the host's
+    /// view, which is no reason to call them unhealthy.
+    pub vf_claims: Option<trellis_devices::VfClaims>,
 }
 
 impl Settings {
@@ -44,7 +44,7 @@ impl Settings {
             resource_prefix: crate::config::DEFAULT_PREFIX.into(),
             plugin_dir: DEFAULT_PLUGIN_DIR.into(),
             poll_interval: Duration::from_millis(500),
-            in_use_dir: None,
+            vf_claims: None,
         }
     }
 }
@@ -426,10 +426,10 @@ impl Manager {
 fn scan(settings: &Settings, config: &DeviceConfig) -> Result<Vec<pool::Pool>, DiscoveryError> {
     let inv = discover(settings, config)?;
     let mut pools = pool::build(config, &inv);
-    if let Some(dir) = &settings.in_use_dir {
+    if let Some(claims) = &settings.vf_claims {
         for d in pools.iter_mut().flat_map(|p| p.devices.iter_mut()) {
             let placed = matches!(&d.kind, pool::DeviceKind::Pci(p) if p.driver.is_some() && p.netdevs.is_empty())
-                && dir.join(format!("{}.json", d.id)).exists();
+                && claims.is_claimed(&d.id);
             if placed {
                 d.health = Ok(());
             }

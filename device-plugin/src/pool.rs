@@ -3,9 +3,9 @@
 //! the same device out twice.
 
 use crate::config::{DeviceConfig, NetSelector, ResourceConfig, ResourceKind};
-use crate::sysfs::PciNetDevice;
 use crate::vhost::VhostSocket;
 use serde::Serialize;
+use trellis_devices::sysfs::PciNetDevice;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -130,8 +130,8 @@ pub fn build(config: &DeviceConfig, inventory: &Inventory) -> Vec<Pool> {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_PREFIX;
-    use crate::fixture::{FixtureSysfs, Pf};
-    use crate::sysfs::Sysfs;
+    use trellis_devices::fixture::{FixtureSysfs, Pf};
+    use trellis_devices::sysfs::Sysfs;
 
     fn fixture() -> FixtureSysfs {
         let fx = FixtureSysfs::new();

@@ -3,8 +3,8 @@
 
 use crate::config::DeviceConfig;
 use crate::pool::{self, DeviceKind, Inventory, PoolDevice};
-use crate::sysfs::PciNetDevice;
 use serde::Serialize;
+use trellis_devices::sysfs::PciNetDevice;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -142,8 +142,8 @@ pub fn cells(rows: &[Row]) -> (&'static [&'static str], Vec<Vec<String>>) {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_PREFIX;
-    use crate::fixture::{FixtureSysfs, Pf};
-    use crate::sysfs::Sysfs;
+    use trellis_devices::fixture::{FixtureSysfs, Pf};
+    use trellis_devices::sysfs::Sysfs;
 
     #[test]
     fn every_device_with_its_pool() {

@@ -32,7 +32,7 @@ fn handler() -> &'static Handler {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(req) = serde_json::from_slice::<trellis_cni::wire::Request>(data) else {
+    let Ok(req) = serde_json::from_slice::<trellis_shim::wire::Request>(data) else {
         return;
     };
     let resp = handler().handle(&req);

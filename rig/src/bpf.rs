@@ -145,3 +145,50 @@ pub fn tcx_link(
     // SAFETY: a new fd from the kernel.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+/// enum bpf_map_type: BPF_MAP_TYPE_ARRAY.
+const MAP_TYPE_ARRAY: u32 = 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjPin {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Pins a new array map (u32 keys) at `path`: a pin of some other shape than the
+/// agent's, for its layout checks.
+pub fn pin_array(path: &Path, value_size: u32, max_entries: u32) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut attr = MapCreate {
+        map_type: MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel just returned this fd to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut pin)?;
+    Ok(())
+}

@@ -434,7 +434,13 @@ fn slots_no_record_owns_are_detached_at_start() {
 }
 
 /// A shim request for pod `pod` (container `c`) in netns `ns`, as the runtime sends it.
-fn request(cmd: &str, c: &str, ns: &str, pod: &str, node: &TestNode) -> trellis_cni::wire::Request {
+fn request(
+    cmd: &str,
+    c: &str,
+    ns: &str,
+    pod: &str,
+    node: &TestNode,
+) -> trellis_shim::wire::Request {
     let env = [
         ("CNI_COMMAND", cmd.to_string()),
         ("CNI_CONTAINERID", c.to_string()),
@@ -449,7 +455,7 @@ fn request(cmd: &str, c: &str, ns: &str, pod: &str, node: &TestNode) -> trellis_
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    trellis_cni::wire::Request {
+    trellis_shim::wire::Request {
         env,
         stdin: node
             .shim_conf(Some(&networks_annotation("slow-acl")))
@@ -457,7 +463,7 @@ fn request(cmd: &str, c: &str, ns: &str, pod: &str, node: &TestNode) -> trellis_
     }
 }
 
-fn expect_ok(h: &trellis_agent::verbs::Handler, r: &trellis_cni::wire::Request, what: &str) {
+fn expect_ok(h: &trellis_agent::verbs::Handler, r: &trellis_shim::wire::Request, what: &str) {
     let resp = h.handle(r);
     assert!(resp.ok, "{what}: {}", resp.stdout);
 }
@@ -574,7 +580,8 @@ fn pins_of_another_layout_keep_the_agent_up_without_its_dataplane() {
     {
         // Pins as an agent of layout 1 would have left them.
         drop(Dataplane::open(&node.bpf_dir).expect("load"));
-        let m = aya::maps::MapData::from_pin(node.bpf_dir.join("LAYOUT")).unwrap();
+        let m = aya::maps::MapData::from_pin(node.bpf_dir.join(trellis_ebpf_common::maps::LAYOUT))
+            .unwrap();
         let mut layout: aya::maps::Array<aya::maps::MapData, u32> =
             aya::maps::Array::try_from(aya::maps::Map::Array(m)).unwrap();
         layout.set(0, 1, 0).unwrap();
@@ -611,6 +618,29 @@ fn pins_of_another_layout_keep_the_agent_up_without_its_dataplane() {
         msg.contains("not started") && msg.contains("layout 1"),
         "{msg}"
     );
+}
+
+/// Pins that say this layout but hold a map of another shape (a build that changed a
+/// map and not LAYOUT_VERSION): refused by name, never re-adopted and misread.
+#[test]
+fn a_pinned_map_of_another_shape_is_refused_naming_it() {
+    require_root!();
+    let node = TestNode::new();
+    drop(Dataplane::open(&node.bpf_dir).expect("load"));
+    let slot = node.bpf_dir.join(trellis_ebpf_common::maps::SLOT);
+    std::fs::remove_file(&slot).unwrap();
+    trellis_rig::bpf::pin_array(&slot, 4, 8).unwrap();
+    let Err(e) = Dataplane::open(&node.bpf_dir) else {
+        panic!("a SLOT pin of another shape was re-adopted");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("map SLOT of another shape") && msg.contains("rm -r"),
+        "{msg}"
+    );
+    // Nothing was re-adopted or replaced.
+    let info = aya::maps::MapInfo::from_pin(&slot).unwrap();
+    assert_eq!((info.value_size(), info.max_entries()), (4, 8));
 }
 
 /// Pins lost while a pod lives on (bpffs emptied, the agent restarted) and its ACL

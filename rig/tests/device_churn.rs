@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use trellis_device_plugin::api::deviceplugin as dp;
-use trellis_device_plugin::fixture::{vf_address, FixtureSysfs};
+use trellis_devices::fixture::{vf_address, FixtureSysfs};
 use trellis_rig::fake_kubelet::{
     pod_with_devices, serve_pod_resources_table, FakeKubelet, PodResourcesTable,
 };

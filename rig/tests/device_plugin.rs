@@ -6,8 +6,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trellis_device_plugin::api::deviceplugin as dp;
-use trellis_device_plugin::fixture::{FixtureSysfs, Pf};
 use trellis_device_plugin::manager::{self, ManagerHandle, Settings};
+use trellis_devices::fixture::{FixtureSysfs, Pf};
 use trellis_rig::fake_kubelet::{pod_with_devices, serve_pod_resources, watch_until, FakeKubelet};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -813,13 +813,13 @@ async fn sigterm_leaves_no_plugin_socket_behind() {
 async fn vfs_placed_in_pods_stay_healthy() {
     let rig = Rig::new();
     let kubelet = FakeKubelet::start(&rig.plugin_dir());
-    let in_use = rig.dir.path().join("vfs");
-    std::fs::create_dir_all(&in_use).unwrap();
-    std::fs::write(in_use.join("0000:3b:10.0.json"), "{}").unwrap();
+    let claims = trellis_devices::VfClaims::under(rig.dir.path());
+    std::fs::create_dir_all(claims.dir()).unwrap();
+    std::fs::write(claims.path("0000:3b:10.0"), "{}").unwrap();
     let mut s = Settings::new(rig.config_path());
     s.sysfs_root = rig.fx.root().to_path_buf();
     s.plugin_dir = rig.plugin_dir();
-    s.in_use_dir = Some(in_use);
+    s.vf_claims = Some(claims);
     let _m = manager::start(s).unwrap();
     let regs = kubelet.wait_registrations(3, WAIT).await;
     let mut netdev = kubelet

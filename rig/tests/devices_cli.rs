@@ -1,7 +1,7 @@
 //! `trellis devices` on fixture sysfs trees: the inventory, pools, JSON, bad configs.
 
 use std::process::Command;
-use trellis_device_plugin::fixture::{FixtureSysfs, Pf};
+use trellis_devices::fixture::{FixtureSysfs, Pf};
 
 fn devices(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(trellis_rig::bins::trellis())

@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use trellis_device_plugin::fixture::FixtureSysfs;
+use trellis_devices::fixture::FixtureSysfs;
 use trellis_rig::fake_kubelet::{pod_with_devices, serve_pod_resources};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::TestNode;

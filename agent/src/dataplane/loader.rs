@@ -48,26 +48,9 @@ pub(super) fn classifier<'a>(
         .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))
 }
 
-/// The maps the programs pin (a dir with any of them holds pins to re-adopt).
-pub(super) const PINNED_MAPS: [&str; 13] = [
-    maps::POLICE,
-    maps::LOGICAL,
-    maps::STATS,
-    maps::META,
-    maps::LAYOUT,
-    maps::SLOT,
-    maps::ACL_HDR,
-    maps::ACL_IV4,
-    maps::ACL_IV6,
-    maps::ACL_IDX,
-    maps::ACL_RULES,
-    maps::ACL_INFO,
-    maps::RULE_HITS,
-];
-
 /// Whether the pinned owner map in `dir` is empty (or absent).
 pub(super) fn no_owners(dir: &Path) -> bool {
-    let Ok(m) = MapData::from_pin(dir.join("META")) else {
+    let Ok(m) = MapData::from_pin(dir.join(maps::META)) else {
         return true;
     };
     BpfHashMap::<MapData, u32, SlotMeta>::try_from(aya::maps::Map::HashMap(m))
@@ -76,30 +59,65 @@ pub(super) fn no_owners(dir: &Path) -> bool {
 }
 
 /// Refuses pins of another layout in `dir` (their sizes and shapes differ from what
-/// the programs expect); a dir without pins is fine.
+/// the programs expect): by the version they carry, then each pin's shape against
+/// `MAPS` (a build that changed a map and forgot the version). A dir without pins is
+/// fine.
 pub(super) fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
-    if !PINNED_MAPS.iter().any(|m| dir.join(m).exists()) {
+    if !pinned_maps().any(|m| dir.join(m).exists()) {
         return Ok(());
     }
-    let found = match MapData::from_pin(dir.join("LAYOUT")) {
+    let layout_err = |found: String| DataplaneError::Layout {
+        dir: dir.display().to_string(),
+        found,
+    };
+    let found = match MapData::from_pin(dir.join(maps::LAYOUT)) {
         Err(_) => "1 (no LAYOUT pin)".to_string(),
         Ok(m) => {
             let layout: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(m))
                 .map_err(|e| op("LAYOUT map")(e.to_string()))?;
             match layout.get(&0, 0) {
-                Ok(v) if v == LAYOUT_VERSION => return Ok(()),
+                Ok(v) if v == LAYOUT_VERSION => String::new(),
                 // Pinned by a start that died before writing its version (older
                 // agents wrote it last): ours if nothing was ever attached.
-                Ok(0) if no_owners(dir) => return Ok(()),
+                Ok(0) if no_owners(dir) => String::new(),
                 Ok(v) => v.to_string(),
                 Err(e) => format!("unreadable ({e})"),
             }
         }
     };
-    Err(DataplaneError::Layout {
-        dir: dir.display().to_string(),
-        found,
-    })
+    if !found.is_empty() {
+        return Err(layout_err(found));
+    }
+    for spec in MAPS.iter().filter(|m| m.pinned) {
+        let path = dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|e| op(format!("reading pin {}", path.display()))(e.to_string()))?;
+        let kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let shape = (
+            kind,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let want = (
+            spec.kind as u32,
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+            spec.flags,
+        );
+        if shape != want {
+            return Err(layout_err(format!(
+                "{LAYOUT_VERSION} with map {} of another shape (type, key, value, entries, flags {shape:?}; this agent's {want:?})",
+                spec.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Dataplane {
@@ -116,7 +134,7 @@ impl Dataplane {
             .default_map_pin_directory(dir)
             .load(OBJECT)
             .map_err(|e| DataplaneError::Load(e.to_string()))?;
-        for name in PINNED_MAPS {
+        for name in pinned_maps() {
             if bpf.map(name).is_none() {
                 return Err(DataplaneError::Load(format!(
                     "the object has no map {name}"
@@ -208,7 +226,7 @@ impl Dataplane {
     /// The kernel memory (memlock) the pinned maps hold, in all.
     pub fn map_memlock(&self) -> Result<u64, DataplaneError> {
         let mut total = 0;
-        for name in PINNED_MAPS {
+        for name in pinned_maps() {
             let Some(m) = self.bpf.map(name) else {
                 continue;
             };
@@ -228,5 +246,59 @@ impl Dataplane {
                 .unwrap_or(0);
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya_obj::maps::PinningType;
+    use trellis_ebpf_common::map_spec;
+
+    /// The programs name their maps in `#[map(name = ...)]` and size them there; the
+    /// agent reads and writes them by `MAPS`. Checked on the object it embeds.
+    #[test]
+    fn the_embedded_object_declares_exactly_the_maps_of_ebpf_common() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        for spec in MAPS.iter() {
+            let m = obj
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("the object has no map {}", spec.name));
+            let pinning = if spec.pinned {
+                PinningType::ByName
+            } else {
+                PinningType::None
+            };
+            assert_eq!(
+                (
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                    m.pinning()
+                ),
+                (
+                    spec.kind as u32,
+                    spec.key_size,
+                    spec.value_size,
+                    spec.max_entries,
+                    spec.flags,
+                    pinning
+                ),
+                "map {}: (type, key, value, entries, flags, pinning) of the object vs MAPS",
+                spec.name
+            );
+        }
+        for name in obj.maps.keys().filter(|n| !n.starts_with('.')) {
+            assert!(
+                map_spec(name).is_some(),
+                "the object's map {name} is not in MAPS"
+            );
+        }
+        for hook in PROGRAMS {
+            assert!(obj.programs.contains_key(hook), "no program {hook}");
+        }
     }
 }

@@ -32,10 +32,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use tc::{Rtnl, Side};
 use trellis_ebpf_common::{
-    classid, maps, stats_index, uses_police, AclRule, Bucket, Counters, IfKey, IntervalV4,
-    IntervalV6, LogicalNet, Policer, SlotMeta, SlotState, ACL_SPACE, DIR_EGRESS, DIR_INGRESS,
-    HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER, IDX_SPACE, LAYOUT_VERSION,
-    MAX_GENERATION, MAX_SLOTS, POLICE_DROP, POLICE_PACE, POLICE_PEER_QDISC, POLICE_QDISC,
+    classid, maps, pinned_maps, stats_index, uses_police, AclRule, Bucket, Counters, IfKey,
+    IntervalV4, IntervalV6, LogicalNet, Policer, SlotMeta, SlotState, ACL_SPACE, DIR_EGRESS,
+    DIR_INGRESS, HIT_SPACE, HOOKS, HOOK_EGRESS, HOOK_INGRESS, HOOK_PEER, IDX_SPACE, LAYOUT_VERSION,
+    MAPS, MAX_GENERATION, MAX_SLOTS, POLICE_DROP, POLICE_PACE, POLICE_PEER_QDISC, POLICE_QDISC,
     POLICE_QUEUE, RULE_SPACE, SLOT_CLSACT_PEER, SLOT_CLSACT_POD, SLOT_IFB, SLOT_SHAPED,
     SLOT_SHAPED_PEER, USES_LOGICAL,
 };

@@ -95,7 +95,7 @@ impl Dataplane {
                 .collect::<Result<_, _>>()
                 .map_err(|e| op("duplicating a program fd")(e.to_string()))?;
             let mut table: ProgramArray<&mut MapData> =
-                ProgramArray::try_from(self.map_mut("PROBE"))
+                ProgramArray::try_from(self.map_mut(maps::PROBE))
                     .map_err(|e| op("PROBE map")(e.to_string()))?;
             for (hook, p) in progs.iter().enumerate() {
                 table

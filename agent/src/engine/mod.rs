@@ -25,8 +25,8 @@ use crate::source::{NetworkSource, SourceError};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use trellis_cni::invoke::{InvokeError, Invoker, Target};
 use trellis_cni::{CniError, ErrorCode, NetConfList};
+use trellis_delegate::{InvokeError, Invoker, Target};
 
 pub(crate) use locks::ContainerLocks;
 pub(crate) use logical_checks::check_logical_addresses;
@@ -193,7 +193,9 @@ impl Engine {
             invoker.clone(),
         )
         .map_err(|source| RecordError::Io {
-            path: config.state_dir.join("vfs"),
+            path: trellis_devices::VfClaims::under(&config.state_dir)
+                .dir()
+                .to_path_buf(),
             source,
         })?;
         sriov.sweep(&records);

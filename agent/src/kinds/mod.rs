@@ -1,13 +1,13 @@
 //! The attachment kinds the agent runs itself rather than exec'ing a plugin binary:
 //! SR-IOV VFs (`sriov`) and vhost-user sockets (`vhostuser`). Every other type is a
-//! delegate plugin, exec'd by the `trellis_cni::invoke::Invoker` these plug into.
+//! delegate plugin, exec'd by the `trellis_delegate::Invoker` these plug into.
 
 pub mod sriov;
 pub mod vhostuser;
 
 use std::sync::Arc;
-use trellis_cni::invoke::{InProcessPlugins, InvokeError, Target};
 use trellis_cni::Command;
+use trellis_delegate::{InProcessPlugins, InvokeError, Target};
 
 #[derive(Debug)]
 pub struct InProcess(pub Vec<Arc<dyn InProcessPlugins>>);
@@ -50,7 +50,7 @@ pub const CNI_CONF_KEYS: &[&str] = &[
 /// conf on stdin. ADD returns its result; other commands, and confs without IPAM, give
 /// `None`.
 pub fn ipam(
-    invoker: &trellis_cni::invoke::Invoker,
+    invoker: &trellis_delegate::Invoker,
     conf: &serde_json::Map<String, serde_json::Value>,
     command: Command,
     target: &Target,
@@ -87,7 +87,7 @@ pub struct IpamFailure {
 
 /// IPAM ADD, as `ipam` runs it, telling whether a failure leaves a DEL owed.
 pub fn ipam_add(
-    invoker: &trellis_cni::invoke::Invoker,
+    invoker: &trellis_delegate::Invoker,
     conf: &serde_json::Map<String, serde_json::Value>,
     target: &Target,
 ) -> Result<Option<trellis_cni::CniResult>, IpamFailure> {

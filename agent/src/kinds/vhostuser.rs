@@ -7,9 +7,9 @@
 
 use serde_json::{Map, Value};
 use std::path::Path;
-use trellis_cni::invoke::{InProcessPlugins, InvokeError, Invoker, Target};
 use trellis_cni::result::{Interface, IpConfig};
 use trellis_cni::{CniError, CniResult, Command, ErrorCode};
+use trellis_delegate::{InProcessPlugins, InvokeError, Invoker, Target};
 
 pub const TYPE: &str = "vhostuser";
 

@@ -3,8 +3,8 @@
 use super::request::ShimConf;
 use super::Handler;
 use crate::engine::{from_record_err, invalid};
-use trellis_cni::invoke::Target;
 use trellis_cni::{CniEnv, CniError, ErrorCode, NetConfList, Version};
+use trellis_delegate::Target;
 
 impl Handler {
     pub(super) fn check(&self, env: &CniEnv, shim: &ShimConf) -> Result<(), CniError> {

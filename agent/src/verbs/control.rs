@@ -10,8 +10,8 @@ use crate::engine::invalid;
 use crate::selection;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use trellis_cni::wire::Request;
 use trellis_cni::{CniError, ErrorCode};
+use trellis_shim::wire::Request;
 
 /// The request variable that marks a control request (no CNI_COMMAND).
 pub const OP_VAR: &str = "TRELLIS_OP";

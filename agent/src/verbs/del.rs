@@ -3,8 +3,8 @@
 use super::request::ShimConf;
 use super::Handler;
 use crate::engine::{from_record_err, POD_ANNOTATIONS_CAPABILITY};
-use trellis_cni::invoke::Target;
 use trellis_cni::{CniEnv, CniError, ErrorCode};
+use trellis_delegate::Target;
 
 impl Handler {
     pub(super) fn del(&self, env: &CniEnv, shim: &ShimConf) -> Result<(), CniError> {

@@ -16,8 +16,8 @@ use crate::source::NetworkSource;
 use request::{parse_shim_conf, pod_ref};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
-use trellis_cni::wire::{Request, Response, MAX_STDIN};
 use trellis_cni::{CniEnv, CniError, Command, ErrorCode};
+use trellis_shim::wire::{Request, Response, MAX_STDIN};
 
 pub use crate::engine::POD_ANNOTATIONS_CAPABILITY;
 pub use gc::{VALID_ATTACHMENTS_ALIAS, VALID_ATTACHMENTS_KEY};

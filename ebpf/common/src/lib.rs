@@ -1,24 +1,19 @@
 //! Map keys and values, defined once for the eBPF programs (no_std) and userspace.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+mod layout;
+pub use layout::*;
 
 /// Attachments (pod interfaces) the programs can account for at once.
 pub const MAX_SLOTS: u32 = 16384;
 
-/// The version of every pinned map's layout (names, sizes, key and value shapes).
-/// Pins of another version are not re-adopted: the loader refuses them by name.
-/// 2: names held whole (SlotMeta, AclInfo), the host peer in SlotMeta, LAYOUT itself.
-/// 3: programs loaded once and attached as tc filters (not TCX links) whose classid
-/// names the slot and its generation (GEN), 1,024 ACL ids with hit counters as
-/// regions, a first-level index per ACL table, the netns path in SlotMeta.
-/// 4: rate limits (POLICE), rate-limit drops in Counters, SLOT_SHAPED.
-/// 5: logical networks (LOGICAL): an agent of layout 4 must not run their pods.
-/// 6: GEN and SLOT_ACL folded into SLOT, which also says whether POLICE and LOGICAL
-/// apply (one lookup per packet for a slot without limits or a logical network).
-pub const LAYOUT_VERSION: u32 = 6;
-
 /// BPF_F_NO_PREALLOC: hash map entries are allocated as written (userspace writes
 /// them, one per attachment), not all at load.
 pub const NO_PREALLOC: u32 = 1;
+
+/// BPF_F_MMAPABLE: arrays the agent writes a region at a time through a mapping, not
+/// one syscall per entry.
+pub const MMAPABLE: u32 = 1 << 10;
 
 /// Field sizes of the names kept in the maps: each holds the longest legal name
 /// whole (a longer one is refused, never cut). Namespace: a DNS label (63); pod: a
@@ -68,23 +63,6 @@ pub const MAX_GENERATION: u32 = u32::MAX >> SLOT_BITS;
 /// The STATS entry of a slot's counters in direction `dir`.
 pub const fn stats_index(slot: u32, dir: u32) -> u32 {
     slot * 2 + dir
-}
-
-/// Pinned map names, shared by the programs' `#[map(name = ...)]` and the loader.
-pub mod maps {
-    pub const STATS: &str = "STATS";
-    pub const META: &str = "META";
-    pub const LAYOUT: &str = "LAYOUT";
-    pub const SLOT: &str = "SLOT";
-    pub const ACL_HDR: &str = "ACL_HDR";
-    pub const ACL_IV4: &str = "ACL_IV4";
-    pub const ACL_IV6: &str = "ACL_IV6";
-    pub const ACL_IDX: &str = "ACL_IDX";
-    pub const ACL_RULES: &str = "ACL_RULES";
-    pub const ACL_INFO: &str = "ACL_INFO";
-    pub const RULE_HITS: &str = "RULE_HITS";
-    pub const POLICE: &str = "POLICE";
-    pub const LOGICAL: &str = "LOGICAL";
 }
 
 /// What every packet reads first about its slot (SLOT entry): whether the filter

@@ -27,10 +27,13 @@ mod tc {
         slot_of, stats_index, table_index, uses_police, AclHeader, AclInfo, AclRule, Bucket,
         Counters, IntervalV4, IntervalV6, LogicalNet, Policer, SlotMeta, SlotState, Span, TableRef,
         ACL_HIT_NONE, ACL_SEARCH_STEPS, ACL_SPACE, ACT_DENY, DIR_EGRESS, DIR_INGRESS, HIT_SPACE,
-        HOOKS, IDX_SPACE, LOGICAL_PREFIXES, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, NO_PREALLOC,
-        POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE, POLICE_SHIFT, RULE_SPACE, TCX_DROP, TCX_NEXT,
-        USES_LOGICAL,
+        HOOKS, IDX_SPACE, LOGICAL_PREFIXES, MAX_ACLS, MAX_RULES_PER_CIDR, MAX_SLOTS, MMAPABLE,
+        NO_PREALLOC, POLICE_HORIZON_NS, POLICE_PACE, POLICE_QUEUE, POLICE_SHIFT, RULE_SPACE,
+        TCX_DROP, TCX_NEXT, USES_LOGICAL,
     };
+
+    // Every map here is listed, with its shape, in trellis_ebpf_common::MAPS (the
+    // agent's tests compare this object with it): change both, and LAYOUT_VERSION.
 
     /// Slot and direction (`stats_index`) -> counters.
     #[map(name = "STATS")]
@@ -58,10 +61,6 @@ mod tc {
     /// Two versions per ACL id (see AclHeader).
     #[map(name = "ACL_HDR")]
     static ACL_HDR: Array<AclHeader> = Array::pinned(MAX_ACLS * 2, 0);
-
-    /// BPF_F_MMAPABLE: the agent writes table regions through a mapping, not one
-    /// syscall per entry.
-    const MMAPABLE: u32 = 1 << 10;
 
     /// The IPv4 interval space every ACL's IPv4 tables are regions of.
     #[map(name = "ACL_IV4")]

@@ -7,10 +7,10 @@
 use std::time::{Duration, Instant};
 use trellis_device_plugin::api::deviceplugin as dp;
 use trellis_device_plugin::config::{DeviceConfig, DEFAULT_PREFIX};
-use trellis_device_plugin::fixture::{FixtureSysfs, Pf};
 use trellis_device_plugin::manager::{self, Settings};
 use trellis_device_plugin::pool::{self, Inventory};
-use trellis_device_plugin::sysfs::Sysfs;
+use trellis_devices::fixture::{FixtureSysfs, Pf};
+use trellis_devices::sysfs::Sysfs;
 use trellis_rig::fake_kubelet::{watch_until, FakeKubelet};
 use trellis_rig::figures::{ms, percentiles};
 

@@ -8,8 +8,8 @@ use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use trellis_agent::kinds::sriov::SriovPlugin;
-use trellis_cni::invoke::{InProcessPlugins, Invoker, Target};
-use trellis_device_plugin::fixture::FixtureSysfs;
+use trellis_delegate::{InProcessPlugins, Invoker, Target};
+use trellis_devices::fixture::FixtureSysfs;
 use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 

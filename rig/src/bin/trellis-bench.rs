@@ -11,7 +11,7 @@
 use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
 use trellis_cni::conf::NetConfList;
-use trellis_cni::invoke::{Invoker, Target};
+use trellis_delegate::{Invoker, Target};
 use trellis_rig::figures::{ms, percentiles};
 use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode, REFERENCE_PLUGINS};

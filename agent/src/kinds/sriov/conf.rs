@@ -2,7 +2,7 @@
 //! unchanged. Every bad value is an error naming the field.
 
 use serde_json::{Map, Value};
-use trellis_device_plugin::pci::PciAddress;
+use trellis_devices::pci::PciAddress;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SriovConf {

@@ -14,11 +14,12 @@ use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
-use trellis_cni::invoke::{InProcessPlugins, InvokeError, Invoker, Target};
 use trellis_cni::result::{Interface, IpConfig};
 use trellis_cni::{CniError, CniResult, Command, ErrorCode};
-use trellis_device_plugin::pci::PciAddress;
-use trellis_device_plugin::sysfs::{PciNetDevice, Sysfs, VFIO_DRIVER};
+use trellis_delegate::{InProcessPlugins, InvokeError, Invoker, Target};
+use trellis_devices::pci::PciAddress;
+use trellis_devices::sysfs::{PciNetDevice, Sysfs, VFIO_DRIVER};
+use trellis_devices::VfClaims;
 
 pub const TYPE: &str = "sriov";
 
@@ -72,7 +73,8 @@ pub struct PfSide {
 #[derive(Debug)]
 pub struct SriovPlugin {
     sysfs: Sysfs,
-    dir: PathBuf,
+    /// Each VF's saved host-side state, its claim (`trellis_devices::claims`).
+    claims: VfClaims,
     ipam: Invoker,
     busy: Mutex<HashSet<String>>,
     freed: Condvar,
@@ -120,11 +122,11 @@ fn temp_name(device: &str) -> String {
 
 impl SriovPlugin {
     pub fn new(sysfs_root: &Path, state_dir: &Path, ipam: Invoker) -> std::io::Result<SriovPlugin> {
-        let dir = state_dir.join("vfs");
-        crate::records::private_dir(&dir)?;
+        let claims = VfClaims::under(state_dir);
+        crate::records::private_dir(claims.dir())?;
         Ok(SriovPlugin {
             sysfs: Sysfs::new(sysfs_root),
-            dir,
+            claims,
             ipam: Invoker {
                 in_process: None,
                 ..ipam
@@ -151,18 +153,9 @@ impl SriovPlugin {
         records: &crate::records::RecordStore,
         lock: impl Fn(&str) -> Option<G>,
     ) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
         let mut swept = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(device) = name
-                .strip_suffix(".json")
-                .filter(|_| !name.starts_with('.'))
-            else {
-                continue;
-            };
+        for device in self.claims.claimed() {
+            let device = device.as_str();
             // Who held it when the dir was read: that container's requests stay out
             // while it is looked at (then the VF's own lock, as ADD and DEL take them).
             let holder = match self.record(device) {
@@ -182,10 +175,10 @@ impl SriovPlugin {
                 Ok(None) => continue,
                 // Set aside only when it was read and is not a VF record; an error
                 // reading it (out of fds, I/O) may hide a live pod's state.
-                Err(err) if std::fs::read(e.path()).is_ok() => {
-                    let aside = self.dir.join(format!(".{name}.corrupt"));
+                Err(err) if std::fs::read(self.record_path(device)).is_ok() => {
+                    let aside = self.claims.dir().join(format!(".{device}.json.corrupt"));
                     tracing::warn!(%device, "{}; set aside as {}", err.msg, aside.display());
-                    let _ = std::fs::rename(e.path(), &aside);
+                    let _ = std::fs::rename(self.record_path(device), &aside);
                     swept.push(device.to_string());
                     continue;
                 }
@@ -235,7 +228,7 @@ impl SriovPlugin {
             } else {
                 tracing::warn!(%device, container = %r.container_id, "{why}: released, but could not put back: {}", failed.join("; "));
             }
-            let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_file(self.record_path(device));
             swept.push(device.to_string());
         }
         swept
@@ -255,7 +248,7 @@ impl SriovPlugin {
     }
 
     fn record_path(&self, device: &str) -> PathBuf {
-        self.dir.join(format!("{device}.json"))
+        self.claims.path(device)
     }
 
     pub fn record(&self, device: &str) -> Result<Option<VfRecord>, CniError> {

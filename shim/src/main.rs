@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use trellis_cni::wire::{self, Request, DEFAULT_SOCKET, MAX_STDIN};
 use trellis_cni::{CniError, ErrorCode};
+use trellis_shim::wire::{self, Request, DEFAULT_SOCKET, MAX_STDIN};
 
 /// Longer than any sane delegate timeout; the runtime has its own deadline anyway.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
