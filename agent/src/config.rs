@@ -414,10 +414,10 @@ fn default_metrics_listen() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
-    /// Attach the TCX programs (accounting) to pod interfaces. Default true.
+    /// Attach the tc programs (accounting, ACLs, limits) to pod interfaces. Default true.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Where maps and links are pinned (must be on a bpffs). Default
+    /// Where the maps are pinned (must be on a bpffs). Default
     /// `/sys/fs/bpf/trellis`.
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
