@@ -358,3 +358,28 @@ fn trellis_attach_and_detach_change_a_running_pod() {
     assert!(node.reservations().is_empty(), "{:?}", node.reservations());
     assert_eq!(node.live_hooks(), 0);
 }
+
+/// A pod's networks annotation edited while the agent was down: the agent, started
+/// again, follows it (the reconciler starts from the pods already listed, whatever
+/// the order of its start and the first list).
+#[test]
+fn an_annotation_edited_while_the_agent_was_down_is_followed_at_start() {
+    require_root!();
+    let (mut node, api) = kube_node(NODE);
+    api.put_nad("pods", "mv-a", &node.macvlan_conf("10.79.5.0/24"));
+    api.put_pod("pods", "c", "uid-cc", NODE, &BTreeMap::new());
+    node.start_agent();
+    wait_ready(&node);
+    let c = Netns::new("trp");
+    shim(&node, "ADD", "cc", &c, "c");
+    assert_eq!(c.links(), ["eth0"]);
+    node.stop_agent();
+    annotate(&api, "c", "uid-cc", "mv-a");
+    node.start_agent();
+    wait_for("net1 added after the restart", &node, || {
+        has_link(&c, "net1")
+    });
+    shim(&node, "DEL", "cc", &c, "c");
+    assert_eq!(c.links(), Vec::<String>::new());
+    assert!(node.records().is_empty(), "{:?}", node.records());
+}

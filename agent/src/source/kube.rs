@@ -44,7 +44,14 @@ pub struct KubeSource {
     pod_subscribers: Subscribers,
 }
 
-type Subscribers = Arc<std::sync::Mutex<Vec<std::sync::mpsc::Sender<super::PodChange>>>>;
+type Subscribers = Arc<std::sync::Mutex<PodSubscribers>>;
+
+#[derive(Default)]
+struct PodSubscribers {
+    senders: Vec<std::sync::mpsc::Sender<super::PodChange>>,
+    /// A list has been cached and handed out: a later subscriber starts from the cache.
+    listed: bool,
+}
 
 /// The change a watch event is, for subscribers.
 fn pod_change(e: &watcher::Event<Pod>) -> Option<super::PodChange> {
@@ -119,6 +126,7 @@ impl KubeSource {
         let mut listed: Vec<super::PodChange> = Vec::new();
         rt.spawn(
             reflector::reflector(pod_writer, pod_watch).for_each(move |e| {
+                let done = matches!(e, Ok(watcher::Event::InitDone));
                 let changes = match &e {
                     Ok(watcher::Event::Init) => {
                         listed.clear();
@@ -135,10 +143,11 @@ impl KubeSource {
                         Vec::new()
                     }
                 };
-                if !changes.is_empty() {
+                if !changes.is_empty() || done {
                     let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                    subs.listed |= done;
                     for change in changes {
-                        subs.retain(|s| s.send(change.clone()).is_ok());
+                        subs.senders.retain(|s| s.send(change.clone()).is_ok());
                     }
                 }
                 std::future::ready(())
@@ -282,10 +291,22 @@ impl NetworkSource for KubeSource {
 
     fn pod_changes(&self) -> Option<std::sync::mpsc::Receiver<super::PodChange>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.pod_subscribers
+        let mut subs = self
+            .pod_subscribers
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
+            .unwrap_or_else(|p| p.into_inner());
+        // A subscriber after the first list was handed out would never hear of the
+        // pods it listed (edited while the agent was down): it starts with them all,
+        // from the cache (which took the list before it was handed out). Under the
+        // lock, so nothing handed out is missed; a pod may come twice, which is fine.
+        if subs.listed {
+            for p in self.pods.state() {
+                if let Some(change) = pod_change(&watcher::Event::Apply((*p).clone())) {
+                    let _ = tx.send(change);
+                }
+            }
+        }
+        subs.senders.push(tx);
         Some(rx)
     }
 
