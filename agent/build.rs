@@ -1,5 +1,7 @@
-// The TCX programs (ebpf/programs) built for the BPF target with the nightly toolchain
-// and bpf-linker (scripts/setup.sh installs both), embedded in the agent.
+// The tc programs (ebpf/programs, bin trellis-tc: default features, so not the
+// benchmark baseline) built for the BPF target with the nightly toolchain and
+// bpf-linker (scripts/setup.sh installs both), embedded in the agent
+// (src/dataplane/loader.rs OBJECT). Not a Cargo dependency: see docs/architecture.md.
 fn main() -> aya_build::Result<()> {
     println!("cargo:rerun-if-changed=../ebpf/common");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");

@@ -5,6 +5,7 @@
 //! the host's view by design, which is no reason to report it unhealthy. Both sides
 //! reach the files only through this type.
 
+use crate::pci::PciAddress;
 use std::path::{Path, PathBuf};
 
 /// The claims directory under a state dir.
@@ -37,8 +38,9 @@ impl VfClaims {
         self.path(device).exists()
     }
 
-    /// Every claimed device, from the file names (files being written, whose names
-    /// start with a dot, are not claims yet). An unreadable dir has none.
+    /// Every claimed device, from the file names: `<pci address>.json` and nothing
+    /// else (files being written start with a dot; a name that is no PCI address is
+    /// no claim of ours). An unreadable dir has none.
     pub fn claimed(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -48,7 +50,7 @@ impl VfClaims {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 name.strip_suffix(".json")
-                    .filter(|_| !name.starts_with('.'))
+                    .filter(|d| d.parse::<PciAddress>().is_ok())
                     .map(str::to_string)
             })
             .collect();
@@ -72,6 +74,7 @@ mod tests {
         std::fs::write(c.dir().join(".0000:01:10.2.json.tmp"), b"{").unwrap();
         std::fs::write(c.dir().join(".0000:01:10.4.json"), b"{").unwrap();
         std::fs::write(c.dir().join("notes.txt"), b"").unwrap();
+        std::fs::write(c.dir().join("x.json"), b"{}").unwrap();
         assert!(c.is_claimed("0000:01:10.0"));
         assert!(!c.is_claimed("0000:01:10.2"));
         assert_eq!(c.claimed(), ["0000:01:10.0"]);

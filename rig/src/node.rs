@@ -122,6 +122,11 @@ impl TestNode {
         self.path("cni.sock")
     }
 
+    /// The agent's VF claims (`<state dir>/vfs`), as the device plugin sees them.
+    pub fn vf_claims(&self) -> trellis_devices::VfClaims {
+        trellis_devices::VfClaims::under(&self.state_dir())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.path("state")
     }

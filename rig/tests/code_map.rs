@@ -17,13 +17,38 @@ fn map() -> String {
     std::fs::read_to_string(repo().join("docs/architecture.md")).expect("docs/architecture.md")
 }
 
-/// Every `code span` of the page.
+/// Every `code span` of the page, outside code blocks (a fence's backticks would
+/// shift every span after it).
 fn spans(text: &str) -> Vec<String> {
-    text.split('`')
+    let mut prose = String::new();
+    let mut fenced = false;
+    for l in text.lines() {
+        if l.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            prose.push_str(l);
+            prose.push('\n');
+        }
+    }
+    assert!(!fenced, "an unclosed code block");
+    let parts: Vec<&str> = prose.split('`').collect();
+    assert!(parts.len() % 2 == 1, "an unpaired backtick");
+    parts
+        .iter()
         .skip(1)
         .step_by(2)
-        .map(str::to_string)
+        .map(|s| s.to_string())
         .collect()
+}
+
+/// A span that names a source or script file (`dir/file.rs`, `x.sh`, ...).
+fn names_a_file(s: &str) -> bool {
+    let path = s.split_once("::").map_or(s, |(p, _)| p);
+    [".rs", ".toml", ".sh", ".md", ".yaml", ".py"]
+        .iter()
+        .any(|e| path.ends_with(e))
 }
 
 /// The top-level directories of the repository a span may name.
@@ -74,14 +99,30 @@ fn defines(text: &str, name: &str) -> bool {
     })
 }
 
-/// Whether `file` has an `impl` block for `ty` (inherent or of a trait).
-fn implements(text: &str, ty: &str) -> bool {
-    text.lines().any(|l| {
-        let l = l.trim_start();
-        l.starts_with("impl")
-            && l.split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .any(|w| w == ty)
-    })
+/// The bodies of `file`'s top-level `impl` blocks for `ty` (inherent or of a trait
+/// for it), up to each block's closing brace at column 0.
+fn impl_blocks(text: &str, ty: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for l in text.lines() {
+        if !inside && l.starts_with("impl") {
+            // The type the block is for: after `for` if a trait's, else after `impl`.
+            let head = l.split_once(" for ").map_or(l, |(_, t)| t);
+            inside = head
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .any(|w| w == ty);
+            continue;
+        }
+        if inside {
+            if l.starts_with('}') {
+                inside = false;
+            } else {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -91,6 +132,9 @@ fn every_path_and_item_the_code_map_names_exists() {
     let mut checked = 0;
     for s in spans(&map()) {
         if !is_repo_path(&s) {
+            if names_a_file(&s) {
+                missing.push(format!("{s}: name files from the repository's root"));
+            }
             continue;
         }
         let (path, item) = match s.split_once("::") {
@@ -106,7 +150,7 @@ fn every_path_and_item_the_code_map_names_exists() {
         let Some(item) = item else { continue };
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         let ok = match item.split_once("::") {
-            Some((ty, method)) => implements(&text, ty) && defines(&text, method),
+            Some((ty, method)) => defines(&impl_blocks(&text, ty), method),
             None => defines(&text, item.trim_end_matches("()")),
         };
         if !ok {
@@ -122,8 +166,9 @@ fn every_path_and_item_the_code_map_names_exists() {
     assert!(checked >= 40, "only {checked} paths checked");
 }
 
-/// The rows of the crate table: crate dir -> the workspace crates it may import.
-fn crate_table(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+/// The rows of the crate table: crate dir -> (package, the workspace crates it may
+/// import).
+fn crate_table(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
     let mut rows = BTreeMap::new();
     let mut in_table = false;
     for l in text.lines() {
@@ -146,7 +191,7 @@ fn crate_table(text: &str) -> BTreeMap<String, BTreeSet<String>> {
             .into_iter()
             .filter(|s| s.starts_with("trellis-"))
             .collect();
-        rows.insert(dir, imports);
+        rows.insert(dir, (cells[1].to_string(), imports));
     }
     rows
 }
@@ -201,7 +246,16 @@ fn the_crate_table_is_the_workspace_and_its_imports() {
         members,
         "the crate table's rows vs the workspace members (+ fuzz)"
     );
-    for (dir, listed) in &table {
+    for (dir, (package, listed)) in &table {
+        let toml: toml::Table = std::fs::read_to_string(root.join(dir).join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            toml["package"]["name"].as_str(),
+            Some(package.as_str()),
+            "{dir}: the package name"
+        );
         let actual = workspace_deps(&root.join(dir));
         assert_eq!(
             &actual, listed,

@@ -635,7 +635,7 @@ fn a_pinned_map_of_another_shape_is_refused_naming_it() {
     };
     let msg = e.to_string();
     assert!(
-        msg.contains("map SLOT of another shape") && msg.contains("rm -r"),
+        msg.contains("map SLOT is of another shape") && msg.contains("rm -r"),
         "{msg}"
     );
     // Nothing was re-adopted or replaced.

@@ -490,7 +490,7 @@ impl Churn {
             .map(|p| format!("{}.json", p.container))
             .collect();
         assert_eq!(records, want, "{what}: records");
-        let states: BTreeSet<String> = std::fs::read_dir(self.node.state_dir().join("vfs"))
+        let states: BTreeSet<String> = std::fs::read_dir(self.node.vf_claims().dir())
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -167,7 +167,7 @@ impl Rig {
             "IPs left: {:?}",
             self.node.reservations()
         );
-        let vfs: Vec<_> = std::fs::read_dir(self.node.state_dir().join("vfs"))
+        let vfs: Vec<_> = std::fs::read_dir(self.node.vf_claims().dir())
             .unwrap()
             .flatten()
             .collect();
@@ -343,7 +343,7 @@ fn a_pod_netns_that_is_gone_does_not_block_del() {
         "{:?}",
         rig.node.reservations()
     );
-    assert!(std::fs::read_dir(rig.node.state_dir().join("vfs"))
+    assert!(std::fs::read_dir(rig.node.vf_claims().dir())
         .unwrap()
         .next()
         .is_none());
@@ -528,10 +528,11 @@ fn vf_state_no_record_points_to_is_released_at_start() {
         .add_nad("pods", "vf0", &rig.sriov_conf(json!({"deviceID": addr})));
     // What an ADD whose undo failed left behind on main: the VF held by a container
     // that has no record, so no DEL ever comes for it.
-    let vfs = rig.node.state_dir().join("vfs");
+    let claims = rig.node.vf_claims();
+    let vfs = claims.dir().to_path_buf();
     std::fs::create_dir_all(&vfs).unwrap();
     std::fs::write(
-        vfs.join(format!("{addr}.json")),
+        claims.path(&addr.to_string()),
         json!({"device": addr, "container_id": "ghost", "netns": "", "ifname": "net1",
                "host": {"index": 1, "name": host, "mac": null, "mtu": null, "up": false},
                "pf": null, "ipam": false})

@@ -1,5 +1,5 @@
 //! Per-network ACLs: the `trellis.dev/acl` NAD annotation, checked rule by rule, and
-//! compiled into the interval tables the TCX programs search.
+//! compiled into the interval tables the tc programs search.
 //!
 //! Semantics: for a packet, the remote address (source of what comes in, destination
 //! of what goes out) is matched against the CIDRs of the rules for that direction; the

@@ -88,6 +88,7 @@ pub(super) fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
     if !found.is_empty() {
         return Err(layout_err(found));
     }
+    // The version is this agent's: now the shapes.
     for spec in MAPS.iter().filter(|m| m.pinned) {
         let path = dir.join(spec.name);
         if !path.exists() {
@@ -112,7 +113,7 @@ pub(super) fn check_layout(dir: &Path) -> Result<(), DataplaneError> {
         );
         if shape != want {
             return Err(layout_err(format!(
-                "{LAYOUT_VERSION} with map {} of another shape (type, key, value, entries, flags {shape:?}; this agent's {want:?})",
+                "{LAYOUT_VERSION} by their LAYOUT map, but map {} is of another shape (type, key, value, entries, flags: pinned {shape:?}, this agent's {want:?}: a build that changed the map without a new layout version)",
                 spec.name
             )));
         }
@@ -259,6 +260,10 @@ mod tests {
     /// agent reads and writes them by `MAPS`. Checked on the object it embeds.
     #[test]
     fn the_embedded_object_declares_exactly_the_maps_of_ebpf_common() {
+        // Built with AYA_BUILD_SKIP=1 (the fuzz build): there is no object to compare.
+        if OBJECT.is_empty() && option_env!("AYA_BUILD_SKIP") == Some("1") {
+            return;
+        }
         let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
         for spec in MAPS.iter() {
             let m = obj

@@ -444,7 +444,7 @@ impl Rig {
                 .collect(),
         );
         push("netns mounts", self.ctrd.netns_mounts());
-        push("VF state files", list(&node.state_dir().join("vfs")));
+        push("VF state files", list(node.vf_claims().dir()));
         let dataplane = match trellis_agent::dataplane::occupancy(&node.bpf_dir) {
             Ok(o) if o == Default::default() => Vec::new(),
             Ok(o) => vec![format!("{o:?}")],
