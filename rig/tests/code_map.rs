@@ -263,3 +263,23 @@ fn the_crate_table_is_the_workspace_and_its_imports() {
         );
     }
 }
+
+/// The shim is exec'd on every ADD and DEL, statically linked: its dependencies (and
+/// those of the CNI types it shares with the agent) stay the few it has. Adding one
+/// is a decision to make here, not by accident.
+#[test]
+fn the_shim_stays_tiny() {
+    let deps = |dir: &str| -> BTreeSet<String> {
+        let doc: toml::Table = std::fs::read_to_string(repo().join(dir).join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        doc.get("dependencies")
+            .and_then(|d| d.as_table())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(deps("shim"), set(&["trellis-cni", "serde", "serde_json"]));
+    assert_eq!(deps("cni"), set(&["serde", "serde_json", "thiserror"]));
+}
