@@ -30,3 +30,13 @@ pub fn percentiles<const N: usize>(mut v: Vec<f64>, qs: [f64; N]) -> [f64; N] {
         }
     })
 }
+
+/// The `micros=` figure of an agent log line (a CNI request's handling time), in µs.
+pub fn logged_micros(line: &str) -> Option<f64> {
+    line.split("micros=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

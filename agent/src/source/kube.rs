@@ -61,13 +61,17 @@ fn pod_change(e: &watcher::Event<Pod>) -> Option<super::PodChange> {
         watcher::Event::Init | watcher::Event::InitDone => return None,
     };
     Some(super::PodChange {
-        pod: PodRef {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
-            uid: p.uid().unwrap_or_default(),
-        },
+        pod: pod_ref(p),
         gone,
     })
+}
+
+fn pod_ref(p: &Pod) -> PodRef {
+    PodRef {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+    }
 }
 
 /// `namespace/name` of a NAD, for the log.
@@ -301,9 +305,10 @@ impl NetworkSource for KubeSource {
         // lock, so nothing handed out is missed; a pod may come twice, which is fine.
         if subs.listed {
             for p in self.pods.state() {
-                if let Some(change) = pod_change(&watcher::Event::Apply((*p).clone())) {
-                    let _ = tx.send(change);
-                }
+                let _ = tx.send(super::PodChange {
+                    pod: pod_ref(&p),
+                    gone: false,
+                });
             }
         }
         subs.senders.push(tx);

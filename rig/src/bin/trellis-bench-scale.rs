@@ -359,14 +359,7 @@ fn round(
 /// them: (its handling time, the time in its delegates), ms. The delegates' debug
 /// lines come before their request's line (the bench sends one request at a time).
 fn agent_split(log: &str, command: &str, prefix: &str) -> Vec<(f64, f64)> {
-    let micros = |l: &str| -> Option<f64> {
-        l.split("micros=")
-            .nth(1)?
-            .split_whitespace()
-            .next()?
-            .parse::<f64>()
-            .ok()
-    };
+    let micros = trellis_rig::figures::logged_micros;
     let mut delegates = 0.0;
     let mut out = Vec::new();
     for l in log.lines() {

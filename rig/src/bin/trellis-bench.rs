@@ -370,14 +370,7 @@ fn main() {
                     && l.contains(&format!("command=\"{cmd}\""))
                     && l.contains(&format!(" container={prefix}"))
             })
-            .filter_map(|l| {
-                l.split("micros=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            })
+            .filter_map(trellis_rig::figures::logged_micros)
             .map(|us| us / 1000.0)
             .collect()
     };
