@@ -7,6 +7,7 @@
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use trellis_agent::bandwidth::{Limits, Rate};
 use trellis_agent::dataplane::{ifb_name, Dataplane, Owner};
 use trellis_ebpf_common::{DIR_EGRESS, DIR_INGRESS, TCX_DROP, TCX_NEXT};
@@ -35,6 +36,8 @@ fn rate(mbit: u64) -> Rate {
     }
 }
 
+static MEASURING: Mutex<()> = Mutex::new(());
+
 /// The rate (wire frame bits per second) iperf3 reaches from `client` to `server`
 /// (at `addr`), read over 3 s from the kernel's byte counters at `at` past the
 /// limiter: `reverse`, the server sends; `udp`, offered at 1.5x `limit`. TCP is
@@ -49,6 +52,9 @@ fn measure(
     reverse: bool,
     at: (&Netns, &str, &str),
 ) -> f64 {
+    // One measurement at a time in this binary: two tests measuring at once (one
+    // at 1,000 Mbit/s) on a two-core machine starve each other's TCP.
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let w = iperf3_window(
         server,
         client,
@@ -62,18 +68,26 @@ fn measure(
 }
 
 /// No limiter lets more through than its rate (5% for the burst and iperf3's own
-/// rounding over a short run); a queueing one at rates far below what this machine
-/// moves between namespaces delivers nearly all of it (the full 95-105% matrix, at
-/// 1,000 Mbit/s too, is `trellis-bench-bandwidth`'s, on a quiet machine).
-fn check(what: &str, got: f64, limit: u64, floor: bool) {
-    let ratio = got / limit as f64;
-    assert!(
-        ratio <= 1.05,
-        "{what}: {got:.0} bit/s through a limit of {limit}"
-    );
-    if floor {
-        assert!(ratio >= 0.9, "{what}: only {got:.0} bit/s of {limit}");
+/// rounding over a short run), in any run; a queueing one at rates far below what
+/// this machine moves between namespaces delivers nearly all of it, in one of three
+/// runs (a shared machine can starve one run's TCP; a limiter that holds too much
+/// holds it every time). The full 95-105% matrix, at 1,000 Mbit/s too, is
+/// `trellis-bench-bandwidth`'s, on a quiet machine.
+fn check(what: &str, limit: u64, floor: bool, mut measure: impl FnMut() -> f64) {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let got = measure();
+        let ratio = got / limit as f64;
+        assert!(
+            ratio <= 1.05,
+            "{what}: {got:.0} bit/s through a limit of {limit}"
+        );
+        runs.push(got.round() as u64);
+        if !floor || ratio >= 0.9 {
+            return;
+        }
     }
+    panic!("{what}: only {runs:?} bit/s of {limit} in three runs");
 }
 
 #[test]
@@ -100,13 +114,14 @@ fn ingress_queued_and_egress_shaped_hold_their_rates() {
             } else {
                 (&b, "b0", "rx")
             };
-            let got = measure(&b, &a, "10.89.0.2", limit, udp, reverse, at);
             let what = format!(
                 "{mbit} Mbit/s {} {}",
                 if udp { "UDP" } else { "TCP" },
                 if reverse { "ingress" } else { "egress" }
             );
-            check(&what, got, limit, mbit <= 100);
+            check(&what, limit, mbit <= 100, || {
+                measure(&b, &a, "10.89.0.2", limit, udp, reverse, at)
+            });
         }
         let s = slot_stats(&dir.0, slot);
         let (i, e) = (s.ingress_limit.unwrap(), s.egress_limit.unwrap());
@@ -217,12 +232,9 @@ fn a_nads_cap_and_a_pods_lower_limit_through_cni() {
     assert_eq!(limit_of(&node, "a", "ingress")["rate"], 100_000_000);
     assert_eq!(limit_of(&node, "b", "egress")["rate"], 100_000_000);
     let b_ip = b.addrs("net1")[0].split('/').next().unwrap().to_string();
-    check(
-        "a's egress (20 Mbit/s)",
-        measure(&b, &a, &b_ip, 20_000_000, false, false, (&b, "net1", "rx")),
-        20_000_000,
-        true,
-    );
+    check("a's egress (20 Mbit/s)", 20_000_000, true, || {
+        measure(&b, &a, &b_ip, 20_000_000, false, false, (&b, "net1", "rx"))
+    });
 
     // More than the cap: refused, naming the field and the annotation; nothing made.
     let conf_c = selection(Some(
@@ -248,12 +260,9 @@ fn a_nads_cap_and_a_pods_lower_limit_through_cni() {
     node.stop_agent();
     node.start_agent();
     assert_eq!(limit_of(&node, "a", "egress")["rate"], 20_000_000);
-    check(
-        "a's egress after a restart",
-        measure(&b, &a, &b_ip, 20_000_000, false, false, (&b, "net1", "rx")),
-        20_000_000,
-        true,
-    );
+    check("a's egress after a restart", 20_000_000, true, || {
+        measure(&b, &a, &b_ip, 20_000_000, false, false, (&b, "net1", "rx"))
+    });
 
     // Pins gone (the documented way past a layout change): the restarted agent
     // attaches the records' interfaces again, with their limits, in place of the
@@ -343,12 +352,9 @@ fn a_veth_pods_ingress_is_shaped_on_the_host_side() {
         a.links()
     );
     let a_ip = a.addrs("net1")[0].split('/').next().unwrap().to_string();
-    check(
-        "a's ingress (20 Mbit/s)",
-        measure(&a, &b, &a_ip, 20_000_000, false, false, (&a, "net1", "rx")),
-        20_000_000,
-        true,
-    );
+    check("a's ingress (20 Mbit/s)", 20_000_000, true, || {
+        measure(&a, &b, &a_ip, 20_000_000, false, false, (&a, "net1", "rx"))
+    });
     for (id, ns, pod) in [("ca", &a, "a"), ("cb", &b, "b")] {
         node.shim(
             "DEL",
