@@ -336,13 +336,16 @@ impl Manager {
     }
 
     /// Restarts servers whose socket is gone (kubelet removes them when it starts).
-    fn restore_sockets(&mut self) {
+    /// True when a running server's socket had vanished: a kubelet may be starting.
+    fn restore_sockets(&mut self) -> bool {
+        let mut vanished = false;
         let keys: Vec<String> = self.pools.keys().cloned().collect();
         for k in keys {
             let r = &self.pools[&k];
             if r.socket.exists() && r.server.is_some() {
                 continue;
             }
+            vanished |= r.server.is_some();
             let rx = r.state.subscribe();
             let socket = r.socket.clone();
             let server = match self.start_server(&socket, rx) {
@@ -359,6 +362,7 @@ impl Manager {
             r.server = server;
             r.registered = false;
         }
+        vanished
     }
 
     /// A new kubelet (its socket created, replaced or gone): no pool counts as
@@ -598,8 +602,14 @@ pub fn start(settings: Settings) -> Result<ManagerHandle, ManagerError> {
                                     Err(e) => tracing::warn!("cannot watch {}: {e}", m.settings.plugin_dir.display()),
                                 }
                             }
-                            m.restore_sockets();
-                            m.register_pending().await;
+                            // Sockets gone mean a kubelet starting whose events may not
+                            // be read yet (its new socket can even have the old one's
+                            // inode): its CREATE registers every pool, once. A socket
+                            // someone else removed is registered on its DELETE event or
+                            // at the next poll.
+                            if !m.restore_sockets() {
+                                m.register_pending().await;
+                            }
                         }
                         Some(ev) = events.next() => {
                             let Ok(ev) = ev else { continue };
