@@ -91,8 +91,11 @@ impl TestNode {
         }
         let host = Netns::new("trh");
         let master = crate::unique("trm");
+        // No IPv6 of its own on the master pair: its router solicitations and MLD
+        // reports would reach every macvlan on it, at random moments, into the counts
+        // tests compare (the pods' own macvlans keep whatever their netns has).
         host.sh(&format!(
-            "ip link add {master} type veth peer name {master}p && ip link set {master} up && ip link set {master}p up"
+            "ip link add {master} type veth peer name {master}p && {{ sysctl -qw net.ipv6.conf.{master}.disable_ipv6=1 net.ipv6.conf.{master}p.disable_ipv6=1 2>/dev/null || true; }} && ip link set {master} up && ip link set {master}p up"
         ));
         let bridge = crate::unique("trb");
         let node = TestNode {

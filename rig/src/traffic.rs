@@ -46,25 +46,33 @@ pub fn veth_pair(prefix: &str, ifnames: [&str; 2], v4: &str, v6: Option<&str>) -
 }
 
 /// Sends `count` UDP datagrams from a socket in `from` to `to`, and counts what a
-/// receiver bound to `to` in `to_ns` gets (waiting up to a second after the last).
+/// receiver bound to `to` in `to_ns` gets (waiting for a second of quiet once the
+/// sender is done, however late it started).
 pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
     udp_sized(from, to_ns, to, count, 7)
 }
 
 /// As `udp`, with datagrams of `size` bytes (above the MTU they go as fragments).
 pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size: usize) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sent = std::sync::Arc::new(AtomicBool::new(false));
     let to_path = to_ns.path();
+    let done = sent.clone();
     let rx = std::thread::spawn(move || {
         Netns::at(to_path).enter_this_thread();
         let s = std::net::UdpSocket::bind(to).expect("bind receiver");
-        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
+        s.set_read_timeout(Some(TICK)).unwrap();
         ready_tx.send(()).unwrap();
-        let mut n = 0;
+        let (mut n, mut quiet) = (0, std::time::Duration::ZERO);
         let mut buf = vec![0u8; 65536];
-        while s.recv(&mut buf).is_ok() {
-            n += 1;
+        while quiet < std::time::Duration::from_secs(1) {
+            match s.recv(&mut buf) {
+                Ok(_) => n += 1,
+                Err(_) if done.load(Ordering::Acquire) => quiet += TICK,
+                Err(_) => {}
+            }
         }
         n
     });
@@ -87,6 +95,7 @@ pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size
     })
     .join()
     .unwrap();
+    sent.store(true, Ordering::Release);
     rx.join().unwrap()
 }
 
@@ -290,17 +299,16 @@ pub fn iperf3_window(
     std::thread::scope(|s| {
         let run = s.spawn(|| iperf3(server, client, addr, secs + 1, udp, reverse));
         std::thread::sleep(std::time::Duration::from_millis(1500));
-        let (b0, c0, t0) = (
-            link_bytes(at.0, at.1, at.2),
-            machine_busy_secs(),
-            std::time::Instant::now(),
-        );
+        // Each read spawns `ip` in the namespace, which a loaded machine can take
+        // 100 ms to do: the counter is stamped halfway through its read.
+        let read = || {
+            let before = std::time::Instant::now();
+            let (b, c) = (link_bytes(at.0, at.1, at.2), machine_busy_secs());
+            (b, c, before + before.elapsed() / 2)
+        };
+        let (b0, c0, t0) = read();
         std::thread::sleep(std::time::Duration::from_secs(secs as u64));
-        let (b1, c1, t1) = (
-            link_bytes(at.0, at.1, at.2),
-            machine_busy_secs(),
-            std::time::Instant::now(),
-        );
+        let (b1, c1, t1) = read();
         run.join().unwrap();
         let dt = (t1 - t0).as_secs_f64();
         Window {

@@ -9,7 +9,7 @@ use trellis_rig::require_root;
 
 fn node() -> TestNode {
     let mut node = TestNode::new();
-    node.delegate_timeout_secs = 1;
+    node.delegate_timeout_secs = 3;
     node.add_nad("pods", "mv-a", &node.macvlan_conf("10.81.1.0/24"));
     node.add_nad(
         "pods",
@@ -98,7 +98,7 @@ fn bad_annotations_and_nads() {
         ("mv-a@x,mv-a@x", 7, "used twice"),
         ("mv-a@eth0", 7, "used twice"),
         ("mv-a@abcdefghijklmnop", 7, "at most 15"),
-        ("mv-a,slow", 5, "did not finish within 1 s"),
+        ("mv-a,slow", 5, "did not finish within 3 s"),
         ("mv-a,chain-fails", 999, "pods/chain-fails (net2)"),
     ];
     for (i, (annotation, code, want)) in cases.iter().enumerate() {

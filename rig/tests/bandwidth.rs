@@ -413,7 +413,7 @@ fn a_gone_pods_host_side_index_is_left_to_its_new_owner() {
         .expect_ok("ADD");
     let new = trellis_rig::unique("trx");
     node.host.sh(&format!(
-        "for i in $(seq 100); do ip -o link | grep -q '^{index}:' || break; sleep 0.05; done; \
+        "for i in $(seq 600); do ip -o link | grep -q '^{index}:' || break; sleep 0.05; done; \
          ip link add {new} index {index} type veth peer name {new}p && tc qdisc add dev {new} root handle 7e11: htb default 1"
     ));
     node.shim("DEL", "cg", &path, ("pods", "g"), &conf)

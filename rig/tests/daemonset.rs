@@ -404,7 +404,7 @@ async fn the_daemonset_runs_as_a_container_and_serves_pods() {
     };
     wait_until(
         "FailedAddingInterface on pod-c",
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         failed,
     );
 

@@ -247,24 +247,34 @@ fn fragmented_datagrams_to_a_denied_port_do_not_arrive() {
     dp.detach(slot).unwrap();
 }
 
-/// Counts datagrams to `addr` in `ns` while `send` runs (up to a second after).
+/// Counts datagrams to `addr` in `ns` while `send` runs (and a second of quiet after,
+/// however slowly it sends).
 fn received_while(ns: &Netns, addr: SocketAddr, send: impl FnOnce()) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const TICK: Duration = Duration::from_millis(100);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sent = std::sync::Arc::new(AtomicBool::new(false));
+    let done = sent.clone();
     let path = ns.path();
     let rx = std::thread::spawn(move || {
         Netns::at(path).enter_this_thread();
         let s = std::net::UdpSocket::bind(addr).expect("bind");
-        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.set_read_timeout(Some(TICK)).unwrap();
         ready_tx.send(()).unwrap();
         let mut buf = [0u8; 2048];
-        let mut n = 0;
-        while s.recv(&mut buf).is_ok() {
-            n += 1;
+        let (mut n, mut quiet) = (0, Duration::ZERO);
+        while quiet < Duration::from_secs(1) {
+            match s.recv(&mut buf) {
+                Ok(_) => n += 1,
+                Err(_) if done.load(Ordering::Acquire) => quiet += TICK,
+                Err(_) => {}
+            }
         }
         n
     });
     ready_rx.recv().unwrap();
     send();
+    sent.store(true, Ordering::Release);
     rx.join().unwrap()
 }
 

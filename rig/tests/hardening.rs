@@ -158,8 +158,8 @@ fn gc_leaves_alone_an_add_under_way() {
     require_root!();
     let mut node = TestNode::new();
     node.top_toml = "gc_grace_secs = 0\n".into();
-    // macvlan that takes a second before it starts: GC arrives mid-ADD.
-    node.add_plugin_script("slowmacvlan", "sleep 1; exec /usr/lib/cni/macvlan");
+    // macvlan that waits to be let go: GC arrives mid-ADD.
+    let gate = Gate::plugin(&node);
     let mut conf = node.macvlan_conf("10.76.2.0/24");
     conf["type"] = json!("slowmacvlan");
     node.add_nad("pods", "slow", &conf);
@@ -167,10 +167,14 @@ fn gc_leaves_alone_an_add_under_way() {
     let pod = Netns::new("trp");
     std::thread::scope(|s| {
         let adding = s.spawn(|| add(&node, "new", &pod, "slow"));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        // The runtime's list predates the pod: it is not in it.
-        gc(&node, json!({"cni.dev/valid-attachments": []})).expect_ok("GC");
+        gate.wait_started();
+        // The runtime's list predates the pod: it is not in it. GC waits for the ADD
+        // under way: it is let go once GC has surely arrived (nothing tells when).
+        let collecting = s.spawn(|| gc(&node, json!({"cni.dev/valid-attachments": []})));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        gate.release();
         adding.join().unwrap().expect_ok("ADD under way");
+        collecting.join().unwrap().expect_ok("GC");
     });
     assert_eq!(
         node.records(),
@@ -194,7 +198,7 @@ fn gc_leaves_alone_an_add_under_way() {
 fn a_delegate_that_crashes_or_hangs_is_deleted() {
     require_root!();
     let mut node = TestNode::new();
-    node.delegate_timeout_secs = 1;
+    node.delegate_timeout_secs = 3;
     // Each makes a host link on ADD (as a bridge or ptp delegate would), then fails
     // without error JSON or hangs; its DEL removes the link.
     for (name, fail) in [("crasher", "exit 3"), ("hanger", "sleep 30")] {
@@ -405,7 +409,7 @@ fn a_second_agent_on_the_same_state_dir_stops() {
 fn sigterm_lets_an_add_in_flight_finish() {
     require_root!();
     let mut node = TestNode::new();
-    node.add_plugin_script("slowmacvlan", "sleep 1; exec /usr/lib/cni/macvlan");
+    let gate = Gate::plugin(&node);
     let mut conf = node.macvlan_conf("10.76.8.0/24");
     conf["type"] = json!("slowmacvlan");
     node.add_nad("pods", "slow", &conf);
@@ -414,10 +418,14 @@ fn sigterm_lets_an_add_in_flight_finish() {
     let pod = Netns::new("trp");
     std::thread::scope(|s| {
         let adding = s.spawn(|| add(&node, "inflight", &pod, "slow"));
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        gate.wait_started();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let second = std::process::Command::new(trellis_rig::bins::trellis())
+        // The ADD is held until this is seen: the first agent cannot have let go of
+        // the lock, and a second one that ran anyway is cut off by `timeout`.
+        let second = std::process::Command::new("timeout")
+            .arg("20")
+            .arg(trellis_rig::bins::trellis())
             .args(["agent", "--config"])
             .arg(node.path("agent.toml"))
             .env("RUST_BACKTRACE", "0")
@@ -425,6 +433,7 @@ fn sigterm_lets_an_add_in_flight_finish() {
             .unwrap();
         let err = String::from_utf8_lossy(&second.stderr);
         assert!(err.contains("agent.lock is held"), "{err}");
+        gate.release();
         adding.join().unwrap().expect_ok("the ADD in flight");
     });
     let status = node
@@ -445,4 +454,49 @@ fn sigterm_lets_an_add_in_flight_finish() {
     del(&node, "inflight", &pod).expect_ok("DEL by the next agent");
     assert!(node.records().is_empty());
     assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+}
+
+/// `slowmacvlan`: macvlan whose ADD says it started, then waits to be let go (30 s at
+/// most, should the test fail first), so a test acts while an ADD is surely in flight
+/// (on a loaded machine too).
+struct Gate {
+    started: std::path::PathBuf,
+    release: std::path::PathBuf,
+}
+
+impl Gate {
+    fn plugin(node: &TestNode) -> Gate {
+        let g = Gate {
+            started: node.path("slow-started"),
+            release: node.path("slow-release"),
+        };
+        node.add_plugin_script(
+            "slowmacvlan",
+            &format!(
+                r#"if [ "$CNI_COMMAND" = ADD ]; then
+  touch {}; i=0
+  while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
+fi
+exec /usr/lib/cni/macvlan"#,
+                g.started.display(),
+                g.release.display()
+            ),
+        );
+        g
+    }
+
+    fn wait_started(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.started.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ADD never reached its plugin"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn release(&self) {
+        std::fs::write(&self.release, b"").unwrap();
+    }
 }

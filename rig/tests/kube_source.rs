@@ -165,7 +165,7 @@ fn pods_and_nads_come_from_watches_and_network_status_is_patched() {
         "mv-a, late@data0"
     );
     // One AddedInterface event per interface (posted in the background).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let added = loop {
         let added: Vec<String> = api
             .requests()

@@ -48,8 +48,10 @@ fn idle_clients_on_the_agent_socket_pin_nothing() {
         &node.shim_conf(Some(&networks_annotation("mv-a"))),
     )
     .expect_ok("ADD with idle clients around");
+    // Were idle clients given the 32 workers (each cut off after 10 s), it would wait
+    // over a minute behind them.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );
@@ -84,7 +86,9 @@ fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 
 fn scrape() -> Result<String, std::io::Error> {
     let mut c = std::net::TcpStream::connect("127.0.0.1:9105")?;
-    c.set_read_timeout(Some(Duration::from_secs(20)))?;
+    // Behind 200 idle clients a scrape waits for three rounds of 64 of them to time
+    // out (5 s each): within a minute on any machine, never if they were not cut off.
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
     c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     c.read_to_string(&mut out)?;
@@ -143,9 +147,8 @@ fn metrics_are_on_loopback_and_bounded() {
     let started = Instant::now();
     let ok = in_ns(&node.host, scrape).expect("scrape with idle clients");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{:?}",
+    eprintln!(
+        "scrape behind 200 idle clients served after {:?}",
         started.elapsed()
     );
     assert!(rss1 < rss0 + (8 << 10), "RSS {rss0} KiB -> {rss1} KiB");
