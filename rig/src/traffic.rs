@@ -67,7 +67,10 @@ pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size
         ready_tx.send(()).unwrap();
         let (mut n, mut quiet) = (0, std::time::Duration::ZERO);
         let mut buf = vec![0u8; 65536];
-        while quiet < std::time::Duration::from_secs(1) {
+        let started = std::time::Instant::now();
+        while quiet < std::time::Duration::from_secs(1)
+            && started.elapsed() < std::time::Duration::from_secs(60)
+        {
             match s.recv(&mut buf) {
                 Ok(_) => n += 1,
                 Err(_) if done.load(Ordering::Acquire) => quiet += TICK,

@@ -263,7 +263,8 @@ fn received_while(ns: &Netns, addr: SocketAddr, send: impl FnOnce()) -> usize {
         ready_tx.send(()).unwrap();
         let mut buf = [0u8; 2048];
         let (mut n, mut quiet) = (0, Duration::ZERO);
-        while quiet < Duration::from_secs(1) {
+        let started = Instant::now();
+        while quiet < Duration::from_secs(1) && started.elapsed() < Duration::from_secs(60) {
             match s.recv(&mut buf) {
                 Ok(_) => n += 1,
                 Err(_) if done.load(Ordering::Acquire) => quiet += TICK,

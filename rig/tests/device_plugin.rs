@@ -393,7 +393,7 @@ async fn kubelet_restart_gets_every_pool_registered_again() {
 }
 
 /// kubelet.sock deleted and created again, the plugin sockets left in place: every
-/// pool registers again within a second each time, also when ext4 gave the new socket
+/// pool registers again each time (in ms; printed), also when ext4 gave the new socket
 /// the old one's inode number (the manager once told kubelets apart by inode alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_kubelet_socket_gets_every_pool_registered_again() {

@@ -75,6 +75,9 @@ echo "ping rc=$?"
 echo "=== del"
 call DEL c0 pod0 '[{\"name\":\"vf0\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:01\",\"ips\":[\"192.168.50.10/24\"]}]'
 $IP netns del pod1
+# The kernel hands the VF back from a work queue: DEL comes once it is back (the agent
+# does not wait for it; see docs/sriov.md).
+for i in $(seq 100); do ls $PFDIR/virtfn1/net/* >/dev/null 2>&1 && break; sleep 0.1; done
 call DEL c1 pod1 '[{\"name\":\"vf1\",\"interface\":\"fast0\",\"mac\":\"02:aa:bb:cc:00:02\",\"ips\":[\"192.168.50.11/24\"]}]'
 sleep 1
 echo "=== after"

@@ -147,8 +147,15 @@ fn metrics_are_on_loopback_and_bounded() {
     let started = Instant::now();
     let ok = in_ns(&node.host, scrape).expect("scrape with idle clients");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // Three rounds of 64 idle clients cut off at the 5 s head timeout: ~15 s; over
+    // 40 s would mean only the 30 s connection cap cut them.
     eprintln!(
         "scrape behind 200 idle clients served after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?}",
         started.elapsed()
     );
     assert!(rss1 < rss0 + (8 << 10), "RSS {rss0} KiB -> {rss1} KiB");

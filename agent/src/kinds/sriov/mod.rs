@@ -113,9 +113,6 @@ fn io_err(msg: impl Into<String>) -> CniError {
 
 /// The agent's own network namespace, to move links back into.
 const HOST_NETNS: &str = "/proc/self/ns/net";
-/// How long a DEL waits for a VF whose pod netns is gone to come back to the host:
-/// the kernel moves a dead netns's devices back from a work queue, later under load.
-const VF_RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A name for the VF netdev while it moves: unique per device, at most 15 bytes.
 fn temp_name(device: &str) -> String {
@@ -658,31 +655,16 @@ impl SriovPlugin {
             }
             // The PF lets go of the VF's MAC before the netdev takes its own back.
             failed.extend(self.restore_pf(r, &host_nl));
-            let addr: Option<PciAddress> = r.device.parse().ok();
-            let find = || {
-                [tmp.as_str(), host.name.as_str(), r.ifname.as_str()]
-                    .into_iter()
-                    .find_map(|n| host_nl.link(n).ok().flatten())
-                    .or_else(|| {
-                        // A pod netns that died sends the VF back under whatever name
-                        // it had; sysfs knows it by PCI address.
-                        let d = self.sysfs.device(addr?)?;
-                        host_nl.link(d.netdevs.first()?).ok().flatten()
-                    })
-            };
-            let mut in_host = find();
-            if in_host.is_none() && !netns_there {
-                // The netns is gone but its VF not back yet: waited for while the PCI
-                // device is there (a VF removed altogether is not waited for).
-                let deadline = std::time::Instant::now() + VF_RETURN_WAIT;
-                while in_host.is_none()
-                    && std::time::Instant::now() < deadline
-                    && addr.is_some_and(|a| self.sysfs.device(a).is_some())
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    in_host = find();
-                }
-            }
+            let in_host = [tmp.as_str(), host.name.as_str(), r.ifname.as_str()]
+                .into_iter()
+                .find_map(|n| host_nl.link(n).ok().flatten())
+                .or_else(|| {
+                    // A pod netns that died sends the VF back under whatever name it
+                    // had; sysfs knows it by PCI address.
+                    let addr = r.device.parse().ok()?;
+                    let d = self.sysfs.device(addr)?;
+                    host_nl.link(d.netdevs.first()?).ok().flatten()
+                });
             match in_host {
                 Some(l) => {
                     if let Err(e) = host_nl.set(
