@@ -54,23 +54,48 @@ pub fn udp(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize) -> usize {
 
 /// As `udp`, with datagrams of `size` bytes (above the MTU they go as fragments).
 pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size: usize) -> usize {
+    let from_path = from.path();
+    received_while(to_ns, to, || {
+        std::thread::spawn(move || {
+            Netns::at(from_path).enter_this_thread();
+            let any: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let s = std::net::UdpSocket::bind(any).unwrap();
+            let payload = vec![b't'; size];
+            for _ in 0..count {
+                // A denied datagram is dropped after the send returns.
+                s.send_to(&payload, to).expect("send");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+        .join()
+        .unwrap();
+    })
+}
+
+/// Counts the datagrams a receiver bound to `addr` in `ns` gets while `send` runs,
+/// and until a second of quiet after it (however late the sender starts; 60 s at
+/// most).
+pub fn received_while(ns: &Netns, addr: SocketAddr, send: impl FnOnce()) -> usize {
     use std::sync::atomic::{AtomicBool, Ordering};
-    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+    use std::time::{Duration, Instant};
+    const TICK: Duration = Duration::from_millis(100);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let sent = std::sync::Arc::new(AtomicBool::new(false));
-    let to_path = to_ns.path();
     let done = sent.clone();
+    let path = ns.path();
     let rx = std::thread::spawn(move || {
-        Netns::at(to_path).enter_this_thread();
-        let s = std::net::UdpSocket::bind(to).expect("bind receiver");
+        Netns::at(path).enter_this_thread();
+        let s = std::net::UdpSocket::bind(addr).expect("bind receiver");
         s.set_read_timeout(Some(TICK)).unwrap();
         ready_tx.send(()).unwrap();
-        let (mut n, mut quiet) = (0, std::time::Duration::ZERO);
         let mut buf = vec![0u8; 65536];
-        let started = std::time::Instant::now();
-        while quiet < std::time::Duration::from_secs(1)
-            && started.elapsed() < std::time::Duration::from_secs(60)
-        {
+        let (mut n, mut quiet) = (0, Duration::ZERO);
+        let started = Instant::now();
+        while quiet < Duration::from_secs(1) && started.elapsed() < Duration::from_secs(60) {
             match s.recv(&mut buf) {
                 Ok(_) => n += 1,
                 Err(_) if done.load(Ordering::Acquire) => quiet += TICK,
@@ -80,24 +105,7 @@ pub fn udp_sized(from: &Netns, to_ns: &Netns, to: SocketAddr, count: usize, size
         n
     });
     ready_rx.recv().unwrap();
-    let from_path = from.path();
-    std::thread::spawn(move || {
-        Netns::at(from_path).enter_this_thread();
-        let any: SocketAddr = if to.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
-        };
-        let s = std::net::UdpSocket::bind(any).unwrap();
-        let payload = vec![b't'; size];
-        for _ in 0..count {
-            // A denied datagram is dropped after the send returns.
-            s.send_to(&payload, to).expect("send");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    })
-    .join()
-    .unwrap();
+    send();
     sent.store(true, Ordering::Release);
     rx.join().unwrap()
 }

@@ -12,7 +12,7 @@ use trellis_rig::netns::Netns;
 use trellis_rig::node::{networks_annotation, TestNode};
 use trellis_rig::packets::{frame, ipv4_udp, send_raw, with_ipv6_ext, TCP, UDP};
 use trellis_rig::require_root;
-use trellis_rig::traffic::{slot_stats, udp, udp_sized, veth_pair};
+use trellis_rig::traffic::{received_while, slot_stats, udp, udp_sized, veth_pair};
 use trellis_rig::BpfDir;
 
 fn owner(network: &str, ifname: &str) -> Owner {
@@ -245,38 +245,6 @@ fn fragmented_datagrams_to_a_denied_port_do_not_arrive() {
     // Each denied datagram's first fragment was dropped (its later one has no port).
     assert!(slot_stats(&dir.0, slot).ingress.drops >= 6);
     dp.detach(slot).unwrap();
-}
-
-/// Counts datagrams to `addr` in `ns` while `send` runs (and a second of quiet after,
-/// however slowly it sends).
-fn received_while(ns: &Netns, addr: SocketAddr, send: impl FnOnce()) -> usize {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    const TICK: Duration = Duration::from_millis(100);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let sent = std::sync::Arc::new(AtomicBool::new(false));
-    let done = sent.clone();
-    let path = ns.path();
-    let rx = std::thread::spawn(move || {
-        Netns::at(path).enter_this_thread();
-        let s = std::net::UdpSocket::bind(addr).expect("bind");
-        s.set_read_timeout(Some(TICK)).unwrap();
-        ready_tx.send(()).unwrap();
-        let mut buf = [0u8; 2048];
-        let (mut n, mut quiet) = (0, Duration::ZERO);
-        let started = Instant::now();
-        while quiet < Duration::from_secs(1) && started.elapsed() < Duration::from_secs(60) {
-            match s.recv(&mut buf) {
-                Ok(_) => n += 1,
-                Err(_) if done.load(Ordering::Acquire) => quiet += TICK,
-                Err(_) => {}
-            }
-        }
-        n
-    });
-    ready_rx.recv().unwrap();
-    send();
-    sent.store(true, Ordering::Release);
-    rx.join().unwrap()
 }
 
 #[test]
