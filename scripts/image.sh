@@ -127,7 +127,7 @@ make_rootfs() {
   for b in trellis trellis-cni; do
     src=$bin_dir/$b
     [ "$b" = trellis-cni ] && src=$shim
-    # Debug info off (the debug build's is ~280 MB); the symbol table stays, so a
+    # Debug info off (a debug build's is tens of MB); the symbol table stays, so a
     # panic's backtrace still names functions.
     strip --strip-debug -o "$root/usr/local/bin/$b" "$src"
     chmod 755 "$root/usr/local/bin/$b"

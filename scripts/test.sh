@@ -3,6 +3,16 @@
 # tests (network namespaces, reference CNI plugins, real containerd). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The build output fills ~7 GB (target/ and the fuzzers' sanitizer build in fuzz/target);
+# a full disk shows up much later as a linker killed by SIGBUS, so say what is free now.
+free_gb=$(df --output=avail -B1G . 2>/dev/null | tail -n 1 | tr -d ' ') || free_gb=
+if [[ $free_gb =~ ^[0-9]+$ ]]; then
+  echo "test: ${free_gb} GB free here; the build output fills about 7 GB"
+  if ((free_gb < 9)); then
+    echo "test: warning: less than 9 GB free; a linker may die of SIGBUS (disk full)." \
+      "'cargo clean' and 'rm -r fuzz/target' free older builds" >&2
+  fi
+fi
 bash scripts/setup.sh
 if [ "$(id -u)" != 0 ]; then
   echo "test: the integration tests need root (network namespaces, containerd)" >&2
