@@ -47,6 +47,18 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{:x}{n}", std::process::id() % 0xfffff)
 }
 
+/// Polls `f` until it holds; panics naming `what` if it does not within `within`.
+pub fn wait_until(what: &str, within: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A dir of its own under /sys/fs/bpf for a test's or bench's dataplane pins,
 /// removed (with everything pinned in it) on drop.
 pub struct BpfDir(pub std::path::PathBuf);

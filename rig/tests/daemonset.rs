@@ -22,6 +22,7 @@ use trellis_rig::fake_apiserver::FakeApiServer;
 use trellis_rig::netns::Netns;
 use trellis_rig::require_root;
 use trellis_rig::traffic::{counter, interface, trellis_stats};
+use trellis_rig::wait_until;
 
 const NODE: &str = "rig-node";
 
@@ -83,14 +84,6 @@ async fn wait_exit(cri: &mut Cri, id: &str, within: Duration) -> Option<i32> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
-}
-
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn read_json(p: &Path) -> Option<Value> {

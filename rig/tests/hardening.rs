@@ -486,14 +486,11 @@ exec /usr/lib/cni/macvlan"#,
     }
 
     fn wait_started(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !self.started.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the ADD never reached its plugin"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        trellis_rig::wait_until(
+            "the ADD reaching its plugin",
+            std::time::Duration::from_secs(30),
+            || self.started.exists(),
+        );
     }
 
     fn release(&self) {
